@@ -1,0 +1,331 @@
+"""ResNet family in flax.linen with torchvision's exact computation and parameter names.
+
+Module and parameter names mirror torchvision (`conv1`, `bn1`, `layer1_0`, ..., `fc`) so that
+weight conversion is a short mapping (see `resnet_jax.convert`). Input is NHWC, normalised with
+ImageNet mean/std as torchvision expects; BatchNorm state lives in the `batch_stats` collection.
+"""
+
+from __future__ import annotations
+
+import difflib
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+ModuleDef = Callable[..., nn.Module]
+
+STAGE_NAMES = ("layer1", "layer2", "layer3", "layer4")
+
+# torch's kaiming_normal_(mode="fan_out", nonlinearity="relu") and nn.Linear's default init.
+conv_kernel_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+dense_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+
+def _dense_bias_init(fan_in: int) -> Callable:
+    """nn.Linear's bias init: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+    bound = 1.0 / fan_in**0.5
+
+    def init(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
+
+
+class BatchNorm(nn.Module):
+    """BatchNorm with PyTorch's semantics.
+
+    Normalises with the biased batch variance and updates `running_var` with the unbiased one
+    (n / (n - 1)), exactly as torch does, so converted weights fine-tune identically. Statistics
+    are computed in at least float32 whatever the compute dtype, and averaged over `axis_name`
+    (synchronised BatchNorm) when data-parallel.
+    """
+
+    use_running_average: bool
+    momentum: float = 0.9  # Flax convention: torch's momentum 0.1
+    epsilon: float = 1e-5
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    axis_name: str | None = None
+    scale_init: Callable = nn.initializers.ones
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        features = x.shape[-1]
+        stats_dtype = jnp.promote_types(self.dtype, jnp.float32)
+        scale = self.param("scale", self.scale_init, (features,), self.param_dtype)
+        bias = self.param("bias", nn.initializers.zeros, (features,), self.param_dtype)
+        running_mean = self.variable("batch_stats", "mean", jnp.zeros, (features,), stats_dtype)
+        running_var = self.variable("batch_stats", "var", jnp.ones, (features,), stats_dtype)
+
+        if self.use_running_average:
+            mean, var = running_mean.value, running_var.value
+        else:
+            xs = x.astype(stats_dtype)
+            axes = tuple(range(x.ndim - 1))
+            count = 1
+            for axis in axes:
+                count *= x.shape[axis]
+            mean = xs.mean(axes)
+            if self.axis_name is not None:
+                mean = jax.lax.pmean(mean, self.axis_name)
+            var = jnp.square(xs - mean).mean(axes)  # two-pass: no E[x^2] - E[x]^2 cancellation
+            if self.axis_name is not None:
+                var = jax.lax.pmean(var, self.axis_name)
+                count *= jax.lax.psum(1, self.axis_name)
+            if not self.is_initializing():
+                m = self.momentum
+                unbiased_var = var * (count / jnp.maximum(count - 1, 1))
+                running_mean.value = m * running_mean.value + (1 - m) * mean
+                running_var.value = m * running_var.value + (1 - m) * unbiased_var
+
+        mul = scale.astype(stats_dtype) * jax.lax.rsqrt(var.astype(stats_dtype) + self.epsilon)
+        y = (x.astype(stats_dtype) - mean.astype(stats_dtype)) * mul + bias.astype(stats_dtype)
+        return y.astype(self.dtype)
+
+
+def _pad(kernel_size: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """torchvision's symmetric padding (k // 2), unlike 'SAME' which pads asymmetrically."""
+    p = kernel_size // 2
+    return ((p, p), (p, p))
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 convs with a residual connection (ResNet-18/34). expansion = 1."""
+
+    planes: int
+    conv: ModuleDef
+    norm: ModuleDef
+    strides: int = 1
+    downsample: bool = False
+    groups: int = 1
+    base_width: int = 64
+    zero_init_residual: bool = False
+
+    expansion = 1
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        if self.groups != 1 or self.base_width != 64:
+            raise ValueError("BasicBlock only supports groups=1 and base_width=64 (as torchvision)")
+        s = (self.strides, self.strides)
+        y = self.conv(self.planes, (3, 3), s, padding=_pad(3), name="conv1")(x)
+        y = nn.relu(self.norm(name="bn1")(y))
+        y = self.conv(self.planes, (3, 3), padding=_pad(3), name="conv2")(y)
+        last_init = nn.initializers.zeros if self.zero_init_residual else nn.initializers.ones
+        y = self.norm(name="bn2", scale_init=last_init)(y)
+        if self.downsample:
+            x = self.conv(self.planes, (1, 1), s, padding=_pad(1), name="downsample_conv")(x)
+            x = self.norm(name="downsample_bn")(x)
+        return nn.relu(y + x)
+
+
+class Bottleneck(nn.Module):
+    """1x1 -> 3x3 (stride, groups) -> 1x1 with a residual connection (ResNet-50+). expansion = 4.
+
+    The stride sits on the 3x3 conv as in torchvision ("ResNet v1.5").
+    """
+
+    planes: int
+    conv: ModuleDef
+    norm: ModuleDef
+    strides: int = 1
+    downsample: bool = False
+    groups: int = 1
+    base_width: int = 64
+    zero_init_residual: bool = False
+
+    expansion = 4
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        width = int(self.planes * (self.base_width / 64.0)) * self.groups
+        s = (self.strides, self.strides)
+        y = self.conv(width, (1, 1), padding=_pad(1), name="conv1")(x)
+        y = nn.relu(self.norm(name="bn1")(y))
+        y = self.conv(
+            width, (3, 3), s, padding=_pad(3), feature_group_count=self.groups, name="conv2"
+        )(y)
+        y = nn.relu(self.norm(name="bn2")(y))
+        y = self.conv(self.planes * self.expansion, (1, 1), padding=_pad(1), name="conv3")(y)
+        last_init = nn.initializers.zeros if self.zero_init_residual else nn.initializers.ones
+        y = self.norm(name="bn3", scale_init=last_init)(y)
+        if self.downsample:
+            out = self.planes * self.expansion
+            x = self.conv(out, (1, 1), s, padding=_pad(1), name="downsample_conv")(x)
+            x = self.norm(name="downsample_bn")(x)
+        return nn.relu(y + x)
+
+
+class FeatureInfo(NamedTuple):
+    """One intermediate feature tap: its name, channel count and stride w.r.t. the input."""
+
+    name: str
+    channels: int
+    reduction: int
+
+
+class ResNet(nn.Module):
+    """ResNet as in torchvision.models.resnet.ResNet, NHWC.
+
+    Attributes:
+      stage_sizes: blocks per stage (layer1..layer4).
+      block_cls: `BasicBlock` or `Bottleneck`.
+      num_classes: classifier width; `None` drops the head and returns pooled features.
+      groups, width_per_group: ResNeXt / Wide ResNet options (torchvision's names).
+      zero_init_residual: initialise each block's last BN scale to zero.
+      dtype: compute dtype (e.g. bfloat16, or float64 for exactness tests); params stay
+        `param_dtype` and BatchNorm statistics at least float32.
+      axis_name: mapped axis over which BatchNorm statistics are averaged (data parallelism).
+      frozen_bn: names among ("stem", "layer1", ..., "layer4") whose BatchNorm layers use their
+        running statistics (and leave them unchanged) even when `train=True` (transfer learning).
+    """
+
+    stage_sizes: Sequence[int]
+    block_cls: type[nn.Module]
+    num_classes: int | None = 1000
+    groups: int = 1
+    width_per_group: int = 64
+    zero_init_residual: bool = False
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    axis_name: str | None = None
+    frozen_bn: Sequence[str] = ()
+    conv: ModuleDef = nn.Conv
+
+    def feature_info(self) -> list[FeatureInfo]:
+        """Channels and reduction of each tap returned by `__call__(..., return_features=True)`."""
+        expansion = self.block_cls.expansion
+        info = [FeatureInfo("stem", 64, 4)]
+        for i, name in enumerate(STAGE_NAMES):
+            info.append(FeatureInfo(name, 64 * 2**i * expansion, 4 * 2**i))
+        info.append(FeatureInfo("pre_logits", 512 * expansion, 32))
+        return info
+
+    @nn.compact
+    def __call__(
+        self, x: jax.Array, train: bool = False, return_features: bool = False
+    ) -> jax.Array | dict[str, jax.Array]:
+        """Logits (or pooled features if `num_classes is None`), or with `return_features` a dict
+        of every tap in `feature_info()` plus `logits` when the model has a head."""
+        frozen = set(self.frozen_bn)
+        unknown = frozen - {"stem", *STAGE_NAMES}
+        if unknown:
+            raise ValueError(f"frozen_bn: unknown names {sorted(unknown)}; use stem, layer1..4")
+        conv = functools.partial(
+            self.conv,
+            use_bias=False,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            kernel_init=conv_kernel_init,
+        )
+
+        def norm_for(stage: str) -> ModuleDef:
+            return functools.partial(
+                BatchNorm,
+                use_running_average=not train or stage in frozen,
+                dtype=self.dtype,
+                param_dtype=self.param_dtype,
+                axis_name=self.axis_name,
+            )
+
+        features = {}
+        x = x.astype(self.dtype)
+        x = conv(64, (7, 7), (2, 2), padding=_pad(7), name="conv1")(x)
+        x = nn.relu(norm_for("stem")(name="bn1")(x))
+        x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=_pad(3))
+        features["stem"] = x
+
+        in_channels = 64
+        for i, (stage, num_blocks) in enumerate(zip(STAGE_NAMES, self.stage_sizes, strict=True)):
+            planes = 64 * 2**i
+            for j in range(num_blocks):
+                strides = 2 if i > 0 and j == 0 else 1
+                out_channels = planes * self.block_cls.expansion
+                x = self.block_cls(
+                    planes=planes,
+                    conv=conv,
+                    norm=norm_for(stage),
+                    strides=strides,
+                    downsample=strides != 1 or in_channels != out_channels,
+                    groups=self.groups,
+                    base_width=self.width_per_group,
+                    zero_init_residual=self.zero_init_residual,
+                    name=f"{stage}_{j}",
+                )(x)
+                in_channels = out_channels
+            features[stage] = x
+
+        x = jnp.mean(x.astype(jnp.promote_types(self.dtype, jnp.float32)), axis=(1, 2))
+        features["pre_logits"] = x
+        if self.num_classes is not None:
+            x = nn.Dense(
+                self.num_classes,
+                dtype=self.dtype,
+                param_dtype=self.param_dtype,
+                kernel_init=dense_kernel_init,
+                bias_init=_dense_bias_init(in_channels),
+                name="fc",
+            )(x.astype(self.dtype))
+            features["logits"] = x
+        return features if return_features else x
+
+
+_basic = functools.partial(ResNet, block_cls=BasicBlock)
+_bottleneck = functools.partial(ResNet, block_cls=Bottleneck)
+
+resnet18 = functools.partial(_basic, stage_sizes=(2, 2, 2, 2))
+resnet34 = functools.partial(_basic, stage_sizes=(3, 4, 6, 3))
+resnet50 = functools.partial(_bottleneck, stage_sizes=(3, 4, 6, 3))
+resnet101 = functools.partial(_bottleneck, stage_sizes=(3, 4, 23, 3))
+resnet152 = functools.partial(_bottleneck, stage_sizes=(3, 8, 36, 3))
+resnext50_32x4d = functools.partial(resnet50, groups=32, width_per_group=4)
+resnext101_32x8d = functools.partial(resnet101, groups=32, width_per_group=8)
+resnext101_64x4d = functools.partial(resnet101, groups=64, width_per_group=4)
+wide_resnet50_2 = functools.partial(resnet50, width_per_group=128)
+wide_resnet101_2 = functools.partial(resnet101, width_per_group=128)
+
+ARCHS: dict[str, Callable[..., ResNet]] = {
+    "resnet18": resnet18,
+    "resnet34": resnet34,
+    "resnet50": resnet50,
+    "resnet101": resnet101,
+    "resnet152": resnet152,
+    "resnext50_32x4d": resnext50_32x4d,
+    "resnext101_32x8d": resnext101_32x8d,
+    "resnext101_64x4d": resnext101_64x4d,
+    "wide_resnet50_2": wide_resnet50_2,
+    "wide_resnet101_2": wide_resnet101_2,
+}
+
+
+def check_arch(name: str) -> str:
+    """Return `name` if it is a known arch, else raise naming the closest match and all choices."""
+    if name in ARCHS:
+        return name
+    close = difflib.get_close_matches(name, ARCHS, n=1)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    raise ValueError(f"Unknown arch {name!r}.{hint} Valid archs: {', '.join(ARCHS)}")
+
+
+def get_model(name: str, **kwargs: Any) -> ResNet:
+    """Build an arch by torchvision name, e.g. `get_model("resnet50", num_classes=5)`."""
+    return ARCHS[check_arch(name)](**kwargs)
+
+
+def init_variables(model: ResNet, rng: jax.Array, image_size: int = 224) -> dict:
+    """Initialise `{"params", "batch_stats"}` for `model` with a dummy NHWC batch."""
+    dummy = jnp.zeros((1, image_size, image_size, 3), model.dtype)
+    return dict(jax.jit(functools.partial(model.init, train=False))(rng, dummy))
+
+
+def variable_shapes(model: ResNet) -> dict:
+    """Shape/dtype tree of the model's variables without allocating or computing anything."""
+    dummy = jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32)
+    return dict(
+        jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0), dummy)
+    )

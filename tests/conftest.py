@@ -1,0 +1,20 @@
+"""Test setup: 4 host CPU devices for data-parallel tests, set before jax is imported."""
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
+).strip()
+
+FLOWERS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "flower_photos"
+
+
+@pytest.fixture(scope="session")
+def flowers_dir() -> Path:
+    """The real tf_flowers photos in ../shared (never copied into the project)."""
+    if not (FLOWERS / "train").is_dir():
+        pytest.fail(f"flower photos not found at {FLOWERS}; tests expect ../shared/data beside the repo")
+    return FLOWERS

@@ -1,0 +1,143 @@
+"""Structure of the Flax ResNets: parameter counts, options, feature taps, BatchNorm semantics."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from resnet_jax import models
+
+# torchvision.models.<arch>().parameters() totals (also checked against torchvision itself in
+# tests/test_convert.py).
+TORCHVISION_PARAM_COUNTS = {
+    "resnet18": 11_689_512,
+    "resnet34": 21_797_672,
+    "resnet50": 25_557_032,
+    "resnet101": 44_549_160,
+    "resnet152": 60_192_808,
+    "resnext50_32x4d": 25_028_904,
+    "resnext101_32x8d": 88_791_336,
+    "resnext101_64x4d": 83_455_272,
+    "wide_resnet50_2": 68_883_240,
+    "wide_resnet101_2": 126_886_696,
+}
+
+
+# One block per stage: the same structure at a fraction of the compile time.
+tiny_basic = functools.partial(models.ResNet, stage_sizes=(1, 1, 1, 1), block_cls=models.BasicBlock)
+tiny_bottleneck = functools.partial(
+    models.ResNet, stage_sizes=(1, 1, 1, 1), block_cls=models.Bottleneck
+)
+
+
+KEY = jax.random.key(0)
+
+
+def _count(tree) -> int:
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
+
+
+@pytest.mark.parametrize("arch", list(models.ARCHS))
+def test_param_count_matches_torchvision(arch):
+    shapes = models.variable_shapes(models.get_model(arch))
+    assert _count(shapes["params"]) == TORCHVISION_PARAM_COUNTS[arch]
+
+
+def test_get_model_typo_lists_valid_names():
+    with pytest.raises(ValueError, match="resnet50") as err:
+        models.get_model("resnet5O")
+    for name in models.ARCHS:
+        assert name in str(err.value)
+    assert "Did you mean 'resnet50'" in str(err.value)
+
+
+# Initialising is the slow part on CPU (compiling the RNG), so each tiny net is initialised once
+# and the variants below (bf16, frozen BN, no head) reuse its variables: they share the tree.
+@pytest.fixture(scope="module")
+def basic_vars():
+    return models.init_variables(tiny_basic(num_classes=7, zero_init_residual=True), KEY, 32)
+
+
+@pytest.fixture(scope="module")
+def bottleneck_vars():
+    return models.init_variables(tiny_bottleneck(num_classes=7, zero_init_residual=True), KEY, 32)
+
+
+@pytest.mark.parametrize("make_model", [tiny_basic, tiny_bottleneck])
+def test_features_match_feature_info(make_model, basic_vars, bottleneck_vars):
+    model = make_model(num_classes=7)
+    variables = basic_vars if make_model is tiny_basic else bottleneck_vars
+    x = jnp.ones((2, 64, 64, 3))
+    feats = model.apply(variables, x, train=False, return_features=True)
+    for info in model.feature_info():
+        f = feats[info.name]
+        assert f.shape[-1] == info.channels, info
+        if f.ndim == 4:
+            assert f.shape[1:3] == (64 // info.reduction, 64 // info.reduction), info
+    assert feats["logits"].shape == (2, 7)
+    np.testing.assert_array_equal(feats["logits"], model.apply(variables, x, train=False))
+
+
+def test_no_head_returns_pooled_features(basic_vars):
+    headless = {
+        **basic_vars,
+        "params": {k: v for k, v in basic_vars["params"].items() if k != "fc"},
+    }
+    out = tiny_basic(num_classes=None).apply(headless, jnp.ones((3, 32, 32, 3)), train=False)
+    assert out.shape == (3, 512)
+    shapes = models.variable_shapes(tiny_basic(num_classes=None))
+    assert "fc" not in shapes["params"]
+
+
+def test_bfloat16_compute_keeps_float32_params_and_stats(basic_vars):
+    model = tiny_basic(num_classes=7, dtype=jnp.bfloat16)
+    shapes = models.variable_shapes(model)
+    assert {x.dtype for x in jax.tree.leaves(shapes)} == {jnp.dtype(jnp.float32)}
+    out, updates = model.apply(
+        basic_vars, jnp.ones((2, 32, 32, 3)), train=True, mutable=["batch_stats"]
+    )
+    assert out.dtype == jnp.bfloat16
+    assert {x.dtype for x in jax.tree.leaves(updates)} == {jnp.dtype(jnp.float32)}
+
+
+def test_zero_init_residual(basic_vars, bottleneck_vars):
+    assert not np.any(bottleneck_vars["params"]["layer2_0"]["bn3"]["scale"])
+    assert np.all(bottleneck_vars["params"]["layer2_0"]["bn1"]["scale"] == 1)
+    assert not np.any(basic_vars["params"]["layer1_0"]["bn2"]["scale"])
+    assert np.all(basic_vars["params"]["layer1_0"]["bn1"]["scale"] == 1)
+
+
+def test_batchnorm_updates_running_var_with_unbiased_variance():
+    bn = models.BatchNorm(use_running_average=False)
+    x = jax.random.normal(jax.random.key(1), (4, 3, 2, 5)) * 3 + 1
+    variables = bn.init(jax.random.key(0), x)
+    y, updates = bn.apply(variables, x, mutable=["batch_stats"])
+    flat = np.asarray(x).reshape(-1, 5)
+    np.testing.assert_allclose(updates["batch_stats"]["mean"], 0.1 * flat.mean(0), rtol=1e-5)
+    expected_var = 0.9 + 0.1 * flat.var(0, ddof=1)
+    np.testing.assert_allclose(updates["batch_stats"]["var"], expected_var, rtol=1e-5)
+    # The output is normalised with the biased variance, as torch does.
+    expected_y = (flat - flat.mean(0)) / np.sqrt(flat.var(0) + 1e-5)
+    np.testing.assert_allclose(np.asarray(y).reshape(-1, 5), expected_y, atol=1e-4)
+
+
+def test_frozen_bn_stages_keep_running_statistics(basic_vars):
+    model = tiny_basic(num_classes=7, frozen_bn=("stem", "layer1"))
+    x = jax.random.normal(jax.random.key(2), (2, 32, 32, 3))
+    _, updates = model.apply(basic_vars, x, train=True, mutable=["batch_stats"])
+    old, new = basic_vars["batch_stats"], updates["batch_stats"]
+    for name in ("bn1", "layer1_0"):
+        jax.tree.map(np.testing.assert_array_equal, old[name], new[name])
+    assert not np.allclose(old["layer2_0"]["bn1"]["mean"], new["layer2_0"]["bn1"]["mean"])
+
+
+def test_frozen_bn_rejects_unknown_stage():
+    with pytest.raises(ValueError, match="layer5"):
+        models.variable_shapes(tiny_basic(frozen_bn=("layer5",)))
+
+
+def test_basic_block_rejects_groups():
+    with pytest.raises(ValueError, match="groups=1"):
+        models.variable_shapes(tiny_basic(groups=2))
