@@ -1,0 +1,545 @@
+"""Checkpointing on orbax: training checkpoints, standalone model export, and `load()`.
+
+On-disk layout (every directory below is written to `<name>.orbax-checkpoint-tmp` and renamed
+into place only once complete, so an interrupted write is never mistaken for a checkpoint):
+
+    <workdir>/class_names.json            {"0": "daisy", ...} (`write_class_names`)
+    <workdir>/checkpoints/metadata/       orbax root metadata: {"best_metric": ...}
+    <workdir>/checkpoints/<step>/state/   the full training state (orbax PyTree)
+    <workdir>/checkpoints/<step>/meta/    JSON metadata (arch, num_classes, class_names, ...)
+    <workdir>/checkpoints/<step>/metrics/ the metrics passed to `save` (orbax-managed)
+    <model_dir>/state/, <model_dir>/meta/ a `save_model` export: {params, batch_stats} + JSON
+
+A model directory has the same shape as a step directory, so `load()` reads both the same way.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import math
+import operator
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from etils import epath
+from flax.core import unfreeze
+
+from resnet_jax import models
+
+log = logging.getLogger(__name__)
+
+STATE_ITEM = "state"
+META_ITEM = "meta"
+CHECKPOINTS_DIR = "checkpoints"
+CLASS_NAMES_FILE = "class_names.json"
+MODEL_FORMAT = "resnet_jax.model"
+MODEL_FORMAT_VERSION = 1
+VARIABLE_COLLECTIONS = ("params", "batch_stats")
+_TMP_SUFFIX = ocp.step.TMP_DIR_SUFFIX
+_DEFAULT_BEST_METRIC = "val_accuracy"
+
+
+def _jsonable(obj: Any, what: str) -> Any:
+    """Round-trip `obj` through JSON (numpy scalars and paths allowed) so what is saved is what
+    `load` returns; raise naming `what` if it cannot be represented."""
+
+    def default(o: Any) -> Any:
+        if isinstance(o, np.generic | np.ndarray | jax.Array) and np.ndim(o) == 0:
+            return np.asarray(o).item()
+        if isinstance(o, os.PathLike):
+            return os.fspath(o)
+        raise TypeError(f"{type(o).__name__} value {o!r}")
+
+    try:
+        return json.loads(json.dumps(obj, default=default))
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"{what} must be JSON-serialisable; cannot encode {e}") from e
+
+
+def _numeric_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
+    """`metrics` as {name: float} (numpy/jax scalars accepted), or raise naming the bad entry."""
+    out = {}
+    for name, value in metrics.items():
+        try:
+            out[str(name)] = float(value)
+        except (TypeError, ValueError) as e:
+            raise TypeError(f"metrics[{name!r}] must be a number, got {value!r}") from e
+    return out
+
+
+def _metric_value(metrics: Mapping[str, Any] | None, name: str) -> float:
+    """Score of a checkpoint for `name` (higher is better); missing or NaN scores -inf."""
+    if not metrics or name not in metrics:
+        return -math.inf
+    value = float(metrics[name])
+    return -math.inf if math.isnan(value) else value
+
+
+def _is_model_dir(path: Path) -> bool:
+    """Whether `path` holds a finished state + metadata pair (a step or `save_model` dir)."""
+    return (path / STATE_ITEM).is_dir() and (path / META_ITEM).is_dir()
+
+
+def _is_temporary(path: Path) -> bool:
+    """Whether `path` is an orbax temporary directory (a write that never completed)."""
+    return _TMP_SUFFIX in path.name
+
+
+def _read_meta(model_dir: Path) -> dict:
+    """The JSON metadata item of a step or model directory, with errors naming the path."""
+    try:
+        meta = ocp.JsonCheckpointHandler().restore(epath.Path(model_dir / META_ITEM))
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{model_dir / META_ITEM}: unreadable checkpoint metadata ({e})") from e
+    if not isinstance(meta, Mapping):
+        raise ValueError(f"{model_dir / META_ITEM}: expected a JSON object, got {type(meta)}")
+    return dict(meta)
+
+
+def _num_classes(params: Mapping[str, Any]) -> int | None:
+    """Classifier width from the `fc` layer, or None for a headless model."""
+    if "fc" not in params:
+        return None
+    return int(params["fc"]["bias"].shape[0])
+
+
+@functools.lru_cache(maxsize=32)
+def _expected_shapes(arch: str, num_classes: int | None) -> dict[str, tuple[int, ...]]:
+    """Flat {leaf path: shape} of the params and batch_stats of `arch` (cached: tracing it takes
+    about a second)."""
+    shapes = models.variable_shapes(models.get_model(arch, num_classes=num_classes))
+    return _flat_shapes(shapes)
+
+
+def _flat_shapes(variables: Mapping) -> dict[str, tuple[int, ...]]:
+    tree = {c: variables[c] for c in VARIABLE_COLLECTIONS}
+    leaves = jax.tree_util.tree_leaves_with_path(tree)
+    return {jax.tree_util.keystr(k): tuple(np.shape(v)) for k, v in leaves}
+
+
+def _check_variables(arch: str, num_classes: int | None, variables: Mapping, where: str) -> None:
+    """Raise if `variables` does not have exactly the leaves and shapes of `arch`."""
+    want = _expected_shapes(arch, num_classes)
+    got = _flat_shapes(variables)
+    problems = [f"missing {k}" for k in want.keys() - got.keys()]
+    problems += [f"unexpected {k}" for k in got.keys() - want.keys()]
+    problems += [
+        f"{k}: shape {got[k]}, expected {want[k]}"
+        for k in want.keys() & got.keys()
+        if got[k] != want[k]
+    ]
+    if problems:
+        shown = "; ".join(sorted(problems)[:5])
+        more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
+        raise ValueError(
+            f"{where}: variables do not match {arch} with num_classes={num_classes}: {shown}{more}"
+        )
+
+
+def _check_class_names(
+    class_names: Sequence[str] | None, num_classes: int | None, where: str
+) -> None:
+    """Raise unless `class_names` is None or unique non-empty strings, one per class."""
+    if class_names is None:
+        return
+    if isinstance(class_names, str) or not all(isinstance(c, str) and c for c in class_names):
+        raise ValueError(f"{where}: class_names must be a list of non-empty strings")
+    if len(set(class_names)) != len(class_names):
+        raise ValueError(f"{where}: class_names has duplicates: {list(class_names)}")
+    if num_classes is not None and len(class_names) != num_classes:
+        raise ValueError(
+            f"{where}: {len(class_names)} class_names for a model with {num_classes} classes"
+        )
+
+
+class TrainCheckpointer:
+    """Training checkpoints under `workdir/checkpoints`, kept by recency and by a best metric.
+
+    Retention: the last `max_to_keep` checkpoints, plus (with `keep_best`) the one with the
+    highest `metrics[best_metric]` ever saved, via orbax's LatestN + BestN preservation policies.
+    Saving is asynchronous (arrays are copied to host before `save` returns, so donating the
+    state's buffers afterwards is safe); `wait()` / `close()` block until everything is on disk
+    and re-raise a failed background write. Multi-host: every process must make the same calls;
+    orbax coordinates who writes what.
+    """
+
+    def __init__(
+        self,
+        workdir: str | Path,
+        *,
+        max_to_keep: int = 3,
+        keep_best: bool = True,
+        best_metric: str = _DEFAULT_BEST_METRIC,
+        save_interval_steps: int | None = None,
+        async_save: bool = True,
+    ) -> None:
+        """Open (or create) the checkpoint directory; raise OSError if it cannot be written."""
+        if not isinstance(max_to_keep, int) or max_to_keep < 1:
+            raise ValueError(f"max_to_keep must be an int >= 1, got {max_to_keep!r}")
+        if save_interval_steps is not None and (
+            not isinstance(save_interval_steps, int) or save_interval_steps < 1
+        ):
+            raise ValueError(f"save_interval_steps must be None or >= 1, got {save_interval_steps}")
+        self.workdir = Path(workdir)
+        self.directory = self.workdir / CHECKPOINTS_DIR
+        self.best_metric = best_metric
+        _ensure_writable(self.directory)
+
+        policies: list[ocp.checkpoint_managers.PreservationPolicy] = [
+            ocp.checkpoint_managers.LatestN(n=max_to_keep)
+        ]
+        if keep_best:
+            policies.append(
+                ocp.checkpoint_managers.BestN(
+                    get_metric_fn=self._score, n=1, keep_checkpoints_without_metrics=False
+                )
+            )
+        options = ocp.CheckpointManagerOptions(
+            save_interval_steps=save_interval_steps or 1,
+            best_fn=self._score,
+            best_mode="max",
+            preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
+            cleanup_tmp_directories=True,
+            enable_async_checkpointing=async_save,
+        )
+        self._manager = ocp.CheckpointManager(
+            self.directory, options=options, metadata={"best_metric": best_metric}
+        )
+        recorded = self._manager.metadata().custom_metadata.get("best_metric", best_metric)
+        if recorded != best_metric:
+            self._manager.close()
+            raise ValueError(
+                f"{self.directory} was created with best_metric={recorded!r}, not "
+                f"{best_metric!r}; use the original metric or a new workdir"
+            )
+
+    def _score(self, metrics: Mapping[str, Any]) -> float:
+        return _metric_value(metrics, self.best_metric)
+
+    def save(
+        self,
+        step: int,
+        state: Any,
+        *,
+        metadata: dict,
+        metrics: dict | None = None,
+        force: bool = False,
+    ) -> bool:
+        """Save `state` (any pytree of arrays) at `step`; returns False if skipped by the save
+        interval (or because `step` is not after the latest). `metadata` must name the `arch`;
+        `metrics`, if given, must contain `best_metric`. `force` ignores the interval."""
+        step = operator.index(step)
+        if not isinstance(metadata, Mapping) or "arch" not in metadata:
+            raise ValueError("metadata must be a dict with at least an 'arch' key")
+        models.check_arch(metadata["arch"])
+        meta = _jsonable(dict(metadata), "metadata")
+        if metrics is not None:
+            if self.best_metric not in metrics:
+                raise ValueError(
+                    f"metrics {sorted(metrics)} lack best_metric {self.best_metric!r}; pass it "
+                    "or save with metrics=None"
+                )
+            metrics = _numeric_metrics(metrics)
+        return self._manager.save(
+            step,
+            args=ocp.args.Composite(
+                **{STATE_ITEM: ocp.args.StandardSave(state), META_ITEM: ocp.args.JsonSave(meta)}
+            ),
+            metrics=metrics,
+            force=force,
+        )
+
+    def all_steps(self) -> list[int]:
+        """Steps currently on disk (or being written), ascending."""
+        return sorted(self._manager.all_steps())
+
+    def latest_step(self) -> int | None:
+        """The most recent step, or None if there is no checkpoint."""
+        return self._manager.latest_step()
+
+    def best_step(self) -> int | None:
+        """The kept step with the highest `best_metric` (latest wins ties), or None if no kept
+        checkpoint was saved with metrics."""
+        return self._manager.best_step()
+
+    def metrics(self, step: int) -> dict | None:
+        """The metrics saved with `step`, or None."""
+        return self._manager.metrics(step)
+
+    def restore(self, state_template: Any, step: int | None = None) -> tuple[Any, dict] | None:
+        """Restore `(state, metadata)` at `step` (default latest) into the structure, dtypes and
+        shardings of `state_template` (arrays or ShapeDtypeStructs); None if no checkpoint."""
+        if step is None:
+            step = self.latest_step()
+            if step is None:
+                return None
+        elif step not in self._manager.all_steps():
+            raise FileNotFoundError(
+                f"no checkpoint for step {step} in {self.directory}; steps: {self.all_steps()}"
+            )
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state_template)
+        try:
+            restored = self._manager.restore(
+                step,
+                args=ocp.args.Composite(
+                    **{
+                        STATE_ITEM: ocp.args.StandardRestore(abstract),
+                        META_ITEM: ocp.args.JsonRestore(),
+                    }
+                ),
+            )
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(
+                f"{self.directory / str(step)}: checkpoint does not match the state template: {e}"
+            ) from e
+        return restored[STATE_ITEM], dict(restored[META_ITEM])
+
+    def wait(self) -> None:
+        """Block until pending saves (and deletions) are durable; re-raise a failed save."""
+        self._manager.wait_until_finished()
+        self._manager.check_for_errors()
+
+    def close(self) -> None:
+        """Wait for pending work and release orbax's background resources."""
+        self._manager.close()
+
+    def __enter__(self) -> TrainCheckpointer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _ensure_writable(directory: Path) -> None:
+    """Create `directory` and prove a file can be written there, or raise a clear OSError
+    (checking by writing, since permission bits say nothing for root or read-only mounts)."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=".write_test_"):
+            pass
+    except OSError as e:
+        raise OSError(f"checkpoint directory {directory} cannot be created or written: {e}") from e
+
+
+def save_model(
+    path: str | Path,
+    *,
+    arch: str,
+    variables: Mapping[str, Any],
+    class_names: Sequence[str] | None = None,
+    metadata: dict | None = None,
+    force: bool = False,
+) -> Path:
+    """Export `{"params", "batch_stats"}` of `arch` with JSON metadata (arch, num_classes,
+    class_names, ...) as a directory `load()` reads. Refuses to replace an existing path unless
+    `force=True`, and never replaces anything that is not itself a model directory. Multi-host:
+    every process must call it."""
+    path = Path(path)
+    models.check_arch(arch)
+    missing = [c for c in VARIABLE_COLLECTIONS if c not in variables]
+    extra = sorted(set(variables) - set(VARIABLE_COLLECTIONS))
+    if missing or extra:
+        raise ValueError(
+            f"save_model({path}): variables must have exactly {list(VARIABLE_COLLECTIONS)}; "
+            f"missing {missing}, unexpected {extra}"
+        )
+    tree = {c: unfreeze(variables[c]) for c in VARIABLE_COLLECTIONS}
+    num_classes = _num_classes(tree["params"])
+    _check_class_names(class_names, num_classes, f"save_model({path})")
+    _check_variables(arch, num_classes, tree, f"save_model({path})")
+
+    meta = _jsonable(dict(metadata or {}), "metadata")
+    fixed = {
+        "format": MODEL_FORMAT,
+        "format_version": MODEL_FORMAT_VERSION,
+        "arch": arch,
+        "num_classes": num_classes,
+        "class_names": list(class_names) if class_names is not None else None,
+    }
+    clashes = [k for k in fixed if k in meta and meta[k] != fixed[k]]
+    if clashes:
+        raise ValueError(f"save_model({path}): metadata {clashes} contradict the arguments")
+    meta.update(fixed)
+
+    if path.exists() or path.is_symlink():
+        if not force:
+            raise FileExistsError(f"{path} already exists; pass force=True to overwrite it")
+        if not _is_model_dir(path):
+            raise FileExistsError(f"{path} exists and is not a model directory; not overwriting")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
+        checkpointer.save(
+            path.absolute(),
+            args=ocp.args.Composite(
+                **{STATE_ITEM: ocp.args.StandardSave(tree), META_ITEM: ocp.args.JsonSave(meta)}
+            ),
+            force=force,
+        )
+    return path
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    """Model variables plus what is needed to rebuild and label the model."""
+
+    arch: str
+    variables: dict
+    class_names: list[str] | None
+    metadata: dict
+    path: Path
+    step: int | None = None
+
+    @property
+    def num_classes(self) -> int | None:
+        """Classifier width (None for a headless model)."""
+        return _num_classes(self.variables["params"])
+
+    def model(self, **overrides: Any) -> models.ResNet:
+        """The `models.ResNet` these variables belong to; `overrides` go to `get_model`."""
+        return models.get_model(self.arch, **{"num_classes": self.num_classes, **overrides})
+
+
+def _restore_variables(model_dir: Path) -> dict:
+    """Restore only params and batch_stats of a state item onto the first local device,
+    whatever the sharding (and device count) they were saved with."""
+    state_dir = epath.Path((model_dir / STATE_ITEM).absolute())
+    try:
+        saved = ocp.PyTreeCheckpointHandler().metadata(state_dir).tree
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{state_dir}: unreadable checkpoint state ({e})") from e
+    missing = [c for c in VARIABLE_COLLECTIONS if not isinstance(saved, Mapping) or c not in saved]
+    if missing:
+        raise ValueError(f"{state_dir}: checkpoint state has no {missing}")
+    sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    template = {
+        c: jax.tree.map(
+            lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding), saved[c]
+        )
+        for c in VARIABLE_COLLECTIONS
+    }
+    with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as checkpointer:
+        return checkpointer.restore(
+            state_dir,
+            args=ocp.args.PyTreeRestore(
+                item=template,
+                restore_args=ocp.checkpoint_utils.construct_restore_args(template),
+                partial_restore=True,
+            ),
+        )
+
+
+def _load_model_dir(model_dir: Path, step: int | None) -> LoadedModel:
+    """Read metadata and variables of one step or `save_model` directory."""
+    meta = _read_meta(model_dir)
+    arch = meta.get("arch")
+    if not isinstance(arch, str):
+        raise ValueError(f"{model_dir / META_ITEM}: metadata has no 'arch' string")
+    try:
+        models.check_arch(arch)
+    except ValueError as e:
+        raise ValueError(f"{model_dir}: {e}") from e
+    variables = _restore_variables(model_dir)
+    num_classes = _num_classes(variables["params"])
+    if meta.get("num_classes", num_classes) != num_classes:
+        raise ValueError(
+            f"{model_dir}: metadata num_classes={meta['num_classes']} but the classifier has "
+            f"{num_classes} outputs"
+        )
+    _check_variables(arch, num_classes, variables, str(model_dir))
+    class_names = meta.get("class_names")
+    _check_class_names(class_names, num_classes, str(model_dir / META_ITEM))
+    return LoadedModel(arch, variables, class_names, meta, model_dir, step)
+
+
+def _pick_step(root: Path, step: int | None, which: str) -> int:
+    """The step to load from checkpoint directory `root`: `step`, else best or latest."""
+    options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0)
+    with ocp.CheckpointManager(root, options=options) as manager:
+        steps = sorted(manager.all_steps())
+        if not steps:
+            raise FileNotFoundError(
+                f"{root} has no checkpoints: expected a save_model or step directory (with "
+                f"{STATE_ITEM}/ and {META_ITEM}/), a training workdir (with {CHECKPOINTS_DIR}/), "
+                "or a checkpoints directory with completed step subdirectories"
+            )
+        if step is not None:
+            if step not in steps:
+                raise FileNotFoundError(f"no checkpoint for step {step} in {root}; steps: {steps}")
+            return step
+        if which == "latest":
+            return steps[-1]
+        best_metric = manager.metadata().custom_metadata.get("best_metric", _DEFAULT_BEST_METRIC)
+        scored = [(s, manager.metrics(s)) for s in steps]
+        scored = [(s, m) for s, m in scored if m and best_metric in m]
+        if not scored:
+            log.warning("%s: no checkpoint has %r; loading the latest", root, best_metric)
+            return steps[-1]
+        return max(scored, key=lambda sm: (_metric_value(sm[1], best_metric), sm[0]))[0]
+
+
+def load(path: str | Path, step: int | None = None, which: str = "best") -> LoadedModel:
+    """Load params, batch_stats and metadata for research code, onto the default device.
+
+    `path` may be a `save_model` directory, a training workdir, its `checkpoints` directory, or
+    one step directory. From a workdir, `step` picks a step, else `which` ("best" by the run's
+    best metric, falling back to latest when no step has it; or "latest"). Optimizer state is
+    never read.
+    """
+    if which not in ("best", "latest"):
+        raise ValueError(f"which must be 'best' or 'latest', got {which!r}")
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file or directory")
+    if not path.is_dir():
+        raise ValueError(f"{path} is a file; a checkpoint is a directory")
+    if _is_temporary(path):
+        raise ValueError(f"{path} is an unfinished checkpoint write (orbax temporary directory)")
+    if _is_model_dir(path):
+        if step is not None:
+            raise ValueError(f"{path} is a single checkpoint; step={step} does not apply")
+        in_run = path.parent.name == CHECKPOINTS_DIR and path.name.isdigit()
+        return _load_model_dir(path, int(path.name) if in_run else None)
+    root = path / CHECKPOINTS_DIR if (path / CHECKPOINTS_DIR).is_dir() else path
+    chosen = _pick_step(root, step, which)
+    return _load_model_dir(root / str(chosen), chosen)
+
+
+def write_class_names(workdir: str | Path, class_names: Sequence[str]) -> Path:
+    """Write `workdir/class_names.json` as {"0": name, ...} (index -> label), atomically and from
+    process 0 only; returns its path."""
+    _check_class_names(class_names, None, "write_class_names")
+    path = Path(workdir) / CLASS_NAMES_FILE
+    if jax.process_index() == 0:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps({str(i): c for i, c in enumerate(class_names)}, indent=2))
+        os.replace(tmp, path)
+    return path
+
+
+def read_class_names(path: str | Path) -> list[str]:
+    """Class names ordered by index from a class_names.json (or a directory holding one)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / CLASS_NAMES_FILE
+    try:
+        mapping = json.loads(path.read_text())
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{path}: class names file not found") from e
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from e
+    expected = [str(i) for i in range(len(mapping))] if isinstance(mapping, dict) else None
+    if expected is None or sorted(mapping, key=lambda k: (len(k), k)) != expected:
+        raise ValueError(f"{path}: expected an object with keys '0'..'n-1' mapping to class names")
+    names = [mapping[k] for k in expected]
+    _check_class_names(names, None, str(path))
+    return names
