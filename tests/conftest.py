@@ -4,6 +4,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch  # noqa: F401  # torch must load before tensorflow in a process (else it segfaults)
 
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
@@ -16,5 +17,7 @@ FLOWERS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "flow
 def flowers_dir() -> Path:
     """The real tf_flowers photos in ../shared (never copied into the project)."""
     if not (FLOWERS / "train").is_dir():
-        pytest.fail(f"flower photos not found at {FLOWERS}; tests expect ../shared/data beside the repo")
+        pytest.fail(
+            f"flower photos not found at {FLOWERS}; tests expect ../shared/data beside the repo"
+        )
     return FLOWERS

@@ -1,0 +1,371 @@
+"""Input pipeline: sources, determinism, resumption, sharding, padding, bad files, TFDS."""
+
+import itertools
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+from PIL import Image
+
+from resnet_jax import data
+
+FLOWER_CLASSES = ["daisy", "dandelion", "roses", "sunflowers", "tulips"]
+# Normalised values of pixel 0 and 255 per channel.
+LOW = (0.0 - np.array(data.IMAGENET_MEAN)) / np.array(data.IMAGENET_STD)
+HIGH = (1.0 - np.array(data.IMAGENET_MEAN)) / np.array(data.IMAGENET_STD)
+
+
+def gradient(height: int, width: int, phase: int = 0) -> Image.Image:
+    """A smooth RGB test image (decoders agree closely on it); `phase` varies its content."""
+    y, x = np.mgrid[0:height, 0:width]
+    rgb = np.stack(
+        [x * 255 // max(width - 1, 1), y * 255 // max(height - 1, 1), (x + y + 40 * phase) % 256],
+        axis=-1,
+    )
+    return Image.fromarray(rgb.astype(np.uint8))
+
+
+def make_folder(root: Path, counts: dict[str, int]) -> Path:
+    """Writes train/<class>/<i>.jpg gradient JPEGs of varied sizes and returns `root`."""
+    for c, (name, count) in enumerate(counts.items()):
+        folder = root / "train" / name
+        folder.mkdir(parents=True)
+        for i in range(count):
+            size = (40 + 4 * i, 56 - 2 * c) if i % 2 else (56, 36 + 3 * i)
+            gradient(*size, phase=i + 3 * c).save(folder / f"{i:02d}.jpg", quality=95)
+    return root
+
+
+def take(iterator, n: int) -> list[dict[str, np.ndarray]]:
+    """The first n batches of an iterator."""
+    return list(itertools.islice(iterator, n))
+
+
+def assert_same_batches(a: list[dict], b: list[dict]) -> None:
+    """Bit-identical batch lists."""
+    assert len(a) == len(b)
+    for x, y in zip(a, b, strict=True):
+        assert x.keys() == y.keys()
+        for key in x:
+            np.testing.assert_array_equal(x[key], y[key])
+
+
+@pytest.fixture(scope="module")
+def flowers(flowers_dir):
+    return data.open_source(data_dir=flowers_dir)
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory) -> Path:
+    """Three classes of 8, 7 and 6 small JPEGs, no val/ folder."""
+    return make_folder(tmp_path_factory.mktemp("small"), {"cat": 8, "dog": 7, "emu": 6})
+
+
+def test_flowers_source(flowers):
+    assert flowers.class_names == FLOWER_CLASSES
+    assert (flowers.num_train, flowers.num_eval) == (2934, 736)
+    assert flowers.skipped == ()
+    labels = np.asarray(flowers.train_split.labels)
+    assert np.all(np.diff(labels) >= 0) and set(labels) == set(range(5))
+    assert data.steps_per_epoch(flowers, 64) == 2934 // 64
+    assert data.eval_steps(flowers, 64) == 12
+    with pytest.raises(ValueError, match="global batch size 4000 exceeds the 2934"):
+        data.steps_per_epoch(flowers, 4000)
+
+
+def test_train_batches_deterministic_and_resumable(flowers):
+    args = dict(batch_size=8, image_size=32, seed=3)
+    first = take(data.train_batches(flowers, epoch=0, **args), 3)
+    for batch in first:
+        assert batch.keys() == {"image", "label"}
+        assert batch["image"].shape == (8, 32, 32, 3) and batch["image"].dtype == np.float32
+        assert batch["label"].shape == (8,) and batch["label"].dtype == np.int32
+        assert np.all((batch["label"] >= 0) & (batch["label"] < 5))
+        image = batch["image"]
+        assert np.all(image >= LOW - 1e-5) and np.all(image <= HIGH + 1e-5)
+        assert image.std() > 0.3  # real photos, not a constant
+    assert_same_batches(first, take(data.train_batches(flowers, epoch=0, **args), 3))
+    other = take(data.train_batches(flowers, epoch=1, **args), 3)
+    assert not np.array_equal(first[0]["image"], other[0]["image"])
+    assert not all(
+        np.array_equal(a["label"], b["label"]) for a, b in zip(first, other, strict=True)
+    )
+    resumed = take(data.train_batches(flowers, epoch=0, start_batch=2, **args), 1)
+    assert_same_batches(resumed, first[2:3])
+    one_thread = take(data.train_batches(flowers, epoch=0, num_workers=1, **args), 1)
+    assert_same_batches(one_thread, first[:1])
+
+
+def test_eval_covers_every_example_once(flowers):
+    size, batch, procs = 32, 100, 2
+    per_process = [
+        list(
+            data.eval_batches(
+                flowers, batch_size=batch, image_size=size, process_index=p, process_count=procs
+            )
+        )
+        for p in range(procs)
+    ]
+    assert [len(b) for b in per_process] == [4, 4]  # ceil(736 / 200)
+    merged = {
+        k: np.concatenate([b[k] for bs in per_process for b in bs]) for k in per_process[0][0]
+    }
+    real = merged["mask"]
+    assert merged["mask"].dtype == np.bool_ and real.sum() == 736 and (~real).sum() == 800 - 736
+    np.testing.assert_array_equal(np.sort(merged["index"][real]), np.arange(736))
+    assert np.all(merged["index"][~real] == -1) and np.all(merged["image"][~real] == 0)
+    np.testing.assert_array_equal(
+        merged["label"][real], np.asarray(flowers.eval_split.labels)[merged["index"][real]]
+    )
+    # A pipeline image equals the single-image helpers used for prediction.
+    where = int(np.flatnonzero(merged["index"] == 123)[0])
+    expected = data.preprocess_for_eval(data.load_image(flowers.eval_split.paths[123]), size)
+    np.testing.assert_allclose(merged["image"][where], expected, atol=1e-6)
+
+
+def test_resume_equals_tail_of_full_epoch(small):
+    source = data.open_source(data_dir=small)
+    args = dict(batch_size=3, image_size=16, seed=1, epoch=2)
+    full = list(data.train_batches(source, **args))
+    assert len(full) == data.steps_per_epoch(source, 3) == source.num_train // 3
+    for start in (1, len(full) - 1, len(full)):
+        assert_same_batches(
+            list(data.train_batches(source, start_batch=start, **args)), full[start:]
+        )
+
+
+def test_process_shards_partition_global_batches(small):
+    source = data.open_source(data_dir=small)
+    args = dict(image_size=16, seed=5, epoch=0)
+    single = list(data.train_batches(source, batch_size=4, **args))
+    shards = [
+        list(data.train_batches(source, batch_size=2, process_index=p, process_count=2, **args))
+        for p in range(2)
+    ]
+    assert len(shards[0]) == len(shards[1]) == len(single)
+    seen = []
+    for step, batch in enumerate(single):
+        for key in batch:
+            joined = np.concatenate([shards[0][step][key], shards[1][step][key]])
+            np.testing.assert_array_equal(joined, batch[key])
+        seen.extend(image.tobytes() for image in batch["image"])
+    assert len(set(seen)) == len(seen)  # no example twice in the epoch: shards are disjoint
+    evals = [
+        list(
+            data.eval_batches(source, batch_size=2, image_size=16, process_index=p, process_count=3)
+        )
+        for p in range(3)
+    ]
+    assert len({len(e) for e in evals}) == 1
+    indices = np.concatenate([b["index"][b["mask"]] for e in evals for b in e])
+    np.testing.assert_array_equal(np.sort(indices), np.arange(source.num_eval))
+
+
+def test_held_out_split_is_stratified_deterministic_and_disjoint(small):
+    a = data.open_source(data_dir=small, val_fraction=0.25, seed=0)
+    b = data.open_source(data_dir=small, val_fraction=0.25, seed=0)
+    c = data.open_source(data_dir=small, val_fraction=0.25, seed=1)
+    assert a.eval_split == b.eval_split and a.train_split == b.train_split
+    assert a.eval_split != c.eval_split
+    train, held = set(a.train_split.paths), set(a.eval_split.paths)
+    assert not train & held
+    assert train | held == {str(p) for p in (small / "train").rglob("*.jpg")}
+    # round(n * 0.25) of each class: cat 8 -> 2, dog 7 -> 2, emu 6 -> 2 (1.5 rounds to even)
+    assert np.bincount(a.eval_split.labels).tolist() == [2, 2, 2]
+    assert (a.num_train, a.num_eval) == (15, 6)
+
+
+def test_bad_and_unusual_files(tmp_path):
+    good = tmp_path / "train" / "good"
+    odd = tmp_path / "train" / "odd"
+    good.mkdir(parents=True)
+    odd.mkdir(parents=True)
+    image = gradient(48, 64)
+    for i in range(3):
+        gradient(40, 50, phase=i).save(good / f"ok{i}.JPG")
+    image.convert("L").save(odd / "gray.jpg", quality=95)
+    image.convert("CMYK").save(odd / "cmyk.jpeg", quality=95)
+    image.convert("RGBA").save(odd / "rgba.png")
+    image.convert("P").save(odd / "palette.png")
+    image.convert("P").save(odd / "palette.bmp")
+    image.save(odd / "plain.gif")
+    whole = (good / "ok0.JPG").read_bytes()
+    (good / "truncated.jpg").write_bytes(whole[: len(whole) // 2])
+    (good / "empty.jpg").write_bytes(b"")
+    (odd / "notes.jpg").write_text("not an image")
+    (odd / "readme.txt").write_text("ignored: not an image extension")
+
+    with pytest.warns(data.BadImageWarning) as record:
+        source = data.open_source(data_dir=tmp_path, val_fraction=0.2)
+    message = str(record[0].message)
+    assert "skipped 3 unreadable image file(s) of 12" in message
+    for name in ("truncated.jpg", "empty.jpg", "notes.jpg"):
+        assert name in message
+    assert "the file is empty" in message and "not a known image format" in message
+    assert {Path(p).name for p, _ in source.skipped} == {"truncated.jpg", "empty.jpg", "notes.jpg"}
+    assert source.num_train + source.num_eval == 9
+
+    for name in ("gray.jpg", "cmyk.jpeg", "rgba.png", "palette.png", "palette.bmp", "plain.gif"):
+        decoded = data.load_image(odd / name)
+        with Image.open(odd / name) as pil:
+            reference = np.asarray(pil.convert("RGB"), dtype=np.int32)
+        assert decoded.dtype == np.uint8 and decoded.shape == (48, 64, 3)
+        assert np.abs(decoded.astype(np.int32) - reference).max() <= 6, name
+    # Every kept file goes through both pipelines (fused JPEG crops, PIL for the rest).
+    train = list(data.train_batches(source, batch_size=1, image_size=16, seed=0, epoch=0))
+    assert len(train) == source.num_train
+    assert all(np.isfinite(b["image"]).all() and b["image"].shape == (1, 16, 16, 3) for b in train)
+    evals = list(data.eval_batches(source, batch_size=4, image_size=16))
+    assert sum(int(b["mask"].sum()) for b in evals) == source.num_eval
+
+
+def test_class_with_only_bad_files_is_an_error(tmp_path):
+    make_folder(tmp_path, {"fine": 2})
+    broken = tmp_path / "train" / "broken"
+    broken.mkdir()
+    (broken / "a.png").write_bytes(b"\x89PNG garbage")
+    with pytest.warns(data.BadImageWarning), pytest.raises(ValueError, match="broken has no read"):
+        data.open_source(data_dir=tmp_path)
+
+
+def test_folder_errors_name_the_path(tmp_path):
+    with pytest.raises(FileNotFoundError, match=str(tmp_path / "missing")):
+        data.open_source(data_dir=tmp_path / "missing")
+    with pytest.raises(FileNotFoundError, match="has no train/ folder"):
+        data.open_source(data_dir=tmp_path)
+    (tmp_path / "train").mkdir()
+    with pytest.raises(ValueError, match=f"no class folders in {tmp_path / 'train'}"):
+        data.open_source(data_dir=tmp_path)
+    make_folder(tmp_path / "x", {"a": 2})
+    (tmp_path / "x" / "train" / "hollow").mkdir()
+    (tmp_path / "x" / "train" / "hollow" / "list.txt").write_text("no images here")
+    with pytest.raises(ValueError, match=f"class folder {tmp_path / 'x/train/hollow'} has no im"):
+        data.open_source(data_dir=tmp_path / "x")
+    make_folder(tmp_path / "y", {"a": 2})
+    (tmp_path / "y" / "val" / "zebra").mkdir(parents=True)
+    with pytest.raises(ValueError, match=r"class folders not in .*\['zebra'\]"):
+        data.open_source(data_dir=tmp_path / "y")
+    with pytest.raises(ValueError, match="val_fraction must be in"):
+        data.open_source(data_dir=tmp_path / "x", val_fraction=1.0)
+
+
+def test_load_image_errors_name_the_file(tmp_path):
+    text = tmp_path / "fake.png"
+    text.write_text("hello")
+    with pytest.raises(ValueError, match=f"cannot decode image {text}"):
+        data.load_image(text)
+    with pytest.raises(FileNotFoundError, match="nowhere.jpg"):
+        data.load_image(tmp_path / "nowhere.jpg")
+
+
+def test_preprocess_for_eval_matches_pil_resize_and_center_crop():
+    # 60 x 90 -> shorter side round(32 * 256 / 224) = 37, longer int(90 * 37 / 60) = 55,
+    # crop rows round(2.5) = 2 (half to even) and columns round(11.5) = 12.
+    image = np.asarray(gradient(60, 90, phase=1))
+    out = data.preprocess_for_eval(image, 32)
+    assert out.shape == (32, 32, 3) and out.dtype == np.float32
+    resized = np.asarray(Image.fromarray(image).resize((55, 37), Image.BILINEAR), np.float32)
+    expected = (resized[2:34, 12:44] / 255.0 - data.IMAGENET_MEAN) / data.IMAGENET_STD
+    assert np.abs(out - expected).max() < 2.5 / 255 / min(data.IMAGENET_STD)
+    with pytest.raises(ValueError, match="expected a uint8"):
+        data.preprocess_for_eval(image.astype(np.float32), 32)
+
+
+def test_argument_errors(small):
+    source = data.open_source(data_dir=small)
+    steps = data.steps_per_epoch(source, 4)
+    cases = [
+        (dict(batch_size=0), "batch_size must be a positive integer"),
+        (dict(process_index=2, process_count=2), r"process_index must be in \[0, 2\)"),
+        (dict(start_batch=steps + 1), f"start_batch must be in \\[0, {steps}\\]"),
+        (dict(seed=-1), "seed must be a non-negative"),
+    ]
+    for override, match in cases:
+        args = dict(batch_size=4, image_size=16, seed=0, epoch=0) | override
+        with pytest.raises(ValueError, match=match):
+            data.train_batches(source, **args)
+
+
+def test_tfds_mock_tf_flowers(tmp_path):
+    with tfds.testing.mock_data(num_examples=20):  # random PNGs; every split yields 20
+        source = data.open_source(dataset="tf_flowers", tfds_data_dir=str(tmp_path))
+        assert sorted(source.class_names) == FLOWER_CLASSES
+        assert (source.num_train, source.num_eval) == (20, 20)
+        assert (source.train_split.split, source.eval_split.split) == ("train[:80%]", "train[80%:]")
+        args = dict(batch_size=4, image_size=16, seed=0, epoch=0)
+        full = list(data.train_batches(source, **args))
+        assert len(full) == 5
+        for batch in full:
+            assert batch["image"].shape == (4, 16, 16, 3) and batch["label"].dtype == np.int32
+            assert np.all(batch["image"] >= LOW - 1e-5) and np.all(batch["image"] <= HIGH + 1e-5)
+        assert_same_batches(list(data.train_batches(source, **args)), full)
+
+
+def test_tfds_prepared_dataset_matches_folder_pipeline(small, tmp_path):
+    """A real (tiny) TFDS dataset built offline from the `small` JPEGs: records, shuffled files,
+    resumption and sharding work, and its eval images equal the image-folder pipeline's."""
+    folder = data.open_source(data_dir=small, val_fraction=0.25)
+
+    class ResnetJaxTinyPets(tfds.core.GeneratorBasedBuilder):
+        VERSION = tfds.core.Version("1.0.0")
+
+        def _info(self):
+            features = {
+                "image": tfds.features.Image(encoding_format="jpeg"),
+                "label": tfds.features.ClassLabel(names=folder.class_names),
+            }
+            return tfds.core.DatasetInfo(
+                builder=self, features=tfds.features.FeaturesDict(features)
+            )
+
+        def _split_generators(self, dl_manager):
+            return {
+                "train": self._generate_examples(folder.train_split),
+                "test": self._generate_examples(folder.eval_split),
+            }
+
+        def _generate_examples(self, split):
+            for i, (path, label) in enumerate(zip(split.paths, split.labels, strict=True)):
+                yield i, {"image": path, "label": label}
+
+    source = data.open_source(dataset="resnet_jax_tiny_pets", tfds_data_dir=str(tmp_path))
+    assert (source.num_train, source.num_eval) == (15, 6)
+    assert source.class_names == folder.class_names and source.eval_split.split == "test"
+    args = dict(batch_size=2, image_size=16, seed=4, epoch=1)
+    full = list(data.train_batches(source, **args))
+    assert len(full) == 7
+    assert_same_batches(list(data.train_batches(source, **args)), full)
+    assert_same_batches(list(data.train_batches(source, start_batch=5, **args)), full[5:])
+    other = list(data.train_batches(source, **dict(args, epoch=2)))
+    assert not all(np.array_equal(a["image"], b["image"]) for a, b in zip(full, other, strict=True))
+    shards = [
+        list(
+            data.train_batches(source, process_index=p, process_count=2, **dict(args, batch_size=1))
+        )
+        for p in range(2)
+    ]
+    for step, batch in enumerate(full):
+        joined = np.concatenate([shards[0][step]["image"], shards[1][step]["image"]])
+        np.testing.assert_array_equal(joined, batch["image"])
+    # TFDS shuffles records when preparing, so compare eval images as sets: bit-identical.
+    images = {}
+    for name, src in (("tfds", source), ("folder", folder)):
+        batches = list(data.eval_batches(src, batch_size=4, image_size=16))
+        assert len(batches) == 2 and sum(int(b["mask"].sum()) for b in batches) == 6
+        images[name] = sorted(im.tobytes() for b in batches for im in b["image"][b["mask"]])
+    assert images["tfds"] == images["folder"]
+
+
+def test_tfds_errors(monkeypatch, tmp_path):
+    with pytest.raises(ValueError, match="'tf_flowerz' not found; did you mean .*tf_flowers"):
+        data.open_source(dataset="tf_flowerz")
+
+    def offline(self, *args, **kwargs):
+        raise ConnectionError("no route to download.tensorflow.org")
+
+    monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare", offline)
+    with pytest.raises(RuntimeError, match="could not prepare TFDS dataset 'tf_flowers'.*network"):
+        data.open_source(dataset="tf_flowers", tfds_data_dir=str(tmp_path))
+    with pytest.raises(RuntimeError, match="by hand.*tfds_manual_dir.*ILSVRC2012_img_train.tar"):
+        data.open_source(dataset="imagenet2012", tfds_data_dir=str(tmp_path))
