@@ -1,0 +1,462 @@
+"""Training and evaluation steps: state, loss, optimizer, schedule, data-parallel wrappers.
+
+One per-replica step function serves every layout: plain `jax.jit` on one device
+(`axis_name=None`), `jax.jit(jax.shard_map(...))` over a 1-D mesh, or `jax.pmap`. Gradients,
+metrics and BatchNorm statistics are averaged over the mapped axis, so the data-parallel step
+computes the same update as one device on the whole global batch. No data loading, checkpoint
+I/O or flag parsing lives here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+BATCH_AXIS = "batch"
+OPTIMIZERS = ("sgd", "adamw")
+PARAM_LABELS = ("train", "frozen", "head")
+PARALLEL_KINDS = ("shard_map", "pmap")
+# Output layouts for `parallelize`: the train step returns (state, metrics), both replicated;
+# the eval step returns (replicated sums, per-example outputs sharded along the batch).
+TRAIN_OUT_SPECS = (P(), P())
+EVAL_OUT_SPECS = (P(), P(BATCH_AXIS))
+
+StepFn = Callable[..., tuple[Any, Any]]
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything needed to resume training, as one pytree (checkpoint it whole)."""
+
+    step: jax.Array  # int32 scalar: steps taken, including skipped non-finite ones
+    params: Any
+    batch_stats: Any
+    opt_state: Any
+    nonfinite_steps: jax.Array  # int32: total steps skipped for a non-finite loss/gradient
+    nonfinite_streak: jax.Array  # int32: consecutive skipped steps up to now
+
+
+def learning_rate_schedule(
+    *,
+    base_lr: float = 0.1,
+    global_batch_size: int,
+    steps_per_epoch: int,
+    epochs: int,
+    warmup_epochs: float = 5,
+) -> optax.Schedule:
+    """Linear warmup from 0 then cosine decay to 0, peak `base_lr * global_batch_size / 256`.
+
+    The linear scaling rule keeps the recipe valid across batch sizes (Goyal et al. 2017).
+    """
+    if global_batch_size <= 0 or steps_per_epoch <= 0 or epochs <= 0:
+        raise ValueError(
+            "learning_rate_schedule: global_batch_size, steps_per_epoch and epochs must be "
+            f"positive, got {global_batch_size}, {steps_per_epoch}, {epochs}"
+        )
+    if not 0 <= warmup_epochs <= epochs:
+        raise ValueError(
+            f"learning_rate_schedule: warmup_epochs must be in [0, epochs={epochs}], "
+            f"got {warmup_epochs}"
+        )
+    peak = base_lr * global_batch_size / 256.0
+    total_steps = epochs * steps_per_epoch
+    warmup_steps = int(round(warmup_epochs * steps_per_epoch))
+    cosine = optax.cosine_decay_schedule(peak, decay_steps=max(total_steps - warmup_steps, 1))
+    if warmup_steps == 0:
+        return cosine
+    warmup = optax.linear_schedule(0.0, peak, transition_steps=warmup_steps)
+    return optax.join_schedules([warmup, cosine], boundaries=[warmup_steps])
+
+
+def _decay_mask(params: Any) -> Any:
+    """True for conv/dense `kernel`s only: BatchNorm scales/biases and dense biases get no decay."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: getattr(path[-1], "key", None) == "kernel", params
+    )
+
+
+def _checked_labels(param_labels: Any) -> Callable[[Any], Any]:
+    """Wrap `param_labels` so a tree that does not match the params fails with a readable error."""
+    bad = sorted({str(v) for v in jax.tree.leaves(param_labels)} - set(PARAM_LABELS))
+    if bad:
+        raise ValueError(f"param_labels: unknown labels {bad}; use {', '.join(PARAM_LABELS)}")
+
+    def labels_for(params: Any) -> Any:
+        want = jax.tree.structure(params)
+        if jax.tree.structure(param_labels) != want:
+            got = {jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)}
+            have = {
+                jax.tree_util.keystr(p)
+                for p, _ in jax.tree_util.tree_leaves_with_path(param_labels)
+            }
+            raise ValueError(
+                "param_labels must have exactly the params' structure; "
+                f"missing labels for {sorted(got - have)[:5]}, "
+                f"labels for unknown params {sorted(have - got)[:5]}"
+            )
+        return param_labels
+
+    return labels_for
+
+
+def create_optimizer(
+    *,
+    name: str = "sgd",
+    schedule: optax.ScalarOrSchedule,
+    weight_decay: float = 1e-4,
+    momentum: float = 0.9,
+    nesterov: bool = True,
+    param_labels: Any | None = None,
+    head_lr_multiplier: float = 1.0,
+) -> optax.GradientTransformation:
+    """SGD (Nesterov momentum, L2 decay as torch's SGD) or AdamW (decoupled decay).
+
+    Weight decay applies to conv/dense kernels only. With `param_labels` (a tree like the params
+    with leaves "train" / "frozen" / "head"), frozen params get exactly zero update and no
+    optimizer state, and head params use the learning rate times `head_lr_multiplier`.
+    `momentum` and `nesterov` only apply to SGD.
+    """
+    if name not in OPTIMIZERS:
+        raise ValueError(f"Unknown optimizer {name!r}; choices: {', '.join(OPTIMIZERS)}")
+    if param_labels is None and head_lr_multiplier != 1.0:
+        raise ValueError(
+            "head_lr_multiplier only affects params labelled 'head'; pass param_labels"
+        )
+
+    def build(lr: optax.ScalarOrSchedule) -> optax.GradientTransformation:
+        if name == "adamw":
+            return optax.adamw(lr, weight_decay=weight_decay, mask=_decay_mask)
+        return optax.chain(
+            optax.add_decayed_weights(weight_decay, mask=_decay_mask),
+            optax.sgd(lr, momentum=momentum, nesterov=nesterov),
+        )
+
+    if param_labels is None:
+        return build(schedule)
+
+    def head_lr(count: jax.Array) -> jax.Array:
+        base = schedule(count) if callable(schedule) else schedule
+        return base * head_lr_multiplier
+
+    return optax.multi_transform(
+        {"train": build(schedule), "frozen": optax.set_to_zero(), "head": build(head_lr)},
+        _checked_labels(param_labels),
+    )
+
+
+def create_train_state(variables: dict, tx: optax.GradientTransformation) -> TrainState:
+    """Fresh `TrainState` at step 0 from `{"params", "batch_stats"}` (e.g. `init_variables`)."""
+    if "params" not in variables:
+        raise ValueError(
+            f"create_train_state: variables need a 'params' entry, got keys {sorted(variables)}"
+        )
+    params = variables["params"]
+    # Three distinct counters: one shared buffer would be donated three times by the step.
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        batch_stats=variables.get("batch_stats", {}),
+        opt_state=tx.init(params),
+        nonfinite_steps=jnp.zeros((), jnp.int32),
+        nonfinite_streak=jnp.zeros((), jnp.int32),
+    )
+
+
+def _per_example_ce(
+    logits: jax.Array, labels: jax.Array, num_classes: int, label_smoothing: float
+) -> jax.Array:
+    """Float32 cross-entropy per example against (optionally smoothed) one-hot labels."""
+    if logits.shape[-1] != num_classes:
+        raise ValueError(f"logits have {logits.shape[-1]} classes, expected {num_classes}")
+    if not 0.0 <= label_smoothing < 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+    targets = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)
+    if label_smoothing:
+        targets = optax.smooth_labels(targets, label_smoothing)
+    return optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
+
+
+def cross_entropy_loss(
+    logits: jax.Array,
+    labels: jax.Array,
+    *,
+    num_classes: int,
+    label_smoothing: float = 0.0,
+    mask: jax.Array | None = None,
+) -> jax.Array:
+    """Mean float32 cross-entropy; smoothing as torch (target (1-e)*onehot + e/K); `mask` 0/1."""
+    losses = _per_example_ce(logits, labels, num_classes, label_smoothing)
+    if mask is None:
+        return losses.mean()
+    mask = mask.astype(jnp.float32)
+    return (losses * mask).sum() / jnp.maximum(mask.sum(), 1.0)
+
+
+def _check_model(model: nn.Module, axis_name: str | None) -> int:
+    """The model's class count, after checking its BatchNorm syncs over `axis_name`."""
+    if getattr(model, "axis_name", None) != axis_name:
+        raise ValueError(
+            f"model.axis_name is {getattr(model, 'axis_name', None)!r} but the step maps over "
+            f"{axis_name!r}; build the model with axis_name={axis_name!r} so BatchNorm "
+            "statistics are averaged across replicas"
+        )
+    num_classes = getattr(model, "num_classes", None)
+    if num_classes is None:
+        raise ValueError("the model needs a classification head (num_classes is None)")
+    return num_classes
+
+
+def make_train_step(
+    model: nn.Module,
+    tx: optax.GradientTransformation,
+    *,
+    schedule: optax.Schedule | None = None,
+    label_smoothing: float = 0.0,
+    axis_name: str | None = BATCH_AXIS,
+) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+    """Per-replica training step `(state, {"image", "label"}) -> (state, metrics)`.
+
+    With `axis_name`, gradients and metrics are averaged over that mapped axis (wrap with
+    `parallelize`); with `None` it is a single-device step for `jax.jit`. A non-finite loss,
+    gradient or BatchNorm statistic skips the update: params, batch_stats and opt_state stay
+    as they were, `step` still advances (the data position stays consistent),
+    `nonfinite_steps` and `nonfinite_streak` grow; a finite step resets the streak. Metrics:
+    loss, accuracy, grad_norm, nonfinite (0/1), and learning_rate when `schedule` is given
+    (evaluated at the optimizer's own count `step - nonfinite_steps`, which skipped steps do not
+    advance; this assumes `opt_state` was created together with `step` 0).
+    """
+    num_classes = _check_model(model, axis_name)
+
+    def loss_fn(params, batch_stats, batch):
+        logits, updates = model.apply(
+            {"params": params, "batch_stats": batch_stats},
+            batch["image"],
+            train=True,
+            mutable=["batch_stats"],
+        )
+        loss = cross_entropy_loss(
+            logits, batch["label"], num_classes=num_classes, label_smoothing=label_smoothing
+        )
+        return loss, (logits, updates["batch_stats"])
+
+    def step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+        params = state.params
+        if axis_name is not None:
+            # Differentiate each replica's own loss: under shard_map's replication checking, a
+            # gradient w.r.t. replicated (invariant) params would already be summed over the
+            # axis, and the pmean below would then give N times the mean. Marking the params
+            # device-varying first yields per-replica gradients under both shard_map and pmap.
+            params = jax.lax.pcast(params, axis_name, to="varying")
+        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+        (loss, (logits, batch_stats)), grads = grad_fn(params, state.batch_stats, batch)
+        accuracy = (jnp.argmax(logits, -1) == batch["label"]).mean(dtype=jnp.float32)
+        if axis_name is not None:
+            grads, loss, accuracy = jax.lax.pmean((grads, loss, accuracy), axis_name)
+
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        new_params = optax.apply_updates(state.params, updates)
+        grad_norm = optax.tree.norm(grads)
+        # Sums propagate any NaN/inf, so scalars suffice (and reuse the reported grad norm); a
+        # float32 overflow of a finite gradient's squared norm (norm > ~1e19) counts too.
+        stats_sum = sum(jnp.sum(x) for x in jax.tree.leaves(batch_stats))
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(stats_sum)
+
+        def keep_if_finite(new, old):
+            return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+
+        skipped = (~finite).astype(jnp.int32)
+        new_state = TrainState(
+            step=state.step + 1,
+            params=keep_if_finite(new_params, state.params),
+            batch_stats=keep_if_finite(batch_stats, state.batch_stats),
+            opt_state=keep_if_finite(opt_state, state.opt_state),
+            nonfinite_steps=state.nonfinite_steps + skipped,
+            nonfinite_streak=(state.nonfinite_streak + 1) * skipped,
+        )
+        metrics = {
+            "loss": loss,
+            "accuracy": accuracy,
+            "grad_norm": grad_norm,
+            "nonfinite": skipped,
+        }
+        if schedule is not None:
+            metrics["learning_rate"] = jnp.asarray(
+                schedule(state.step - state.nonfinite_steps), jnp.float32
+            )
+        return new_state, metrics
+
+    return step
+
+
+def make_eval_step(
+    model: nn.Module, *, axis_name: str | None = BATCH_AXIS
+) -> Callable[[dict, dict], tuple[dict, jax.Array]]:
+    """Per-replica eval `(variables, {"image", "label", "mask"?}) -> (sums, predictions)`.
+
+    `sums` holds totals over the replica group (not means, so the caller can accumulate over
+    batches of any size): "loss" (float32), "correct_top1", "correct_top5", "count" (int32),
+    counting only examples with a true `mask` (padding). `predictions` are the per-example
+    top-1 classes (int32, padding included) for confusion matrices. Parallelize it with
+    `out_specs=EVAL_OUT_SPECS`.
+    """
+    num_classes = _check_model(model, axis_name)
+    k = min(5, num_classes)
+
+    def step(variables: dict, batch: dict) -> tuple[dict, jax.Array]:
+        logits = model.apply(
+            {"params": variables["params"], "batch_stats": variables["batch_stats"]},
+            batch["image"],
+            train=False,
+        )
+        labels = batch["label"]
+        mask = batch.get("mask")
+        mask = jnp.ones(labels.shape, bool) if mask is None else mask.astype(bool)
+        losses = _per_example_ce(logits, labels, num_classes, 0.0)
+        _, top = jax.lax.top_k(logits.astype(jnp.float32), k)
+        hits = top == labels[:, None]
+        sums = {
+            "loss": jnp.where(mask, losses, 0.0).sum(),
+            "correct_top1": (hits[:, 0] & mask).sum(dtype=jnp.int32),
+            "correct_top5": (hits.any(-1) & mask).sum(dtype=jnp.int32),
+            "count": mask.sum(dtype=jnp.int32),
+        }
+        if axis_name is not None:
+            sums = jax.lax.psum(sums, axis_name)
+        return sums, top[:, 0].astype(jnp.int32)
+
+    return step
+
+
+def make_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """1-D data-parallel mesh with axis "batch" over `devices` (default: all, every process)."""
+    devices = jax.devices() if devices is None else list(devices)
+    if not devices:
+        raise ValueError("make_mesh: no devices given")
+    return Mesh(np.asarray(devices), (BATCH_AXIS,))
+
+
+def _check_divisible(what: str, batch_size: int, num_devices: int) -> None:
+    """Raise naming both numbers unless `batch_size` splits evenly over `num_devices`."""
+    if batch_size <= 0 or batch_size % num_devices:
+        raise ValueError(
+            f"{what} {batch_size} is not divisible by the number of devices {num_devices}; "
+            f"use a positive multiple of {num_devices}"
+        )
+
+
+def check_global_batch(global_batch_size: int, num_devices: int) -> None:
+    """Raise a clear ValueError unless the global batch splits evenly over the devices."""
+    _check_divisible("global batch size", global_batch_size, num_devices)
+
+
+def _check_kind(kind: str) -> None:
+    if kind not in PARALLEL_KINDS:
+        raise ValueError(f"Unknown parallel kind {kind!r}; choices: {', '.join(PARALLEL_KINDS)}")
+
+
+def parallelize(
+    step_fn: StepFn,
+    mesh: Mesh,
+    *,
+    kind: str = "shard_map",
+    donate: bool = True,
+    out_specs: Any = TRAIN_OUT_SPECS,
+) -> StepFn:
+    """Compile a per-replica `(state, batch)` step for data parallelism over `mesh`.
+
+    "shard_map": `jit(shard_map)` with the state replicated and the batch sharded on dim 0
+    (`out_specs`: TRAIN_OUT_SPECS or EVAL_OUT_SPECS). "pmap": `jax.pmap` with the state stacked
+    per local device and batches shaped [devices, per_device, ...]; every output gets the
+    leading device axis (`out_specs` unused). Use `place_state` / `prepare_batch` for inputs
+    and `fetch_state` / `fetch_batch` for outputs; `donate=False` for the eval step.
+    """
+    _check_kind(kind)
+    donate_argnums = (0,) if donate else ()
+    if kind == "pmap":
+        return jax.pmap(
+            step_fn,
+            axis_name=BATCH_AXIS,
+            devices=list(mesh.devices.flat),
+            donate_argnums=donate_argnums,
+        )
+    # Replication checking stays on (check_vma=True): every replicated output is a pmean/psum
+    # or computed from replicated inputs, so shard_map proves `P()` outputs correct.
+    mapped = jax.shard_map(step_fn, mesh=mesh, in_specs=(P(), P(BATCH_AXIS)), out_specs=out_specs)
+    return jax.jit(mapped, donate_argnums=donate_argnums)
+
+
+def place_state(state: Any, mesh: Mesh, kind: str = "shard_map") -> Any:
+    """Copy a state tree (via the host) to where the parallelized step expects it.
+
+    Going through the host guarantees fresh device buffers: a plain `device_put` to a
+    replicated sharding reuses the buffer already on device 0, and the donating step would then
+    delete the caller's original `state`.
+    """
+    _check_kind(kind)
+    host = jax.device_get(state)
+    if kind == "shard_map":
+        return jax.device_put(host, NamedSharding(mesh, P()))
+    n = mesh.local_mesh.size
+    stacked = jax.tree.map(lambda x: np.broadcast_to(x, (n, *np.shape(x))), host)
+    return jax.device_put(stacked, NamedSharding(mesh.local_mesh, P(BATCH_AXIS)))
+
+
+def fetch_state(state: Any, kind: str = "shard_map") -> Any:
+    """One host (numpy) copy of a replicated output tree: state, metrics or eval sums."""
+    _check_kind(kind)
+
+    def one(x: jax.Array) -> np.ndarray:
+        local = np.asarray(x.addressable_data(0))
+        return local[0] if kind == "pmap" else local
+
+    return jax.tree.map(one, state)
+
+
+def _leading_size(batch: dict) -> int:
+    """The shared leading (batch) dimension of every array in `batch`."""
+    sizes = {
+        jax.tree_util.keystr(p): np.shape(x)[0] if np.ndim(x) else None
+        for p, x in jax.tree_util.tree_leaves_with_path(batch)
+    }
+    if not sizes or len(set(sizes.values())) != 1 or None in sizes.values():
+        raise ValueError(f"batch arrays must share a leading batch dimension, got {sizes}")
+    return next(iter(sizes.values()))
+
+
+def prepare_batch(batch: dict, mesh: Mesh, kind: str = "shard_map") -> dict:
+    """Shard this process's slice of the global batch over its devices for the step.
+
+    shard_map: a global array sharded on dim 0 (works multi-host: each process passes its
+    own rows). pmap: arrays reshaped to [local_devices, per_device, ...].
+    """
+    _check_kind(kind)
+    n = len(mesh.local_devices)
+    _check_divisible("process-local batch size", _leading_size(batch), n)
+    if kind == "shard_map":
+        sharding = NamedSharding(mesh, P(BATCH_AXIS))
+        return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), batch)
+    sharding = NamedSharding(mesh.local_mesh, P(BATCH_AXIS))
+    stacked = jax.tree.map(lambda x: np.reshape(x, (n, -1, *np.shape(x)[1:])), batch)
+    return jax.device_put(stacked, sharding)
+
+
+def fetch_batch(outputs: Any, kind: str = "shard_map") -> Any:
+    """This process's rows of a batch-sharded output (e.g. eval predictions) as numpy."""
+    _check_kind(kind)
+
+    def rows(x: jax.Array) -> np.ndarray:
+        if kind == "pmap":
+            return np.asarray(x).reshape(-1, *x.shape[2:])
+        shards = sorted(x.addressable_shards, key=lambda s: s.index[0].start or 0)
+        return np.concatenate([np.asarray(s.data) for s in shards])
+
+    return jax.tree.map(rows, outputs)

@@ -1,0 +1,329 @@
+"""Training library: data-parallel equivalence, non-finite skipping, optimizer masks, schedule,
+losses and eval sums. Uses a one-block-per-stage ResNet at 32 px to keep compiles cheap."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from resnet_jax import models
+from resnet_jax import train as T
+
+NUM_CLASSES = 5
+GLOBAL_BATCH = 8
+tiny = functools.partial(
+    models.ResNet,
+    stage_sizes=(1, 1, 1, 1),
+    block_cls=models.BasicBlock,
+    num_classes=NUM_CLASSES,
+)
+
+
+def _random_variables(model: models.ResNet, seed: int = 0) -> dict:
+    """He-scaled random variables from shapes alone: no compiled init (seconds saved per test).
+
+    Biases and BatchNorm scales are random too, so a decay wrongly applied to them shows.
+    """
+    rng = np.random.default_rng(seed)
+
+    def fill(path, leaf):
+        name = path[-1].key
+        if name == "kernel":
+            std = np.sqrt(2.0 / np.prod(leaf.shape[:-1]))
+            return (rng.standard_normal(leaf.shape) * std).astype(np.float32)
+        if name in ("scale", "var"):
+            return rng.uniform(0.5, 1.5, leaf.shape).astype(np.float32)
+        return (rng.standard_normal(leaf.shape) * 0.1).astype(np.float32)
+
+    return jax.tree_util.tree_map_with_path(fill, models.variable_shapes(model))
+
+
+def _batch(seed: int, n: int = GLOBAL_BATCH) -> dict:
+    rng = np.random.default_rng(seed)
+    return {
+        "image": rng.standard_normal((n, 32, 32, 3)).astype(np.float32),
+        "label": rng.integers(0, NUM_CLASSES, n).astype(np.int32),
+    }
+
+
+def _host(tree):
+    return jax.tree.map(np.asarray, jax.device_get(tree))
+
+
+def _trees_equal(a, b) -> bool:
+    """Same structure and bit-identical leaves."""
+    equal = jax.tree.map(np.array_equal, _host(a), _host(b))
+    return all(jax.tree.leaves(equal))
+
+
+SCHEDULE = T.learning_rate_schedule(
+    global_batch_size=GLOBAL_BATCH, steps_per_epoch=4, epochs=3, warmup_epochs=0.5
+)
+
+
+@pytest.fixture(scope="module")
+def setup():
+    """Initial state, optimizer, and the three compiled train steps (shared across tests)."""
+    tx = T.create_optimizer(schedule=SCHEDULE)
+    state = T.create_train_state(_random_variables(tiny()), tx)
+    mesh = T.make_mesh()
+    sharded = tiny(axis_name="batch")
+    steps = {
+        "single": jax.jit(T.make_train_step(tiny(), tx, schedule=SCHEDULE, axis_name=None)),
+        "shard_map": T.parallelize(T.make_train_step(sharded, tx, schedule=SCHEDULE), mesh),
+        "pmap": T.parallelize(T.make_train_step(sharded, tx, schedule=SCHEDULE), mesh, kind="pmap"),
+    }
+    return {"state": _host(state), "mesh": mesh, "steps": steps}
+
+
+def _run(setup, kind, batches, state=None):
+    """Run `batches` through one step kind from `state`; host state and last metrics back."""
+    step, mesh = setup["steps"][kind], setup["mesh"]
+    state = setup["state"] if state is None else state
+    if kind == "single":
+        metrics = None
+        for b in batches:
+            state, metrics = step(state, b)
+        return _host(state), _host(metrics)
+    state = T.place_state(state, mesh, kind)
+    for b in batches:
+        state, metrics = step(state, T.prepare_batch(b, mesh, kind))
+    return T.fetch_state(state, kind), T.fetch_state(metrics, kind)
+
+
+@pytest.mark.parametrize("kind", ["shard_map", "pmap"])
+def test_data_parallel_step_matches_single_device(setup, kind):
+    assert len(jax.devices()) == 4
+    batches = [_batch(1), _batch(2)]
+    want_state, want_metrics = _run(setup, "single", batches)
+    got_state, got_metrics = _run(setup, kind, batches)
+    # Not bit-exact: BatchNorm moments and gradient sums are reduced per device and then
+    # averaged across devices, a different float32 summation order than one device's.
+    np.testing.assert_array_equal(got_state.step, 2)
+    for part in ("params", "batch_stats", "opt_state"):
+        jax.tree.map(
+            functools.partial(np.testing.assert_allclose, rtol=1e-4, atol=1e-5),
+            getattr(got_state, part),
+            getattr(want_state, part),
+        )
+    # The update really happened (the test would otherwise pass trivially).
+    moved = jax.tree.map(lambda a, b: np.abs(a - b).max(), want_state.params, setup["state"].params)
+    assert max(jax.tree.leaves(moved)) > 1e-3
+    for key in ("loss", "accuracy", "grad_norm"):
+        np.testing.assert_allclose(got_metrics[key], want_metrics[key], rtol=1e-5)
+    np.testing.assert_allclose(got_metrics["learning_rate"], SCHEDULE(1), rtol=1e-6)
+    assert got_metrics["nonfinite"] == 0
+
+
+def test_nonfinite_step_is_skipped_on_every_replica(setup):
+    poisoned = _batch(3)
+    poisoned["image"][5, 3, 3, 1] = np.nan  # only the third device's shard sees it
+    before = setup["state"]
+    mid, metrics = _run(setup, "shard_map", [poisoned, poisoned])
+    assert metrics["nonfinite"] == 1
+    assert not np.isfinite(metrics["loss"])
+    np.testing.assert_array_equal([mid.step, mid.nonfinite_steps, mid.nonfinite_streak], [2, 2, 2])
+    for part in ("params", "batch_stats", "opt_state"):
+        assert _trees_equal(getattr(mid, part), getattr(before, part)), part
+
+    after, metrics = _run(setup, "shard_map", [_batch(4)], state=mid)
+    assert metrics["nonfinite"] == 0
+    np.testing.assert_array_equal(
+        [after.step, after.nonfinite_steps, after.nonfinite_streak], [3, 2, 0]
+    )
+    # The learning rate follows the optimizer's count (applied updates), not the raw step; it is
+    # 0 for that first update (warmup starts at 0), so look at statistics and momentum instead.
+    np.testing.assert_allclose(metrics["learning_rate"], SCHEDULE(0))
+    for part in ("batch_stats", "opt_state"):
+        assert not _trees_equal(getattr(after, part), getattr(before, part)), part
+
+
+@pytest.mark.parametrize("kind", ["shard_map", "pmap"])
+def test_eval_step_sums_ignore_padding(setup, kind):
+    model = tiny()
+    variables = _random_variables(model, seed=1)
+    batch = _batch(5)
+    batch["mask"] = np.array([1, 1, 0, 1, 1, 1, 0, 0], bool)
+    batch["image"][~batch["mask"]] = np.nan  # padding content must not leak into the sums
+    logits = np.asarray(jax.jit(model.apply)(variables, batch["image"]), np.float64)
+
+    mesh = setup["mesh"]
+    step = T.parallelize(
+        T.make_eval_step(tiny(axis_name="batch")),
+        mesh,
+        kind=kind,
+        donate=False,
+        out_specs=T.EVAL_OUT_SPECS,
+    )
+    sums, predictions = step(
+        T.place_state(variables, mesh, kind), T.prepare_batch(batch, mesh, kind)
+    )
+    sums, predictions = T.fetch_state(sums, kind), T.fetch_batch(predictions, kind)
+
+    keep = batch["mask"]
+    real, labels = logits[keep], batch["label"][keep]
+    shifted = real - real.max(1, keepdims=True)
+    log_probs = shifted - np.log(np.exp(shifted).sum(1, keepdims=True))
+    np.testing.assert_allclose(sums["loss"], -log_probs[np.arange(5), labels].sum(), rtol=1e-5)
+    ranks = (real > real[np.arange(5), labels][:, None]).sum(1)
+    assert sums["count"] == 5
+    assert sums["correct_top1"] == (ranks == 0).sum()
+    assert sums["correct_top5"] == 5  # 5 classes: every label is in the top 5
+    np.testing.assert_array_equal(predictions[keep], real.argmax(1))
+    assert predictions.shape == (GLOBAL_BATCH,)
+
+
+def test_bfloat16_step_keeps_float32_params_and_loss():
+    model = tiny(dtype=jnp.bfloat16)
+    tx = T.create_optimizer(schedule=0.01)
+    state = T.create_train_state(_random_variables(model), tx)
+    new, metrics = jax.jit(T.make_train_step(model, tx, axis_name=None))(state, _batch(6))
+    assert metrics["loss"].dtype == jnp.float32 and np.isfinite(metrics["loss"])
+    assert metrics["nonfinite"] == 0
+    dtypes = {x.dtype for x in jax.tree.leaves((new.params, new.batch_stats))}
+    assert dtypes == {jnp.dtype(jnp.float32)}
+    assert not np.array_equal(new.params["conv1"]["kernel"], state.params["conv1"]["kernel"])
+
+
+def _params():
+    return _random_variables(tiny())["params"]
+
+
+def _path_name(path) -> str:
+    return path[-1].key
+
+
+@pytest.mark.parametrize("name", ["sgd", "adamw"])
+def test_weight_decay_only_touches_kernels(name):
+    params = _params()
+    tx = T.create_optimizer(name=name, schedule=1.0, weight_decay=0.1, momentum=0.0)
+    zero_grads = jax.tree.map(np.zeros_like, params)
+    updates, _ = jax.jit(tx.update)(zero_grads, jax.jit(tx.init)(params), params)
+
+    def check(path, old, upd):
+        if _path_name(path) == "kernel":
+            # Both decay by lr * wd * p here (Adam's own step is zero for zero gradients).
+            np.testing.assert_allclose(old + upd, old * 0.9, rtol=1e-6, atol=1e-7)
+        else:
+            np.testing.assert_array_equal(upd, 0.0)
+
+    jax.tree_util.tree_map_with_path(check, params, updates)
+    names = {_path_name(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)}
+    assert names == {"kernel", "scale", "bias"}  # conv/dense kernels, BN params, fc bias
+
+
+def test_frozen_and_head_labels():
+    params = _params()
+
+    def label(path, _):
+        top = path[0].key
+        return "frozen" if top in ("conv1", "bn1") else "head" if top == "fc" else "train"
+
+    labels = jax.tree_util.tree_map_with_path(label, params)
+    grads = jax.tree.map(lambda p: np.full_like(p, 0.5), params)
+    kwargs = {"schedule": optax.constant_schedule(0.1), "weight_decay": 1e-2}
+    tx = T.create_optimizer(param_labels=labels, head_lr_multiplier=10.0, **kwargs)
+    plain = T.create_optimizer(**kwargs)
+    opt_state = jax.jit(tx.init)(params)
+    updates, _ = jax.jit(tx.update)(grads, opt_state, params)
+    want, _ = jax.jit(plain.update)(grads, jax.jit(plain.init)(params), params)
+
+    def check(path, lab, upd, ref):
+        if lab == "frozen":
+            np.testing.assert_array_equal(upd, 0.0)
+        else:
+            scale = 10.0 if lab == "head" else 1.0
+            np.testing.assert_allclose(upd, scale * ref, rtol=1e-6)
+
+    jax.tree_util.tree_map_with_path(check, labels, updates, want)
+    new = optax.apply_updates(params, updates)
+    assert _trees_equal(new["conv1"], params["conv1"])
+    assert _trees_equal(new["bn1"], params["bn1"])
+    # Momentum is kept only for trainable params: the frozen stem adds no optimizer state.
+    trainable = sum(
+        x.size
+        for x, lab in zip(jax.tree.leaves(params), jax.tree.leaves(labels), strict=True)
+        if lab != "frozen"
+    )
+    floats = [x for x in jax.tree.leaves(opt_state) if jnp.issubdtype(x.dtype, jnp.floating)]
+    assert sum(x.size for x in floats) == trainable
+
+
+def test_optimizer_argument_errors():
+    with pytest.raises(ValueError, match="'lamb'.*sgd, adamw"):
+        T.create_optimizer(name="lamb", schedule=0.1)
+    with pytest.raises(ValueError, match="param_labels"):
+        T.create_optimizer(schedule=0.1, head_lr_multiplier=10.0)
+    params = _params()
+    bad = jax.tree.map(lambda _: "freeze", params)
+    with pytest.raises(ValueError, match="unknown labels \\['freeze'\\]"):
+        T.create_optimizer(schedule=0.1, param_labels=bad)
+    partial_labels = {k: jax.tree.map(lambda _: "train", v) for k, v in params.items() if k != "fc"}
+    tx = T.create_optimizer(schedule=0.1, param_labels=partial_labels)
+    with pytest.raises(ValueError, match="missing labels for.*fc"):
+        tx.init(params)
+
+
+def test_schedule_warmup_then_cosine():
+    sched = T.learning_rate_schedule(
+        base_lr=0.1, global_batch_size=512, steps_per_epoch=10, epochs=10, warmup_epochs=2
+    )
+    peak = 0.1 * 512 / 256
+    steps = np.array([0, 10, 20, 60, 100])
+    want = [0.0, peak / 2, peak, peak / 2, 0.0]  # warmup ends at 20; cosine midpoint at 60
+    np.testing.assert_allclose([sched(s) for s in steps], want, rtol=1e-5, atol=1e-7)
+    no_warmup = T.learning_rate_schedule(
+        global_batch_size=256, steps_per_epoch=5, epochs=2, warmup_epochs=0
+    )
+    np.testing.assert_allclose(no_warmup(0), 0.1)
+    with pytest.raises(ValueError, match="warmup_epochs"):
+        T.learning_rate_schedule(
+            global_batch_size=256, steps_per_epoch=5, epochs=2, warmup_epochs=3
+        )
+
+
+def test_cross_entropy_label_smoothing_by_hand():
+    logits = np.array([[2.0, 0.5, -1.0], [0.0, 1.0, 3.0]], np.float32)
+    labels = np.array([0, 1])
+    eps, k = 0.1, 3
+    log_p = logits - np.log(np.exp(logits).sum(1, keepdims=True))
+    targets = np.full((2, k), eps / k)
+    targets[np.arange(2), labels] += 1 - eps
+    per_example = -(targets * log_p).sum(1)
+    got = T.cross_entropy_loss(
+        jnp.asarray(logits, jnp.bfloat16), labels, num_classes=k, label_smoothing=eps
+    )
+    assert got.dtype == jnp.float32
+    np.testing.assert_allclose(got, per_example.mean(), rtol=2e-2)  # bf16 logits
+    exact = T.cross_entropy_loss(logits, labels, num_classes=k, label_smoothing=eps)
+    np.testing.assert_allclose(exact, per_example.mean(), rtol=1e-6)
+    masked = T.cross_entropy_loss(
+        logits, labels, num_classes=k, label_smoothing=eps, mask=np.array([0, 1])
+    )
+    np.testing.assert_allclose(masked, per_example[1], rtol=1e-6)
+    with pytest.raises(ValueError, match="expected 4"):
+        T.cross_entropy_loss(logits, labels, num_classes=4)
+
+
+def test_batch_not_divisible_by_devices(setup):
+    with pytest.raises(ValueError, match="global batch size 10 .* number of devices 4"):
+        T.check_global_batch(10, 4)
+    T.check_global_batch(12, 4)
+    with pytest.raises(ValueError, match="batch size 6 .* number of devices 4"):
+        T.prepare_batch(_batch(0, n=6), setup["mesh"])
+    ragged = {"image": np.zeros((8, 2, 2, 3)), "label": np.zeros(4)}
+    with pytest.raises(ValueError, match="leading batch dimension"):
+        T.prepare_batch(ragged, setup["mesh"], kind="pmap")
+    with pytest.raises(ValueError, match="'xmap'.*shard_map, pmap"):
+        T.parallelize(lambda s, b: (s, b), setup["mesh"], kind="xmap")
+
+
+def test_model_axis_name_must_match_step():
+    tx = T.create_optimizer(schedule=0.1)
+    with pytest.raises(ValueError, match="axis_name='batch'"):
+        T.make_train_step(tiny(), tx)  # model without BatchNorm sync under a mapped step
+    with pytest.raises(ValueError, match="num_classes"):
+        T.make_eval_step(tiny(num_classes=None), axis_name=None)
