@@ -121,7 +121,7 @@ class MetricsWriter:
         self._tf = tf
 
     def write(self, step: int, record: dict[str, float]) -> None:
-        self._file.write(json.dumps({"step": step, **record}) + "\n")
+        self._file.write(json.dumps({"step": step, "time": time.time(), **record}) + "\n")
         self._file.flush()
         with self._tb.as_default(step=step):
             for key, value in record.items():

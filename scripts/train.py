@@ -72,9 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = vars(parser.parse_args(argv))
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", force=True
-    )
+    # Our progress at INFO; libraries (orbax, absl, TF) only from WARNING up.
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", force=True)
+    logging.getLogger("resnet_jax").setLevel(logging.INFO)
     try:
         distributed.initialize(
             args.pop("coordinator_address"),
