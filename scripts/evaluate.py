@@ -1,0 +1,153 @@
+"""Evaluate a checkpoint: `python scripts/evaluate.py --checkpoint RUN [--data-dir DIR]`.
+
+Data: `--data-dir DIR` uses DIR/val/<class>/* if it exists; else, if DIR has train/, the part of
+it that training held out (the run's --val-fraction and --seed); else DIR/<class>/* itself.
+`--dataset NAME` evaluates a TFDS split (`--split`, default the split training validated on).
+Without either, the data the checkpoint was trained on is used. Classes are matched to the
+checkpoint's by name; data classes the checkpoint does not know are an error.
+
+Prints top-1, top-5, mean cross-entropy and a per-class accuracy table (or JSON with --json);
+--output-dir also gets metrics.json and confusion.png. Runs the data-parallel eval step over
+every local device; the global --batch-size must be a multiple of the device count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import sys
+from pathlib import Path
+
+import jax
+
+from resnet_jax import checkpoint, inference
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line: the checkpoint, the data, and output options."""
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--checkpoint",
+        type=Path,
+        required=True,
+        help="training workdir, step directory or save_model directory",
+    )
+    parser.add_argument("--step", type=int, help="checkpoint step (default: best, else latest)")
+    data = parser.add_mutually_exclusive_group()
+    data.add_argument("--data-dir", type=Path, help="image folders (see above)")
+    data.add_argument("--dataset", help="TFDS dataset name")
+    parser.add_argument("--split", help="TFDS split, e.g. validation or 'train[90%%:]'")
+    parser.add_argument("--tfds-data-dir", help="where TFDS keeps its data")
+    parser.add_argument(
+        "--image-size", type=int, help="eval crop size (default: the checkpoint's training size)"
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        help="global batch, a multiple of the device count (default: 64 rounded up to one)",
+    )
+    parser.add_argument("--output-dir", type=Path, help="write metrics.json and confusion.png")
+    parser.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    return parser
+
+
+def _data_args(args: argparse.Namespace, loaded: checkpoint.LoadedModel) -> dict:
+    """Keyword arguments of `inference.open_eval_data`: the flags, else the training run's data;
+    the held-out fraction and seed always come from the run (defaults if it recorded none)."""
+    config = loaded.metadata.get("config") or {}
+    kwargs = {
+        "val_fraction": config.get("val_fraction", 0.2),
+        "seed": config.get("seed", 0),
+        "split": args.split,
+        "tfds_data_dir": args.tfds_data_dir,
+    }
+    if args.data_dir is not None:
+        return {**kwargs, "data_dir": args.data_dir}
+    if args.dataset is not None:
+        return {**kwargs, "dataset": args.dataset}
+    if config.get("data_dir"):
+        return {**kwargs, "data_dir": config["data_dir"]}
+    if config.get("dataset"):
+        return {
+            **kwargs,
+            "dataset": config["dataset"],
+            "tfds_data_dir": args.tfds_data_dir or config.get("tfds_data_dir"),
+        }
+    raise ValueError(f"{loaded.path} records no training data; pass --data-dir or --dataset")
+
+
+def format_report(evaluation: inference.Evaluation, title: str) -> str:
+    """Summary line plus the per-class table, as plain text."""
+    width = max(len("class"), *(len(n) for n in evaluation.class_names))
+    lines = [
+        title,
+        f"data: {evaluation.data} ({evaluation.count} images"
+        + (f", {len(evaluation.skipped)} unreadable skipped)" if evaluation.skipped else ")"),
+        f"top-1 {evaluation.top1:.4f}  top-5 {evaluation.top5:.4f}  loss {evaluation.loss:.4f}",
+        "",
+        f"{'class':<{width}}  {'images':>6}  {'correct':>7}  {'accuracy':>8}",
+    ]
+    for row in evaluation.per_class():
+        accuracy = "-" if row["accuracy"] is None else f"{row['accuracy']:.4f}"
+        lines.append(
+            f"{row['class']:<{width}}  {row['images']:>6}  {row['correct']:>7}  {accuracy:>8}"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    if args.split is not None and args.data_dir is not None:
+        parser.error("--split applies to --dataset (image folders use DIR/val)")
+    devices = jax.device_count()
+    batch_size = args.batch_size or -(-64 // devices) * devices
+    # stdout carries only the report (TFDS prints its preparation progress there).
+    with contextlib.redirect_stdout(sys.stderr):
+        try:
+            loaded = checkpoint.load(args.checkpoint, step=args.step)
+            image_size = inference.image_size_of(loaded, args.image_size)
+            source = inference.open_eval_data(**_data_args(args, loaded))
+        except (OSError, ValueError, RuntimeError) as err:  # RuntimeError: TFDS preparation
+            parser.error(str(err))
+        try:
+            evaluation = inference.evaluate_checkpoint(
+                loaded, source, image_size=image_size, batch_size=batch_size
+            )
+        except ValueError as err:  # class names or batch size
+            parser.error(str(err))
+
+    step = f"step {loaded.step}, " if loaded.step is not None else ""
+    title = f"{loaded.path} ({step}{loaded.arch}, {image_size} px)"
+    metrics = {
+        "checkpoint": str(loaded.path),
+        "step": loaded.step,
+        "arch": loaded.arch,
+        "image_size": image_size,
+        **evaluation.to_json(),
+    }
+    if args.output_dir is not None:
+        args.output_dir.mkdir(parents=True, exist_ok=True)
+        (args.output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        inference.plot_confusion(
+            evaluation.confusion,
+            evaluation.class_names,
+            args.output_dir / "confusion.png",
+            title=f"{loaded.arch}: top-1 {evaluation.top1:.3f} on {evaluation.count} images",
+        )
+    if args.json:
+        print(json.dumps(metrics, indent=2))
+    else:
+        print(format_report(evaluation, title))
+        if args.output_dir is not None:
+            print(f"\nwrote {args.output_dir / 'metrics.json'} and confusion.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

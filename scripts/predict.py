@@ -1,0 +1,154 @@
+"""Classify images: `python scripts/predict.py --checkpoint RUN IMAGE_OR_FOLDER ...`.
+
+Folders are searched recursively for image files (.jpg .jpeg .png .bmp .gif, any case); files
+named on the command line are read whatever their extension. With `--torchvision-weights FILE
+--arch NAME` the model is torchvision's (ImageNet class names for a 1000-class head).
+
+Unreadable images are reported on stderr (and as {"path", "error"} entries with --json), the
+rest are still classified, and the exit status is then 1. Missing inputs, a folder without
+images or a bad checkpoint stop the run before anything is predicted (status 2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+from resnet_jax import inference, models
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line: inputs, the model source, and output options."""
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("inputs", nargs="+", type=Path, help="image files and/or folders")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument(
+        "--checkpoint", type=Path, help="training workdir, step directory or save_model directory"
+    )
+    source.add_argument(
+        "--torchvision-weights", type=Path, help="torchvision state_dict (.pth/.pt/.safetensors)"
+    )
+    parser.add_argument("--arch", help=f"with --torchvision-weights: {', '.join(models.ARCHS)}")
+    parser.add_argument("--step", type=int, help="checkpoint step (default: best, else latest)")
+    parser.add_argument("--top-k", type=int, default=5, help="classes shown per image")
+    parser.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
+    parser.add_argument(
+        "--image-size",
+        type=int,
+        help="eval crop size (default: the checkpoint's training size; 224 for torchvision)",
+    )
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        help="print a JSON list of {path, predictions: [{class, probability}]} instead",
+    )
+    return parser
+
+
+def _predictor(args: argparse.Namespace, parser: argparse.ArgumentParser) -> inference.Predictor:
+    """The Predictor the flags ask for (weights read before TensorFlow is imported)."""
+    if args.torchvision_weights is not None:
+        if args.arch is None:
+            parser.error("--torchvision-weights needs --arch")
+        if args.step is not None:
+            parser.error("--step applies to --checkpoint")
+        return inference.Predictor.from_torchvision(
+            args.torchvision_weights,
+            args.arch,
+            image_size=args.image_size or 224,
+            batch_size=args.batch_size,
+        )
+    if args.arch is not None:
+        parser.error("--arch applies to --torchvision-weights (a checkpoint records its arch)")
+    return inference.Predictor.from_checkpoint(
+        args.checkpoint, step=args.step, image_size=args.image_size, batch_size=args.batch_size
+    )
+
+
+def find_images(inputs: list[Path]) -> list[Path]:
+    """Files as given, folders expanded to their image files (recursive, sorted)."""
+    from resnet_jax import data
+
+    found = []
+    for path in inputs:
+        if path.is_dir():
+            images = [Path(p) for p in data._list_images(path)]
+            if not images:
+                raise ValueError(
+                    f"folder {path} has no image files ({', '.join(data.IMAGE_EXTENSIONS)})"
+                )
+            found.extend(images)
+        else:
+            found.append(path)
+    return found
+
+
+def predict(
+    predictor: inference.Predictor, paths: list[Path], k: int
+) -> Iterator[tuple[Path, list[tuple[str, float]] | None, str | None]]:
+    """(path, top-k, None) per readable image and (path, None, error) per unreadable one, in
+    input order, decoding and predicting one batch at a time."""
+    from resnet_jax import data
+
+    for start in range(0, len(paths), predictor.batch_size):
+        chunk = paths[start : start + predictor.batch_size]
+        decoded = {}
+        for path in chunk:
+            try:
+                decoded[path] = data.load_image(path)
+            except (OSError, ValueError) as err:
+                decoded[path] = err
+        good = [p for p in chunk if not isinstance(decoded[p], Exception)]
+        results = dict(zip(good, predictor.top_k([decoded[p] for p in good], k), strict=True))
+        for path in chunk:
+            if path in results:
+                yield path, results[path], None
+            else:
+                yield path, None, str(decoded[path])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    missing = [str(p) for p in args.inputs if not p.exists()]
+    if missing:
+        parser.error(f"no such file or folder: {', '.join(missing)}")
+    try:
+        predictor = _predictor(args, parser)
+        if not 1 <= args.top_k <= predictor.num_classes:
+            parser.error(f"--top-k must be in [1, {predictor.num_classes}], got {args.top_k}")
+        paths = find_images(args.inputs)
+    except (OSError, ValueError) as err:
+        parser.error(str(err))
+
+    records, failures = [], 0
+    for path, top, error in predict(predictor, paths, args.top_k):
+        if error is not None:
+            failures += 1
+            print(f"error: {error}", file=sys.stderr)
+            records.append({"path": str(path), "error": error})
+            continue
+        records.append(
+            {
+                "path": str(path),
+                "predictions": [{"class": c, "probability": p} for c, p in top],
+            }
+        )
+        if not args.json:
+            print(path)
+            for name, prob in top:
+                print(f"  {prob:8.4f}  {name}")
+    if args.json:
+        print(json.dumps(records, indent=2))
+    if failures:
+        print(f"{failures} of {len(paths)} image(s) could not be read", file=sys.stderr)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

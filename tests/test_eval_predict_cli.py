@@ -1,0 +1,256 @@
+"""scripts/predict.py and scripts/evaluate.py end to end on a few real flower photos."""
+
+import importlib.util
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+import torch
+import torchvision
+from PIL import Image
+from test_inference import random_variables
+
+from resnet_jax import checkpoint, data, inference, models
+
+ROOT = Path(__file__).resolve().parents[1]
+PREDICT = ROOT / "scripts" / "predict.py"
+EVALUATE = ROOT / "scripts" / "evaluate.py"
+CLASSES = ["daisy", "dandelion", "roses", "sunflowers", "tulips"]
+PER_CLASS = 2
+SIZE = 32
+
+
+def _run(script: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(script), *args], capture_output=True, text=True, timeout=600
+    )
+
+
+def _load_script(path: Path):
+    spec = importlib.util.spec_from_file_location(path.stem + "_script", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory, flowers_dir):
+    """tmp/data/val/<class>/ with 2 real photos per class, and a random 5-class checkpoint."""
+    root = tmp_path_factory.mktemp("cli")
+    for name in CLASSES:
+        target = root / "data" / "val" / name
+        target.mkdir(parents=True)
+        for photo in sorted((flowers_dir / "val" / name).iterdir())[:PER_CLASS]:
+            shutil.copy(photo, target)
+    variables = random_variables(models.get_model("resnet18", num_classes=len(CLASSES)), seed=3)
+    checkpoint.save_model(
+        root / "model",
+        arch="resnet18",
+        variables=variables,
+        class_names=CLASSES,
+        metadata={"image_size": SIZE},
+    )
+    return root
+
+
+@pytest.fixture(scope="module")
+def predictor(work):
+    return inference.Predictor.from_checkpoint(work / "model", batch_size=4)
+
+
+def test_predict_json_on_folders_with_gray_rgba_and_a_broken_file(work, predictor, tmp_path):
+    photos = sorted((work / "data" / "val").rglob("*.jpg"))
+    rgb = np.asarray(Image.open(photos[0]))
+    (tmp_path / "nested" / "deeper").mkdir(parents=True)
+    Image.fromarray(rgb).convert("L").save(tmp_path / "nested" / "gray.png")
+    Image.fromarray(rgb).convert("RGBA").save(tmp_path / "nested" / "deeper" / "rgba.PNG")
+    (tmp_path / "nested" / "notes.txt").write_text("not an image: skipped by extension")
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"\xff\xd8\xff\xe0 truncated")
+
+    inputs = [*photos[:3], tmp_path / "nested", broken, photos[3]]
+    proc = _run(PREDICT, "--checkpoint", str(work / "model"), "--json", "--top-k", "3",
+                "--batch-size", "4", *map(str, inputs))  # fmt: skip
+    assert proc.returncode == 1, proc.stderr
+    assert f"cannot decode image {broken}" in proc.stderr
+    assert "1 of 7 image(s) could not be read" in proc.stderr
+    records = json.loads(proc.stdout)
+    expected_paths = [
+        *photos[:3],
+        tmp_path / "nested" / "gray.png",  # a folder's own files come before its subfolders'
+        tmp_path / "nested" / "deeper" / "rgba.PNG",
+        broken,
+        photos[3],
+    ]
+    assert [r["path"] for r in records] == [str(p) for p in expected_paths]
+    assert "predictions" not in records[5] and str(broken) in records[5]["error"]
+
+    good = [p for p in expected_paths if p != broken]
+    want = predictor.top_k(good, k=3)
+    got = [r["predictions"] for r in records if "predictions" in r]
+    for ranked, expected in zip(got, want, strict=True):
+        assert [p["class"] for p in ranked] == [name for name, _ in expected]
+        np.testing.assert_allclose([p["probability"] for p in ranked], [p for _, p in expected],
+                                   rtol=1e-4)  # fmt: skip
+        assert ranked[0]["probability"] >= ranked[1]["probability"] >= ranked[2]["probability"]
+    # The RGBA PNG is the photo with alpha dropped: same prediction as the JPEG's pixels.
+    np.testing.assert_allclose(
+        [p["probability"] for p in got[4]], [p for _, p in predictor.top_k(rgb, k=3)[0]], rtol=1e-4
+    )
+
+
+def test_predict_torchvision_weights_gives_imagenet_classes(work, tmp_path):
+    torch.manual_seed(0)
+    net = torchvision.models.resnet18().eval()
+    weights = tmp_path / "resnet18.pth"
+    torch.save(net.state_dict(), weights)
+    photos = sorted((work / "data" / "val").rglob("*.jpg"))[:2]
+    proc = _run(PREDICT, "--torchvision-weights", str(weights), "--arch", "resnet18",
+                "--image-size", str(SIZE), "--json", *map(str, photos))  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    records = json.loads(proc.stdout)
+    names = inference.imagenet_class_names()
+    batch = np.stack([data.preprocess_for_eval(data.load_image(p), SIZE) for p in photos])
+    with torch.no_grad():
+        probs = torch.softmax(net(torch.from_numpy(batch).permute(0, 3, 1, 2)), 1).numpy()
+    for record, row in zip(records, probs, strict=True):
+        assert len(record["predictions"]) == 5
+        assert record["predictions"][0]["class"] == names[int(row.argmax())]
+        assert record["predictions"][0]["probability"] == pytest.approx(row.max(), abs=1e-5)
+
+
+def _expected(work: Path, predictor: inference.Predictor) -> tuple[np.ndarray, np.ndarray]:
+    """(labels, probabilities) of the val photos from the Predictor, one image at a time."""
+    labels, paths = [], []
+    for index, name in enumerate(CLASSES):
+        files = sorted((work / "data" / "val" / name).iterdir())
+        labels += [index] * len(files)
+        paths += files
+    return np.asarray(labels), predictor.predict_proba(paths)
+
+
+def _confusion(labels: np.ndarray, probs: np.ndarray) -> np.ndarray:
+    counts = np.zeros((len(CLASSES), len(CLASSES)), np.int64)
+    np.add.at(counts, (labels, probs.argmax(1)), 1)
+    return counts
+
+
+def test_evaluate_folder_json_table_and_confusion_png(work, predictor):
+    out = work / "eval"
+    proc = _run(EVALUATE, "--checkpoint", str(work / "model"), "--data-dir", str(work / "data"),
+                "--batch-size", "8", "--json", "--output-dir", str(out))  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    metrics = json.loads(proc.stdout)
+    assert metrics == json.loads((out / "metrics.json").read_text())
+    assert (out / "confusion.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    total = PER_CLASS * len(CLASSES)
+    assert metrics["count"] == total and metrics["class_names"] == CLASSES
+    assert [row["images"] for row in metrics["per_class"]] == [PER_CLASS] * len(CLASSES)
+    assert sum(row["images"] for row in metrics["per_class"]) == total
+
+    # The same numbers from the Predictor (batch 10 = 8 + a padded, masked 2 over 4 devices).
+    labels, probs = _expected(work, predictor)
+    want = _confusion(labels, probs)
+    np.testing.assert_array_equal(metrics["confusion"], want)
+    assert metrics["top1"] == pytest.approx(np.trace(want) / total)
+    top5 = np.mean([label in np.argsort(-p)[:5] for label, p in zip(labels, probs, strict=True)])
+    assert metrics["top5"] == pytest.approx(top5)
+    loss = -np.mean(np.log(probs[np.arange(total), labels]))
+    assert metrics["loss"] == pytest.approx(loss, rel=1e-4)
+    for row, correct in zip(metrics["per_class"], np.diag(want), strict=True):
+        assert row["correct"] == correct and row["accuracy"] == pytest.approx(correct / PER_CLASS)
+
+
+def test_evaluate_tfds_split_maps_classes_by_name(work, predictor, capsys, tmp_path):
+    """A real (tiny) TFDS dataset of the same photos whose classes come in reverse order: the
+    labels are translated to the checkpoint's by name, giving the folder's confusion matrix."""
+    examples = [(p, p.parent.name) for p in sorted((work / "data" / "val").rglob("*.jpg"))]
+
+    class ResnetJaxEvalFlowers(tfds.core.GeneratorBasedBuilder):
+        VERSION = tfds.core.Version("1.0.0")
+
+        def _info(self):
+            features = {
+                "image": tfds.features.Image(encoding_format="jpeg"),
+                "label": tfds.features.ClassLabel(names=CLASSES[::-1]),
+            }
+            return tfds.core.DatasetInfo(
+                builder=self, features=tfds.features.FeaturesDict(features)
+            )
+
+        def _split_generators(self, dl_manager):
+            return {"train": self._generate_examples()}
+
+        def _generate_examples(self):
+            for i, (path, name) in enumerate(examples):
+                yield i, {"image": path, "label": name}
+
+    name, tfds_dir = "resnet_jax_eval_flowers", str(tmp_path)
+    evaluate = _load_script(EVALUATE)
+    evaluate.main(["--checkpoint", str(work / "model"), "--dataset", name, "--split", "train",
+                   "--tfds-data-dir", tfds_dir, "--batch-size", "8", "--json"])  # fmt: skip
+    metrics = json.loads(capsys.readouterr().out)
+    assert "(train)" in metrics["data"] and metrics["class_names"] == CLASSES
+    assert metrics["count"] == len(examples)
+    np.testing.assert_array_equal(metrics["confusion"], _confusion(*_expected(work, predictor)))
+
+    half = inference.open_eval_data(dataset=name, split="train[:50%]", tfds_data_dir=tfds_dir)
+    assert half.num_eval == len(examples) // 2
+    with pytest.raises(ValueError, match="split 'tset': Unknown split 'tset'"):
+        inference.open_eval_data(dataset=name, split="tset", tfds_data_dir=tfds_dir)
+
+
+def test_open_eval_data_folder_layouts(work, tmp_path):
+    """DIR/val wins; DIR/train alone gives training's held-out part; else DIR's class folders."""
+    val = work / "data" / "val"
+    plain = inference.open_eval_data(data_dir=val)
+    assert plain.class_names == CLASSES and plain.num_eval == PER_CLASS * len(CLASSES)
+    with_val = inference.open_eval_data(data_dir=work / "data")
+    assert with_val.eval_split == plain.eval_split and "val" in with_val.origin
+
+    shutil.copytree(val, tmp_path / "train")
+    held = inference.open_eval_data(data_dir=tmp_path, val_fraction=0.5, seed=3)
+    same = data.open_source(data_dir=tmp_path, val_fraction=0.5, seed=3)
+    assert held.eval_split == same.eval_split and held.num_eval == len(CLASSES)
+    with pytest.raises(ValueError, match="exactly one of data_dir"):
+        inference.open_eval_data()
+
+
+@pytest.mark.parametrize(
+    ("script", "args", "message"),
+    [
+        (PREDICT, ["--checkpoint", "{work}/nowhere", "{work}/data"], "{work}/nowhere"),
+        (PREDICT, ["--checkpoint", "{work}/model", "{work}/missing.jpg"], "missing.jpg"),
+        (PREDICT, ["--checkpoint", "{work}/model", "{work}/model"], "has no image files"),
+        (PREDICT, ["--checkpoint", "{work}/model", "--top-k", "6", "{work}/data"], "[1, 5]"),
+        (PREDICT, ["--torchvision-weights", "{work}/w.pth", "{work}/data"], "needs --arch"),
+        (EVALUATE, ["--checkpoint", "{work}/nowhere", "--data-dir", "{work}/data"], "nowhere"),
+        (EVALUATE, ["--checkpoint", "{work}/model"], "records no training data"),
+        (EVALUATE, ["--checkpoint", "{work}/model", "--data-dir", "{work}/odd"], "['cactus']"),
+        (
+            EVALUATE,
+            ["--checkpoint", "{work}/model", "--data-dir", "{work}/data", "--batch-size", "6"],
+            "batch size 6 must be a positive multiple of the 4 devices",
+        ),
+        (
+            EVALUATE,
+            ["--checkpoint", "{work}/model", "--data-dir", "{work}/data", "--split", "test"],
+            "--split applies to --dataset",
+        ),
+    ],
+)
+def test_errors_are_usage_errors_naming_the_problem(script, args, message, work, capsys):
+    odd = work / "odd" / "cactus"
+    odd.mkdir(parents=True, exist_ok=True)
+    shutil.copy(next((work / "data" / "val" / "roses").iterdir()), odd)
+    module = _load_script(script)
+    with pytest.raises(SystemExit) as exit_info:
+        module.main([a.format(work=work) for a in args])
+    assert exit_info.value.code == 2
+    assert message.format(work=work) in capsys.readouterr().err
