@@ -1,6 +1,7 @@
 """Transfer learning: freeze modes leave exactly the frozen weights and statistics untouched."""
 
 import functools
+import json
 import logging
 import subprocess
 import sys
@@ -144,3 +145,28 @@ def test_finetune_from_torchvision_file_on_flowers(tmp_path, flowers_dir):
         same, changed = _changed_stages(start[collection], after[collection])
         assert same == {"stem", "layer1", "layer2", "layer3"}, collection
         assert changed == {"layer4"}, collection
+
+    # ... then evaluate and predict with the fine-tuned checkpoint through the CLIs.
+    report = json.loads(_run_script("evaluate.py", "--checkpoint", str(workdir), "--data-dir",
+                                    str(flowers_dir), "--batch-size", "64", "--json"))  # fmt: skip
+    assert report["count"] == 736 and 0 <= report["top1"] <= 1
+    assert sum(c["images"] for c in report["per_class"]) == 736
+    photos = sorted((flowers_dir / "val" / "roses").glob("*.jpg"))[:3]
+    predictions = json.loads(
+        _run_script(
+            "predict.py", "--checkpoint", str(workdir), "--top-k", "2", "--json", *map(str, photos)
+        )
+    )
+    assert [p["path"] for p in predictions] == [str(p) for p in photos]
+    for p in predictions:
+        assert {c["class"] for c in p["predictions"]} <= set(loaded.class_names)
+        assert p["predictions"][0]["probability"] >= p["predictions"][1]["probability"]
+
+
+def _run_script(name: str, *args: str) -> str:
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / name), *args],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc.stdout
