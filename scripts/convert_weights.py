@@ -1,0 +1,130 @@
+"""Convert weights between torchvision files and resnet_jax (Flax/orbax) model directories.
+
+    python scripts/convert_weights.py to-flax --arch resnet50 --input resnet50.pth --output DIR
+    python scripts/convert_weights.py to-torch --input DIR --output resnet50.pth
+
+`to-flax` reads a torchvision state_dict (.pth/.pt via torch.load(weights_only=True), or
+.safetensors), checks every key and shape against --arch, and writes a directory that
+`resnet_jax.checkpoint.load` (and scripts/evaluate.py, predict.py, train.py --pretrained) read.
+A 1000-class head is labelled with the ImageNet class names unless --class-names is given.
+`to-torch` writes a state_dict that torchvision.models.<arch>(num_classes=...) loads strictly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from resnet_jax import checkpoint, convert, models
+
+IMAGENET_NUM_CLASSES = 1000
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Two subcommands, one per direction."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    to_flax = sub.add_parser("to-flax", help="torchvision .pth/.pt/.safetensors -> Flax directory")
+    to_flax.add_argument("--arch", required=True, help=f"one of: {', '.join(models.ARCHS)}")
+    to_flax.add_argument("--input", type=Path, required=True, help="torchvision weights file")
+    to_flax.add_argument("--output", type=Path, required=True, help="model directory to write")
+    to_flax.add_argument(
+        "--num-classes", type=int, help="expected classifier width (default: read from the file)"
+    )
+    to_flax.add_argument(
+        "--class-names",
+        type=Path,
+        help="JSON list, class_names.json ({'0': name, ...}) or text file with one name a line",
+    )
+    to_flax.add_argument("--force", action="store_true", help="replace an existing model dir")
+
+    to_torch = sub.add_parser("to-torch", help="Flax model directory -> torchvision state_dict")
+    to_torch.add_argument(
+        "--input", type=Path, required=True, help="save_model directory, step dir or workdir"
+    )
+    to_torch.add_argument(
+        "--output", type=Path, required=True, help="file to write: .pth, .pt or .safetensors"
+    )
+    to_torch.add_argument("--force", action="store_true", help="replace an existing file")
+    return parser
+
+
+def read_class_names(path: Path) -> list[str]:
+    """Class names from a JSON list, a class_names.json object, or a text file (one a line)."""
+    if path.suffix.lower() != ".json":
+        return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    try:
+        names = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from err
+    return names if isinstance(names, list) else checkpoint.read_class_names(path)
+
+
+def _num_classes(variables: dict) -> int | None:
+    fc = variables["params"].get("fc")
+    return None if fc is None else int(np.shape(fc["bias"])[0])
+
+
+def _summary(arch: str, variables: dict) -> str:
+    """'resnet50, 25,557,032 parameters, 1000 classes' for the printed report."""
+    count = sum(int(np.size(leaf)) for leaf in jax.tree.leaves(variables["params"]))
+    num_classes = _num_classes(variables)
+    classes = "no classifier head" if num_classes is None else f"{num_classes} classes"
+    return f"{arch}, {count:,} parameters, {classes}"
+
+
+def to_flax(args: argparse.Namespace) -> str:
+    """Convert a torchvision file into a model directory; returns the report line."""
+    variables = convert.from_torchvision(args.input, args.arch, num_classes=args.num_classes)
+    num_classes = _num_classes(variables)
+    if args.class_names is not None:
+        class_names, names_from = read_class_names(args.class_names), str(args.class_names)
+    elif num_classes == IMAGENET_NUM_CLASSES:
+        from resnet_jax.inference import imagenet_class_names
+
+        class_names, names_from = imagenet_class_names(), "ImageNet"
+    else:
+        class_names, names_from = None, None
+    checkpoint.save_model(
+        args.output,
+        arch=args.arch,
+        variables=variables,
+        class_names=class_names,
+        metadata={"converted_from": str(args.input)},
+        force=args.force,
+    )
+    names = f"; class names: {names_from}" if names_from else ""
+    return f"wrote {args.output}: {_summary(args.arch, variables)}{names}"
+
+
+def to_torch(args: argparse.Namespace) -> str:
+    """Convert a model directory into a torchvision state_dict file; returns the report line."""
+    if args.output.exists() and not args.force:
+        raise FileExistsError(f"{args.output} already exists; pass --force to overwrite it")
+    loaded = checkpoint.load(args.input)
+    state_dict = convert.to_torchvision(loaded.variables, loaded.arch)
+    convert.save_torchvision(state_dict, args.output)
+    note = " (class names are not stored in torch files)" if loaded.class_names else ""
+    return f"wrote {args.output}: {_summary(loaded.arch, loaded.variables)}{note}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one conversion; bad input ends with a one-paragraph error and exit status 2."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        report = to_flax(args) if args.command == "to-flax" else to_torch(args)
+    except (OSError, ValueError) as err:
+        parser.error(str(err))
+    print(report)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
