@@ -21,9 +21,14 @@ ModuleDef = Callable[..., nn.Module]
 
 STAGE_NAMES = ("layer1", "layer2", "layer3", "layer4")
 
-# torch's kaiming_normal_(mode="fan_out", nonlinearity="relu") and nn.Linear's default init.
-conv_kernel_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+# nn.Linear's default weight init: U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
 dense_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+
+def conv_kernel_init(key: jax.Array, shape: tuple[int, ...], dtype: Dtype = jnp.float32):
+    """kaiming_normal_(mode="fan_out"): untruncated N(0, 2 / (kh * kw * out)), HWIO kernels."""
+    fan_out = shape[0] * shape[1] * shape[-1]
+    return jax.random.normal(key, shape, dtype) * jnp.sqrt(2.0 / fan_out).astype(dtype)
 
 
 def _dense_bias_init(fan_in: int) -> Callable:

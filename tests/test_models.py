@@ -141,3 +141,9 @@ def test_frozen_bn_rejects_unknown_stage():
 def test_basic_block_rejects_groups():
     with pytest.raises(ValueError, match="groups=1"):
         models.variable_shapes(tiny_basic(groups=2))
+
+
+def test_conv_init_is_torchs_kaiming_normal_fan_out():
+    kernel = models.conv_kernel_init(jax.random.key(0), (3, 3, 64, 256))
+    np.testing.assert_allclose(np.std(kernel), np.sqrt(2 / (3 * 3 * 256)), rtol=0.02)
+    assert np.abs(kernel).max() > 3 * np.sqrt(2 / (3 * 3 * 256))  # not truncated at 2 sigma
