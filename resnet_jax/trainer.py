@@ -20,6 +20,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 
 from resnet_jax import checkpoint, models, train, transfer
 
@@ -222,6 +223,14 @@ class _StopRequest:
         self.signum = signum
         log.warning("received %s: checkpointing after this step", signal.Signals(signum).name)
 
+    def agreed(self) -> int | None:
+        """The signal any process received, identical on every process, so all of them stop
+        (and join the checkpoint save) after the same step; one all-gather when multi-process."""
+        if jax.process_count() == 1:
+            return self.signum
+        received = multihost_utils.process_allgather(np.int32(self.signum or 0))
+        return int(received.max()) or None
+
     def restore(self) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
@@ -417,11 +426,12 @@ def fit(cfg: TrainConfig) -> dict[str, Any]:
                         f"(step {ckpt.latest_step()}) in {ckpt.directory} is intact: lower --lr "
                         "or check the data."
                     )
-                if stop.signum is not None:
+                signum = stop.agreed()
+                if signum is not None:
                     save()
                     ckpt.wait()
                     log.warning("checkpoint written at step %d; exiting", step)
-                    raise SystemExit(128 + stop.signum)
+                    raise SystemExit(128 + signum)
                 end_of_epoch = step % steps_per_epoch == 0
                 if step >= total_steps or end_of_epoch:
                     break
