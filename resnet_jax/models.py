@@ -99,8 +99,8 @@ def _pad(kernel_size: int) -> tuple[tuple[int, int], tuple[int, int]]:
     return ((p, p), (p, p))
 
 
-class BasicBlock(nn.Module):
-    """Two 3x3 convs with a residual connection (ResNet-18/34). expansion = 1."""
+class ResidualBlock(nn.Module):
+    """Fields shared by both torchvision blocks; `downsample` adds the 1x1 conv + BN shortcut."""
 
     planes: int
     conv: ModuleDef
@@ -110,6 +110,10 @@ class BasicBlock(nn.Module):
     groups: int = 1
     base_width: int = 64
     zero_init_residual: bool = False
+
+
+class BasicBlock(ResidualBlock):
+    """Two 3x3 convs with a residual connection (ResNet-18/34). expansion = 1."""
 
     expansion = 1
 
@@ -129,20 +133,11 @@ class BasicBlock(nn.Module):
         return nn.relu(y + x)
 
 
-class Bottleneck(nn.Module):
+class Bottleneck(ResidualBlock):
     """1x1 -> 3x3 (stride, groups) -> 1x1 with a residual connection (ResNet-50+). expansion = 4.
 
     The stride sits on the 3x3 conv as in torchvision ("ResNet v1.5").
     """
-
-    planes: int
-    conv: ModuleDef
-    norm: ModuleDef
-    strides: int = 1
-    downsample: bool = False
-    groups: int = 1
-    base_width: int = 64
-    zero_init_residual: bool = False
 
     expansion = 4
 
