@@ -16,6 +16,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from resnet_jax import ops
+from resnet_jax.conv import Conv
+
 Dtype = Any
 ModuleDef = Callable[..., nn.Module]
 
@@ -67,29 +70,19 @@ class BatchNorm(nn.Module):
         running_mean = self.variable("batch_stats", "mean", jnp.zeros, (features,), stats_dtype)
         running_var = self.variable("batch_stats", "var", jnp.ones, (features,), stats_dtype)
 
+        xs = x.astype(stats_dtype)
+        scale, bias = scale.astype(stats_dtype), bias.astype(stats_dtype)
         if self.use_running_average:
-            mean, var = running_mean.value, running_var.value
+            mul = scale * jax.lax.rsqrt(running_var.value + self.epsilon)
+            y = (xs - running_mean.value) * mul + bias
         else:
-            xs = x.astype(stats_dtype)
-            axes = tuple(range(x.ndim - 1))
-            count = 1
-            for axis in axes:
-                count *= x.shape[axis]
-            mean = xs.mean(axes)
-            if self.axis_name is not None:
-                mean = jax.lax.pmean(mean, self.axis_name)
-            var = jnp.square(xs - mean).mean(axes)  # two-pass: no E[x^2] - E[x]^2 cancellation
-            if self.axis_name is not None:
-                var = jax.lax.pmean(var, self.axis_name)
-                count *= jax.lax.psum(1, self.axis_name)
+            y, mean, var = ops.batch_norm_train(xs, scale, bias, self.epsilon, self.axis_name)
             if not self.is_initializing():
                 m = self.momentum
+                count = ops.batch_count(x, self.axis_name)
                 unbiased_var = var * (count / jnp.maximum(count - 1, 1))
                 running_mean.value = m * running_mean.value + (1 - m) * mean
                 running_var.value = m * running_var.value + (1 - m) * unbiased_var
-
-        mul = scale.astype(stats_dtype) * jax.lax.rsqrt(var.astype(stats_dtype) + self.epsilon)
-        y = (x.astype(stats_dtype) - mean.astype(stats_dtype)) * mul + bias.astype(stats_dtype)
         return y.astype(self.dtype)
 
 
@@ -183,6 +176,8 @@ class ResNet(nn.Module):
       axis_name: mapped axis over which BatchNorm statistics are averaged (data parallelism).
       frozen_bn: names among ("stem", "layer1", ..., "layer4") whose BatchNorm layers use their
         running statistics (and leave them unchanged) even when `train=True` (transfer learning).
+      conv: the convolution module; `resnet_jax.conv.Conv` (same parameters as `nn.Conv`,
+        CPU-fast gradients) by default, `flax.linen.Conv` works too.
     """
 
     stage_sizes: Sequence[int]
@@ -195,7 +190,7 @@ class ResNet(nn.Module):
     param_dtype: Dtype = jnp.float32
     axis_name: str | None = None
     frozen_bn: Sequence[str] = ()
-    conv: ModuleDef = nn.Conv
+    conv: ModuleDef = Conv
 
     def feature_info(self) -> list[FeatureInfo]:
         """Channels and reduction of each tap returned by `__call__(..., return_features=True)`."""
@@ -237,7 +232,7 @@ class ResNet(nn.Module):
         x = x.astype(self.dtype)
         x = conv(64, (7, 7), (2, 2), padding=_pad(7), name="conv1")(x)
         x = nn.relu(norm_for("stem")(name="bn1")(x))
-        x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=_pad(3))
+        x = ops.max_pool(x, 3, 2, 1)
         features["stem"] = x
 
         in_channels = 64

@@ -1,0 +1,296 @@
+"""Train-step and inference speed: resnet_jax (with nn.Conv and with conv.Conv) vs torchvision.
+
+Both frameworks run identical shapes in one process, alternating round by round so that machine
+noise hits them alike; times are medians over all timed steps. A train step is forward, backward
+and an SGD-momentum update (optax.sgd / torch.optim.SGD, lr 0.1, momentum 0.9) with BatchNorm in
+training mode; inference is the forward pass in eval mode. CPU runs float32; on a GPU both float32
+and bfloat16 (torch: autocast + channels_last; JAX: compute dtype bfloat16, float32 params).
+
+Example: python benchmarks/bench_models.py --archs resnet50 --batch-sizes 8 --output BENCHMARKS.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import platform
+import shlex
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+# torch first: importing it after tensorflow segfaults (nothing below imports TF today).
+import torch
+import torchvision
+
+# isort: split
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from resnet_jax import models
+from resnet_jax.conv import Conv
+
+IMPLS = ("torch", "jax-nn.Conv", "jax-Conv")
+JAX_CONVS: dict[str, Callable[..., nn.Module]] = {"jax-nn.Conv": nn.Conv, "jax-Conv": Conv}
+LR, MOMENTUM = 0.1, 0.9
+
+
+def _status_kb(key: str) -> int:
+    """A `VmRSS`/`VmHWM` value (kB) from /proc/self/status, 0 where unavailable (non-Linux)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def _reset_peak_rss() -> int:
+    """Reset the RSS high-water mark (Linux clear_refs) and return the current RSS in kB."""
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")
+    return _status_kb("VmRSS")
+
+
+@dataclass
+class Runner:
+    """One implementation of one (arch, batch, mode, dtype) case: a step to time and its stats."""
+
+    impl: str
+    step: Callable[[], None]
+    compile_s: float = 0.0
+    times: list[float] = field(default_factory=list)
+    cpu_times: list[float] = field(default_factory=list)
+    peak_mb: float = 0.0
+    note: str = ""
+
+    def run(self, steps: int) -> None:
+        """Time `steps` calls and record the phase's RSS growth above its starting RSS."""
+        base = _reset_peak_rss()
+        for _ in range(steps):
+            t, c = time.perf_counter(), time.process_time()
+            self.step()
+            self.times.append(time.perf_counter() - t)
+            self.cpu_times.append(time.process_time() - c)
+        self.peak_mb = max(self.peak_mb, (_status_kb("VmHWM") - base) / 1024)
+
+
+def _jax_runner(impl: str, arch: str, batch: int, size: int, mode: str, dtype: str) -> Runner:
+    """Build, compile (timed) and wrap a jitted JAX train or inference step."""
+    compute = jnp.bfloat16 if dtype == "bf16" else jnp.float32
+    model = models.get_model(arch, conv=JAX_CONVS[impl], dtype=compute)
+    variables = models.init_variables(model, jax.random.key(0), size)
+    x = jax.random.normal(jax.random.key(1), (batch, size, size, 3), jnp.float32)
+    y = jnp.arange(batch) % 1000
+    t0 = time.perf_counter()
+    if mode == "infer":
+        fn = jax.jit(lambda v, x: model.apply(v, x, train=False))
+        compiled = fn.lower(variables, x).compile()
+        state = {"v": variables}
+
+        def step() -> None:
+            compiled(state["v"], x).block_until_ready()
+
+    else:
+        tx = optax.sgd(LR, momentum=MOMENTUM)
+
+        def loss_fn(params, batch_stats, x, y):
+            logits, new = model.apply(
+                {"params": params, "batch_stats": batch_stats},
+                x,
+                train=True,
+                mutable=["batch_stats"],
+            )
+            loss = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), y)
+            return loss.mean(), new["batch_stats"]
+
+        def train_step(params, batch_stats, opt_state, x, y):
+            grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+            (loss, batch_stats), grads = grad_fn(params, batch_stats, x, y)
+            updates, opt_state = tx.update(grads, opt_state, params)
+            return optax.apply_updates(params, updates), batch_stats, opt_state, loss
+
+        params, batch_stats = variables["params"], variables["batch_stats"]
+        opt_state = tx.init(params)
+        fn = jax.jit(train_step, donate_argnums=(0, 1, 2))
+        compiled = fn.lower(params, batch_stats, opt_state, x, y).compile()
+        state = {"s": (params, batch_stats, opt_state)}
+
+        def step() -> None:
+            *new, loss = compiled(*state["s"], x, y)
+            state["s"] = tuple(new)
+            loss.block_until_ready()
+
+    runner = Runner(impl, step, compile_s=time.perf_counter() - t0)
+    mem = compiled.memory_analysis()
+    if mem is not None:
+        runner.note = f"XLA temp {mem.temp_size_in_bytes / 2**20:.0f} MB"
+    step()  # first execution (allocations) outside the timed rounds
+    return runner
+
+
+def _torch_runner(arch: str, batch: int, size: int, mode: str, dtype: str, device: str) -> Runner:
+    """Wrap a torchvision train or inference step (channels_last + bf16 autocast on GPU)."""
+    model = getattr(torchvision.models, arch)().to(device)
+    x = torch.randn(batch, 3, size, size, device=device)
+    y = torch.arange(batch, device=device) % 1000
+    if device == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    amp = torch.autocast(device, dtype=torch.bfloat16, enabled=dtype == "bf16")
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    if mode == "infer":
+        model.eval()
+
+        def step() -> None:
+            with torch.inference_mode(), amp:
+                model(x)
+            sync()
+
+    else:
+        model.train()
+        opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM)
+
+        def step() -> None:
+            opt.zero_grad(set_to_none=True)
+            with amp:
+                loss = torch.nn.functional.cross_entropy(model(x).float(), y)
+            loss.backward()
+            opt.step()
+            sync()
+
+    t0 = time.perf_counter()
+    step()
+    return Runner("torch", step, compile_s=time.perf_counter() - t0, note="first step")
+
+
+def bench_case(args: argparse.Namespace, arch: str, batch: int, mode: str, dtype: str) -> list:
+    """Alternate all implementations for one case; return their finished runners."""
+    device = "cuda" if jax.default_backend() == "gpu" else "cpu"
+    runners = []
+    for impl in args.impls:
+        if impl == "torch":
+            runners.append(_torch_runner(arch, batch, args.image_size, mode, dtype, device))
+        else:
+            runners.append(_jax_runner(impl, arch, batch, args.image_size, mode, dtype))
+    for _ in range(args.rounds):
+        for runner in runners:
+            runner.run(args.steps)
+    return runners
+
+
+def _row(arch: str, batch: int, mode: str, dtype: str, runner: Runner, torch_ms: float) -> str:
+    """One markdown table row."""
+    ms = statistics.median(runner.times) * 1e3
+    cpu_ms = statistics.median(runner.cpu_times) * 1e3
+    spread = f"{min(runner.times) * 1e3:.0f}-{max(runner.times) * 1e3:.0f}"
+    ratio = f"{ms / torch_ms:.2f}" if torch_ms else "-"
+    return (
+        f"| {arch} | {batch} | {mode} | {dtype} | {runner.impl} | {ms:.0f} | {spread} | "
+        f"{cpu_ms:.0f} | {batch / ms * 1e3:.1f} | {ratio} | {runner.compile_s:.1f} | "
+        f"{runner.peak_mb:.0f} | {runner.note} |"
+    )
+
+
+def _cpus() -> int:
+    """CPUs this process may run on (respects taskset/cgroups affinity, like XLA:CPU does)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def environment() -> str:
+    """Versions, devices and thread settings, for the report."""
+    env = {
+        k: os.environ[k]
+        for k in ("XLA_FLAGS", "OMP_NUM_THREADS", "GLIBC_TUNABLES")
+        if k in os.environ
+    }
+    return (
+        f"python {platform.python_version()}, jax {jax.__version__} ({jax.default_backend()}: "
+        f"{jax.devices()[0].device_kind}), torch {torch.__version__} "
+        f"({torch.get_num_threads()} intra-op threads), {_cpus()} of {os.cpu_count()} CPUs "
+        f"({platform.processor() or platform.machine()}); XLA:CPU uses one intra-op thread per "
+        f"core by default; env {env or '{}'}"
+    )
+
+
+def main(argv: list[str] | None = None) -> str:
+    """Run the benchmark, print the markdown report and optionally write it to --output."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--archs", default="resnet18,resnet50", help="comma-separated arch names")
+    p.add_argument("--batch-sizes", default="8", help="comma-separated batch sizes")
+    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--modes", default="train,infer", help="train and/or infer")
+    p.add_argument("--impls", default=",".join(IMPLS), help=f"subset of {','.join(IMPLS)}")
+    p.add_argument(
+        "--dtypes", default=None, help="fp32 and/or bf16 (default: fp32 on CPU, both on GPU)"
+    )
+    p.add_argument("--rounds", type=int, default=3, help="alternating rounds per case")
+    p.add_argument("--steps", type=int, default=3, help="timed steps per implementation per round")
+    p.add_argument("--output", type=Path, help="also write the report to this markdown file")
+    args = p.parse_args(argv)
+
+    archs = [models.check_arch(a) for a in args.archs.split(",")]
+    batches = [int(b) for b in args.batch_sizes.split(",")]
+    modes = args.modes.split(",")
+    args.impls = args.impls.split(",")
+    gpu = jax.default_backend() == "gpu"
+    dtypes = args.dtypes.split(",") if args.dtypes else (["fp32", "bf16"] if gpu else ["fp32"])
+    for name, values, allowed in [
+        ("--modes", modes, ("train", "infer")),
+        ("--impls", args.impls, IMPLS),
+        ("--dtypes", dtypes, ("fp32", "bf16")),
+    ]:
+        bad = [v for v in values if v not in allowed]
+        if bad:
+            p.error(f"{name}: unknown {bad}; choose from {', '.join(allowed)}")
+    if gpu != torch.cuda.is_available():
+        p.error("JAX and torch must both see a GPU (or both not) to compare like for like")
+    if not gpu:
+        torch.set_num_threads(_cpus())
+
+    lines = [
+        "| arch | batch | mode | dtype | impl | median ms | min-max ms | CPU ms | img/s "
+        "| vs torch | compile/first s | peak RSS MB | note |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for arch in archs:
+        for batch in batches:
+            for mode in modes:
+                for dtype in dtypes:
+                    runners = bench_case(args, arch, batch, mode, dtype)
+                    torch_ms = next(
+                        (statistics.median(r.times) * 1e3 for r in runners if r.impl == "torch"),
+                        0.0,
+                    )
+                    for r in runners:
+                        lines.append(_row(arch, batch, mode, dtype, r, torch_ms))
+                        print(lines[-1], flush=True)
+    command = shlex.join(["python", *sys.argv]) if argv is None else shlex.join(argv)
+    report = "\n".join(
+        [
+            f"### {args.image_size}px, {args.rounds} rounds x {args.steps} steps",
+            "",
+            f"`{command}`",
+            "",
+            environment(),
+            "",
+            *lines,
+            "",
+        ]
+    )
+    print(report)
+    if args.output:
+        with args.output.open("a") as f:
+            f.write(report + "\n")
+    return report
+
+
+if __name__ == "__main__":
+    main()

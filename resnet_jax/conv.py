@@ -1,0 +1,248 @@
+"""2-D convolution whose training step is fast on XLA:CPU, a drop-in for the `nn.Conv` used here.
+
+XLA:CPU runs forward and input-gradient convolutions well, but its weight-gradient convolution
+is slow (up to ~10x slower than the equivalent matmul for 1x1 kernels). On CPU this module
+computes 1x1 convolutions as matmuls (so forward, input- and weight-gradients are all matmuls).
+GPU/TPU keep XLA's native convolution (cuDNN on GPU): the choice is made with
+`lax.platform_dependent` when the computation is lowered, so it works under `jit`.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+Dtype = Any
+Padding = str | int | Sequence[int | tuple[int, int]]
+Pads = tuple[tuple[int, int], ...]
+DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
+# Below this many input channels one im2col matmul beats a matmul per kernel tap (the stem).
+PER_TAP_MIN_CHANNELS = 16
+# Outputs with at most this many pixels per image are computed as one im2col matmul.
+SMALL_OUTPUT_PIXELS = 64
+
+default_kernel_init = nn.initializers.lecun_normal()
+
+
+def _lax_conv(
+    x: jax.Array,
+    w: jax.Array,
+    strides: tuple[int, int],
+    padding: Pads,
+    groups: int,
+) -> jax.Array:
+    """XLA's native NHWC/HWIO convolution (the reference and the GPU/TPU path)."""
+    return lax.conv_general_dilated(
+        x, w, strides, padding, dimension_numbers=DIMENSION_NUMBERS, feature_group_count=groups
+    )
+
+
+def _pad(x: jax.Array, padding: Pads) -> jax.Array:
+    """Zero-pad the spatial dims of an NHWC array (no-op without padding)."""
+    if not any(p for pair in padding for p in pair):
+        return x
+    zero = jnp.zeros((), x.dtype)
+    return lax.pad(x, zero, ((0, 0, 0), *((lo, hi, 0) for lo, hi in padding), (0, 0, 0)))
+
+
+def _taps(
+    x: jax.Array, kernel_size: tuple[int, int], strides: tuple[int, int], padding: Pads
+) -> list[jax.Array]:
+    """The input seen by each kernel tap (i, j): `x_pad[:, i::sh, j::sw]`, each (N, Ho, Wo, C)."""
+    (kh, kw), (sh, sw) = kernel_size, strides
+    xp = _pad(x, padding)
+    n, hp, wp, c = xp.shape
+    ho, wo = (hp - kh) // sh + 1, (wp - kw) // sw + 1
+    return [
+        lax.slice(
+            xp, (0, i, j, 0), (n, i + (ho - 1) * sh + 1, j + (wo - 1) * sw + 1, c), (1, sh, sw, 1)
+        )
+        for i in range(kh)
+        for j in range(kw)
+    ]
+
+
+def _rows(a: jax.Array) -> jax.Array:
+    """(N, H, W, C) -> (N*H*W, C): 2-D operands keep XLA:CPU dots free of operand transposes."""
+    return a.reshape(-1, a.shape[-1])
+
+
+def _matmul_conv(
+    x: jax.Array, w: jax.Array, strides: tuple[int, int], padding: Pads, per_tap: bool
+) -> jax.Array:
+    """An ungrouped convolution as matmuls of the taps' input slices with the kernel.
+
+    `per_tap`: sum over taps (i, j) of `slice2d @ w[i, j]` (no patch matrix; best with many
+    channels). Otherwise one (N*Ho*Wo, kh*kw*C) x (kh*kw*C, K) im2col matmul (best with few
+    channels, e.g. the 3-channel stem). Either way autodiff turns the weight gradient into
+    matmuls of the same slices with dy: `slice2d.T @ dy2d`, a dot XLA:CPU reads in place.
+    """
+    kh, kw, _, k = w.shape
+    taps = _taps(x, (kh, kw), strides, padding)
+    if per_tap:
+        y = functools.reduce(jnp.add, (_rows(t) @ w[i // kw, i % kw] for i, t in enumerate(taps)))
+    else:
+        y = _rows(jnp.concatenate(taps, axis=3)) @ w.reshape(-1, k)
+    return y.reshape(*taps[0].shape[:3], k)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3))
+def _conv_matmul_weight_grad(
+    x: jax.Array, w: jax.Array, strides: tuple[int, int], padding: Pads
+) -> jax.Array:
+    """XLA's convolution; differentiated so that its weight gradient is made of matmuls.
+
+    The tangent is `conv(dx, w)` (whose transpose is XLA's fast input-gradient convolution) plus
+    `_matmul_conv(x, dw)` (whose transpose is the matmul weight gradient). The latter is
+    checkpointed so that the backward pass re-slices `x` instead of storing kh*kw slices.
+    A custom JVP, not a custom VJP, keeps forward-mode and higher-order differentiation working.
+    """
+    return _lax_conv(x, w, strides, padding, 1)
+
+
+@_conv_matmul_weight_grad.defjvp
+def _conv_jvp(strides, padding, primals, tangents):
+    x, w = primals
+    x_dot, w_dot = tangents
+    per_tap = x.shape[-1] >= PER_TAP_MIN_CHANNELS
+    w_term = jax.checkpoint(lambda x, w_dot: _matmul_conv(x, w_dot, strides, padding, per_tap))
+    y = _lax_conv(x, w, strides, padding, 1)
+    return y, _lax_conv(x_dot, w, strides, padding, 1) + w_term(x, w_dot)
+
+
+def _matmul_conv1x1(x: jax.Array, w: jax.Array, strides: tuple[int, int], padding: Pads):
+    """A 1x1 convolution as one matmul of the (padded, subsampled) input; autodiff: matmuls."""
+    return _matmul_conv(x, w, strides, padding, per_tap=True)
+
+
+def _im2col_conv(x: jax.Array, w: jax.Array, strides: tuple[int, int], padding: Pads):
+    """A kxk convolution as one im2col matmul, for small outputs only.
+
+    XLA:CPU's own forward and input-gradient convolutions are very slow at tiny outputs (~50x at
+    2x2); the patch matrix is kh*kw times the input, and autodiff gives a matmul weight gradient
+    and a pad-and-add input gradient.
+    """
+    return _matmul_conv(x, w, strides, padding, per_tap=False)
+
+
+def _cpu_formulation(
+    x_shape: Sequence[int], w_shape: Sequence[int], strides, padding, groups: int
+) -> Callable | None:
+    """The CPU-specific implementation for this convolution, or None to keep XLA's."""
+    if groups != 1:
+        return None  # grouped (ResNeXt): XLA's own gradients
+    if tuple(w_shape[:2]) == (1, 1):
+        return _matmul_conv1x1
+    (kh, kw), (sh, sw) = w_shape[:2], strides
+    ho = (x_shape[1] + sum(padding[0]) - kh) // sh + 1
+    wo = (x_shape[2] + sum(padding[1]) - kw) // sw + 1
+    if ho * wo <= SMALL_OUTPUT_PIXELS:
+        return _im2col_conv
+    return _conv_matmul_weight_grad
+
+
+def conv2d(
+    x: jax.Array,
+    w: jax.Array,
+    strides: Sequence[int] = (1, 1),
+    padding: Sequence[Sequence[int]] = ((0, 0), (0, 0)),
+    groups: int = 1,
+) -> jax.Array:
+    """NHWC x HWIO convolution equal to `lax.conv_general_dilated`, with CPU-fast gradients.
+
+    On CPU: 1x1 -> matmul; small outputs -> im2col matmul; otherwise XLA's convolution with a
+    matmul weight gradient. Other platforms: `lax.conv_general_dilated` and its own gradients.
+    """
+    strides = tuple(strides)
+    padding = tuple(tuple(p) for p in padding)
+    fast = _cpu_formulation(x.shape, w.shape, strides, padding, groups)
+    if fast is None:
+        return _lax_conv(x, w, strides, padding, groups)
+    return lax.platform_dependent(
+        x,
+        w,
+        cpu=lambda x, w: fast(x, w, strides, padding),
+        default=lambda x, w: _lax_conv(x, w, strides, padding, groups),
+    )
+
+
+def _pair(value: int | Sequence[int], name: str) -> tuple[int, int]:
+    """Broadcast an int to a pair; reject anything that is not one or two positive ints."""
+    pair = (value, value) if isinstance(value, int) else tuple(value)
+    if len(pair) != 2 or not all(isinstance(v, int) and v > 0 for v in pair):
+        raise ValueError(f"Conv: {name} must be a positive int or a pair of them, got {value!r}")
+    return pair
+
+
+def _padding(
+    padding: Padding, spatial: Sequence[int], kernel_size: tuple[int, int], strides: tuple[int, int]
+) -> tuple[tuple[int, int], ...]:
+    """Explicit ((lo, hi), (lo, hi)) padding from 'SAME', 'VALID', an int or explicit pairs."""
+    if isinstance(padding, str):
+        if padding not in ("SAME", "VALID"):
+            raise ValueError(
+                f"Conv: padding must be 'SAME', 'VALID', an int or pairs, got {padding!r}"
+            )
+        return tuple(lax.padtype_to_pads(spatial, kernel_size, strides, padding))
+    if isinstance(padding, int):
+        return ((padding, padding),) * 2
+    pairs = tuple((p, p) if isinstance(p, int) else tuple(p) for p in padding)
+    if len(pairs) != 2 or any(len(p) != 2 for p in pairs):
+        raise ValueError(f"Conv: padding must be ((lo, hi), (lo, hi)) for 2-D, got {padding!r}")
+    return pairs
+
+
+class Conv(nn.Module):
+    """2-D convolution with `nn.Conv`'s parameters (`kernel` HWIO, optional `bias`) and result.
+
+    Supports the subset of `nn.Conv` used by the ResNets: NHWC input, `strides`,
+    `padding` ('SAME', 'VALID' or explicit `((lo, hi), (lo, hi))`), `feature_group_count`,
+    `use_bias`, `dtype`, `param_dtype`, `kernel_init`, `bias_init`.
+    """
+
+    features: int
+    kernel_size: Sequence[int]
+    strides: int | Sequence[int] = 1
+    padding: Padding = "SAME"
+    feature_group_count: int = 1
+    use_bias: bool = True
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+    kernel_init: Callable = default_kernel_init
+    bias_init: Callable = nn.initializers.zeros_init()
+
+    @nn.compact
+    def __call__(self, inputs: jax.Array) -> jax.Array:
+        """Convolve an NHWC batch; returns NHWC with `features` channels."""
+        if inputs.ndim != 4:
+            raise ValueError(f"Conv: expected an NHWC input (4 dims), got shape {inputs.shape}")
+        kernel_size = _pair(self.kernel_size, "kernel_size")
+        strides = _pair(self.strides, "strides")
+        groups = self.feature_group_count
+        in_features = inputs.shape[-1]
+        if in_features % groups or self.features % groups:
+            raise ValueError(
+                f"Conv: input channels ({in_features}) and features ({self.features}) must be "
+                f"divisible by feature_group_count ({groups})"
+            )
+        padding = _padding(self.padding, inputs.shape[1:3], kernel_size, strides)
+        kernel = self.param(
+            "kernel",
+            self.kernel_init,
+            (*kernel_size, in_features // groups, self.features),
+            self.param_dtype,
+        )
+        bias = (
+            self.param("bias", self.bias_init, (self.features,), self.param_dtype)
+            if self.use_bias
+            else None
+        )
+        inputs, kernel, bias = nn.dtypes.promote_dtype(inputs, kernel, bias, dtype=self.dtype)
+        y = conv2d(inputs, kernel, strides, padding, groups)
+        return y if bias is None else y + bias

@@ -1,0 +1,221 @@
+"""`resnet_jax.conv.Conv` is a drop-in for `nn.Conv`: same parameters, values and gradients.
+
+Its CPU formulations (1x1 as matmul, weight gradient by im2col + matmul) are checked against
+flax's `nn.Conv` in float32 and, with x64 enabled, to float64 round-off; other platforms must
+lower to plain convolutions (checked by exporting for CUDA/TPU, which needs no GPU).
+"""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import export
+
+from resnet_jax import models
+from resnet_jax.conv import Conv, conv2d
+
+P0, P1, P3 = ((0, 0), (0, 0)), ((1, 1), (1, 1)), ((3, 3), (3, 3))
+# kernel, stride, padding, groups, spatial size, in channels, features, use_bias. On CPU the
+# sizes pick every formulation: 1x1 matmul; XLA conv + per-tap matmul dW (>= 16 channels) or
+# + im2col dW (fewer); im2col for outputs of <= 64 pixels; XLA's own conv when grouped.
+CASES = [
+    (1, 1, P0, 1, 9, 8, 16, False),
+    (1, 2, P0, 1, 9, 8, 16, False),  # strided 1x1 (downsample), odd size
+    (3, 1, P1, 1, 9, 16, 8, False),  # 81 output pixels: per-tap dW
+    (3, 2, P1, 1, 17, 16, 16, True),
+    (7, 2, P3, 1, 17, 3, 8, False),  # the stem: im2col dW
+    (3, 1, "SAME", 1, 10, 4, 8, True),
+    (5, 3, ((2, 1), (0, 2)), 1, 28, 4, 8, False),  # asymmetric padding, stride 3
+    (3, 2, P1, 1, 9, 16, 16, False),  # 5x5 output: im2col convolution
+    (3, 1, P1, 1, 2, 16, 8, False),  # 2x2 output
+    (3, 2, "VALID", 1, 10, 4, 8, False),
+    (3, 2, P1, 32, 5, 64, 64, False),  # ResNeXt-style grouped conv
+    (1, 1, "SAME", 2, 5, 8, 8, True),  # grouped 1x1
+]
+IDS = [f"k{c[0]}s{c[1]}g{c[3]}h{c[4]}{'b' if c[7] else ''}-{c[2]}" for c in CASES]
+
+
+def _random_like(tree, seed: int = 0):
+    """Random normal leaves (numpy, no XLA compile) with `tree`'s shapes and dtypes; BN variances
+    stay positive. Scaled by 1/sqrt(fan-in) so activations stay O(1) through a ResNet."""
+    rng = np.random.default_rng(seed)
+
+    def leaf(path, s):
+        name = jax.tree_util.keystr(path)
+        if "'var'" in name:
+            return jnp.asarray(rng.uniform(0.5, 2.0, s.shape), s.dtype)
+        fan_in = int(np.prod(s.shape[:-1])) if len(s.shape) > 1 else 1
+        return jnp.asarray(rng.standard_normal(s.shape) / np.sqrt(fan_in), s.dtype)
+
+    return jax.tree_util.tree_map_with_path(leaf, tree)
+
+
+def _compare(ref: nn.Module, ours: nn.Module, x: jax.Array):
+    """Output and d(sum(y * cotangent))/d(params, x) of both modules on the same variables."""
+    shapes = jax.eval_shape(ref.init, jax.random.key(0), x)
+    assert jax.eval_shape(ours.init, jax.random.key(0), x) == shapes  # names, shapes, dtypes
+    variables = _random_like(shapes)
+    cotangent = _random_like(jax.eval_shape(ref.apply, variables, x), seed=1)
+
+    def run(module):
+        def loss(v, x):
+            y = module.apply(v, x)
+            return jnp.sum(y * cotangent), y
+
+        (_, y), grads = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(variables, x)
+        return y, grads
+
+    return jax.jit(lambda: (run(ref), run(ours)))()
+
+
+def _assert_close(actual, expected, rtol: float) -> None:
+    """Leafwise max-abs error relative to the expected leaf's max-abs value."""
+    for a, e in zip(jax.tree.leaves(actual), jax.tree.leaves(expected), strict=True):
+        assert a.shape == e.shape and a.dtype == e.dtype
+        a, e = np.asarray(a), np.asarray(e)
+        err = np.max(np.abs(a - e)) / max(np.max(np.abs(e)), 1e-30)
+        assert err <= rtol, f"relative error {err:.2e} > {rtol:.0e}"
+
+
+def _pair(case, dtype):
+    k, s, padding, groups, size, cin, features, bias = case
+    kw = dict(
+        features=features,
+        kernel_size=(k, k),
+        strides=s,
+        padding=padding,
+        feature_group_count=groups,
+        use_bias=bias,
+        dtype=dtype,
+        param_dtype=dtype,
+    )
+    x = jax.random.normal(jax.random.key(1), (2, size, size, cin), dtype)
+    return nn.Conv(**kw), Conv(**kw), x
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_matches_nn_conv_float32(case):
+    (y_ref, g_ref), (y, g) = _compare(*_pair(case, jnp.float32))
+    _assert_close(y, y_ref, 1e-5)
+    _assert_close(g, g_ref, 2e-5)  # (d params, d x)
+
+
+@pytest.mark.parametrize(
+    "case", [CASES[i] for i in (1, 3, 4, 7)], ids=[IDS[i] for i in (1, 3, 4, 7)]
+)
+def test_matches_nn_conv_float64(case):
+    with jax.enable_x64(True):
+        (y_ref, g_ref), (y, g) = _compare(*_pair(case, jnp.float64))
+        assert y.dtype == jnp.float64
+        _assert_close(y, y_ref, 1e-13)
+        _assert_close(g, g_ref, 1e-13)
+
+
+@pytest.mark.parametrize(
+    "case", [CASES[i] for i in (1, 3, 4, 7)], ids=[IDS[i] for i in (1, 3, 4, 7)]
+)
+def test_forward_mode_and_hessian_vector_products_match(case):
+    """Forward-mode AD works (no custom_vjp) and jvp-of-grad equals nn.Conv's."""
+    ref, ours, x = _pair(case, jnp.float32)
+    variables = _random_like(jax.eval_shape(ref.init, jax.random.key(0), x))
+    tangents = (_random_like(variables, seed=2), _random_like(x, seed=3))
+
+    def run(module):
+        def loss(v, x):
+            return jnp.sum(jnp.tanh(module.apply(v, x)))
+
+        grad = jax.grad(loss, argnums=(0, 1))
+        return jax.jvp(lambda v, x: module.apply(v, x), (variables, x), tangents), jax.jvp(
+            grad, (variables, x), tangents
+        )[1]
+
+    expected, actual = jax.jit(lambda: (run(ref), run(ours)))()
+    _assert_close(actual, expected, 5e-5)
+
+
+@pytest.mark.parametrize("case", [CASES[0], CASES[3]], ids=[IDS[0], IDS[3]])
+def test_init_equals_nn_conv(case):
+    """Same parameter names, shapes and initial values: checkpoints/converters are unchanged."""
+    ref, ours, x = _pair(case, jnp.float32)
+    v_ref, v = (jax.jit(m.init)(jax.random.key(0), x) for m in (ref, ours))
+    assert jax.tree.structure(v) == jax.tree.structure(v_ref)
+    jax.tree.map(np.testing.assert_array_equal, v, v_ref)
+
+
+def _lowered(fn, platform: str, *shapes) -> str:
+    specs = [jax.ShapeDtypeStruct(s, jnp.float32) for s in shapes]
+    return export.export(jax.jit(fn), platforms=(platform,))(*specs).mlir_module()
+
+
+@pytest.mark.parametrize(
+    ("kernel", "size", "cpu_convs"),
+    [(1, 9, 0), (3, 9, 0), (3, 17, 1)],  # 1x1 matmul, 5x5-output im2col, 9x9: XLA's dx only
+)
+def test_fast_formulation_only_on_cpu(kernel, size, cpu_convs):
+    pad = ((kernel // 2,) * 2,) * 2
+
+    def grads(x, w):
+        return jax.grad(lambda x, w: conv2d(x, w, (2, 2), pad).sum(), (0, 1))(x, w)
+
+    shapes = ((2, size, size, 16), (kernel, kernel, 16, 8))
+    cpu = _lowered(grads, "cpu", *shapes)
+    assert "stablehlo.dot_general" in cpu
+    assert cpu.count("stablehlo.convolution") == cpu_convs
+    for platform in ("cuda", "tpu"):
+        other = _lowered(grads, platform, *shapes)
+        assert "stablehlo.dot_general" not in other
+        assert other.count("stablehlo.convolution") == 2  # XLA's/cuDNN's dx and dW
+
+
+def test_small_resnet_grads_match_nn_conv():
+    """A bottleneck ResNet (stem 7x7/2, 1x1, strided 3x3, strided 1x1 downsample) built with
+    `conv=Conv` has nn.Conv's variables and the same loss and gradients (float64, under jit)."""
+    with jax.enable_x64(True):
+        x = jnp.asarray(np.random.default_rng(1).standard_normal((2, 32, 32, 3)))
+        labels = jnp.array([1, 3])
+        ref, ours = (
+            models.ResNet(
+                stage_sizes=(1, 1, 1, 1),
+                block_cls=models.Bottleneck,
+                num_classes=5,
+                dtype=jnp.float64,
+                param_dtype=jnp.float64,
+                conv=conv,
+            )
+            for conv in (nn.Conv, Conv)
+        )
+        shapes = models.variable_shapes(ref)
+        assert models.variable_shapes(ours) == shapes
+        variables = _random_like(shapes)
+
+        def loss_and_grads(model):
+            def loss(params):
+                logits, _ = model.apply(
+                    {**variables, "params": params}, x, train=True, mutable=["batch_stats"]
+                )
+                log_probs = jax.nn.log_softmax(logits)
+                return -jnp.mean(jnp.take_along_axis(log_probs, labels[:, None], 1))
+
+            return jax.value_and_grad(loss)(variables["params"])
+
+        (loss_ref, g_ref), (loss, g) = jax.jit(
+            lambda: (loss_and_grads(ref), loss_and_grads(ours))
+        )()
+    np.testing.assert_allclose(loss, loss_ref, rtol=1e-12)
+    _assert_close(g, g_ref, 1e-10)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "shape", "message"),
+    [
+        (dict(kernel_size=(3, 3)), (9, 9, 4), "NHWC"),
+        (dict(kernel_size=(3, 3), feature_group_count=3), (1, 9, 9, 4), "divisible"),
+        (dict(kernel_size=(3,)), (1, 9, 9, 4), "kernel_size"),
+        (dict(kernel_size=(3, 3), strides=0), (1, 9, 9, 4), "strides"),
+        (dict(kernel_size=(3, 3), padding=((1, 1),)), (1, 9, 9, 4), "padding"),
+    ],
+)
+def test_bad_arguments_raise_clear_errors(kwargs, shape, message):
+    with pytest.raises(ValueError, match=message):
+        Conv(features=8, **kwargs).init(jax.random.key(0), jnp.zeros(shape))

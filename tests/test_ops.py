@@ -1,0 +1,130 @@
+"""`resnet_jax.ops`: max pooling and training BatchNorm equal torch / plain autodiff, every mode."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from jax.sharding import Mesh, PartitionSpec
+
+from resnet_jax import ops
+
+POOLS = [(3, 2, 1, 17), (3, 2, 1, 16), (2, 2, 0, 9), (3, 1, 1, 7), (3, 3, 0, 10)]
+POOL_IDS = [f"k{k}s{s}p{p}h{h}" for k, s, p, h in POOLS]
+
+
+def _torch_pool_and_grad(x: np.ndarray, g: np.ndarray, kernel: int, stride: int, padding: int):
+    xt = torch.tensor(x.transpose(0, 3, 1, 2), requires_grad=True)
+    y = torch.nn.functional.max_pool2d(xt, kernel, stride, padding)
+    y.backward(torch.tensor(g.transpose(0, 3, 1, 2)))
+    return y.detach().numpy().transpose(0, 2, 3, 1), xt.grad.numpy().transpose(0, 2, 3, 1)
+
+
+@pytest.mark.parametrize(("kernel", "stride", "padding", "size"), POOLS, ids=POOL_IDS)
+def test_max_pool_matches_torch_including_ties(kernel, stride, padding, size):
+    """Small integers make most windows tie; the gradient must go where torch sends it."""
+    rng = np.random.default_rng(size)
+    x = rng.integers(-2, 3, (2, size, size + 1, 3)).astype(np.float32)
+    ho, wo = ((n + 2 * padding - kernel) // stride + 1 for n in (size, size + 1))
+    g = rng.standard_normal((2, ho, wo, 3)).astype(np.float32)
+    y, vjp = jax.vjp(lambda x: ops.max_pool(x, kernel, stride, padding), jnp.asarray(x))
+    y_torch, dx_torch = _torch_pool_and_grad(x, g, kernel, stride, padding)
+    np.testing.assert_array_equal(np.asarray(y), y_torch)
+    np.testing.assert_allclose(np.asarray(vjp(jnp.asarray(g))[0]), dx_torch, rtol=0, atol=1e-6)
+
+
+def test_max_pool_forward_mode_and_hvp_match_nn_max_pool():
+    """Without ties the result is unique, so every differentiation mode equals flax's."""
+    x = jax.random.normal(jax.random.key(0), (2, 11, 11, 4))
+    t = jax.random.normal(jax.random.key(1), x.shape)
+
+    def ours(x):
+        return ops.max_pool(x, 3, 2, 1)
+
+    def ref(x):
+        return nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+
+    for mode in (
+        lambda f: jax.jvp(f, (x,), (t,)),
+        lambda f: jax.grad(lambda x: jnp.sum(jnp.sin(f(x))))(x),
+        lambda f: jax.jvp(jax.grad(lambda x: jnp.sum(jnp.sin(f(x)))), (x,), (t,)),
+    ):
+        for a, b in zip(jax.tree.leaves(mode(ours)), jax.tree.leaves(mode(ref)), strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+
+
+def _reference_batch_norm(x, scale, bias, epsilon=1e-5):
+    """The textbook two-pass formula, differentiated by plain autodiff."""
+    mean = x.mean((0, 1, 2))
+    var = jnp.square(x - mean).mean((0, 1, 2))
+    return (x - mean) * (scale * jax.lax.rsqrt(var + epsilon)) + bias, mean, var
+
+
+def _bn_inputs(dtype, shape=(4, 5, 3, 6)):
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal(shape) * 3 + 2, dtype)
+    scale = jnp.asarray(rng.uniform(0.5, 1.5, shape[-1]), dtype)
+    bias = jnp.asarray(rng.standard_normal(shape[-1]), dtype)
+    return x, scale, bias
+
+
+def test_batch_norm_train_equals_autodiff_of_two_pass_formula_float64():
+    """Values, VJP (cotangents on y, mean and var) and JVP agree to float64 round-off."""
+    with jax.enable_x64(True):
+        args = _bn_inputs(jnp.float64)
+        cts = jax.tree.map(lambda a: jnp.cos(a * 7.0), _reference_batch_norm(*args))
+        tangents = jax.tree.map(lambda a: jnp.sin(a * 5.0), args)
+
+        def ours(*a):
+            return ops.batch_norm_train(*a, 1e-5, None)
+
+        out, vjp = jax.vjp(ours, *args)
+        ref_out, ref_vjp = jax.vjp(_reference_batch_norm, *args)
+        pairs = [
+            (out, ref_out),
+            (vjp(cts), ref_vjp(cts)),
+            (jax.jvp(ours, args, tangents), jax.jvp(_reference_batch_norm, args, tangents)),
+        ]
+        for a, b in pairs:
+            for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+                np.testing.assert_allclose(u, v, rtol=1e-11, atol=1e-11)
+
+
+def test_batch_norm_train_synchronised_over_replicas_equals_global_batch():
+    """Under shard_map on 4 devices the statistics and all gradients are the global batch's
+    (shard_map sums the cotangents of the replicated scale and bias)."""
+    devices = np.array(jax.devices()[:4])
+    assert devices.size == 4, "conftest sets 4 host devices"
+    mesh = Mesh(devices, ("batch",))
+    x, scale, bias = _bn_inputs(jnp.float32, shape=(8, 5, 3, 6))
+    ct = jnp.cos(x * 3.0)
+
+    def loss(x, scale, bias, axis_name):
+        y, _, _ = ops.batch_norm_train(x, scale, bias, 1e-5, axis_name)
+        return jnp.sum(y * ct_local(axis_name))
+
+    def ct_local(axis_name):
+        if axis_name is None:
+            return ct
+        i = jax.lax.axis_index(axis_name)
+        return jax.lax.dynamic_slice_in_dim(ct, i * 2, 2)
+
+    def per_replica(x, scale, bias):
+        y, mean, var = ops.batch_norm_train(x, scale, bias, 1e-5, "batch")
+        dx, dscale, dbias = jax.grad(loss, argnums=(0, 1, 2))(x, scale, bias, "batch")
+        return y, mean, var, dx, dscale, dbias
+
+    sharded = jax.jit(
+        jax.shard_map(
+            per_replica,
+            mesh=mesh,
+            in_specs=(PartitionSpec("batch"), PartitionSpec(), PartitionSpec()),
+            out_specs=(PartitionSpec("batch"), PartitionSpec(), PartitionSpec())
+            + (PartitionSpec("batch"), PartitionSpec(), PartitionSpec()),
+        )
+    )(x, scale, bias)
+    y, mean, var = ops.batch_norm_train(x, scale, bias, 1e-5, None)
+    grads = jax.grad(loss, argnums=(0, 1, 2))(x, scale, bias, None)
+    for a, b in zip(sharded, (y, mean, var, *grads), strict=True):
+        np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-5)
