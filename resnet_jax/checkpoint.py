@@ -161,15 +161,26 @@ def _check_class_names(
         )
 
 
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (disk full, permissions, ...); earlier ones are intact."""
+
+    def __init__(self, message: str, *, step: int | None, directory: Path) -> None:
+        super().__init__(message)
+        self.step = step
+        self.directory = directory
+
+
 class TrainCheckpointer:
     """Training checkpoints under `workdir/checkpoints`, kept by recency and by a best metric.
 
     Retention: the last `max_to_keep` checkpoints, plus (with `keep_best`) the one with the
     highest `metrics[best_metric]` ever saved, via orbax's LatestN + BestN preservation policies.
     Saving is asynchronous (arrays are copied to host before `save` returns, so donating the
-    state's buffers afterwards is safe); `wait()` / `close()` block until everything is on disk
-    and re-raise a failed background write. Multi-host: every process must make the same calls;
-    orbax coordinates who writes what.
+    state's buffers afterwards is safe); `wait()` / `close()` block until everything is on disk.
+    A failed write (background or not) is raised as `CheckpointWriteError` by the next `save`,
+    `wait` or `close`, naming the step, the directory, the cause and the last complete checkpoint,
+    which stays intact. Multi-host: every process must make the same calls; orbax coordinates
+    who writes what.
     """
 
     def __init__(
@@ -192,6 +203,7 @@ class TrainCheckpointer:
         self.workdir = Path(workdir)
         self.directory = self.workdir / CHECKPOINTS_DIR
         self.best_metric = best_metric
+        self._pending: int | None = None  # the step of the last save not yet known to be done
         _ensure_writable(self.directory)
 
         policies: list[ocp.checkpoint_managers.PreservationPolicy] = [
@@ -249,14 +261,21 @@ class TrainCheckpointer:
                     "or save with metrics=None"
                 )
             metrics = _numeric_metrics(metrics)
-        return self._manager.save(
-            step,
-            args=ocp.args.Composite(
-                **{STATE_ITEM: ocp.args.StandardSave(state), META_ITEM: ocp.args.JsonSave(meta)}
-            ),
-            metrics=metrics,
-            force=force,
-        )
+        self._finish_pending()
+        try:
+            saved = self._manager.save(
+                step,
+                args=ocp.args.Composite(
+                    **{STATE_ITEM: ocp.args.StandardSave(state), META_ITEM: ocp.args.JsonSave(meta)}
+                ),
+                metrics=metrics,
+                force=force,
+            )
+        except OSError as e:
+            raise self._write_error(step, e) from e
+        if saved:
+            self._pending = step
+        return saved
 
     def all_steps(self) -> list[int]:
         """Steps currently on disk (or being written), ascending."""
@@ -304,13 +323,43 @@ class TrainCheckpointer:
         return restored[STATE_ITEM], dict(restored[META_ITEM])
 
     def wait(self) -> None:
-        """Block until pending saves (and deletions) are durable; re-raise a failed save."""
-        self._manager.wait_until_finished()
-        self._manager.check_for_errors()
+        """Block until pending saves (and deletions) are durable; raise `CheckpointWriteError` if
+        one failed."""
+        self._finish_pending()
 
     def close(self) -> None:
-        """Wait for pending work and release orbax's background resources."""
-        self._manager.close()
+        """Wait for pending work (raising `CheckpointWriteError` if it failed) and release
+        orbax's background resources."""
+        try:
+            self._finish_pending()
+        finally:
+            self._manager.close()
+
+    def _finish_pending(self) -> None:
+        """Wait for the background save; turn its failure into a `CheckpointWriteError`."""
+        step, self._pending = self._pending, None
+        try:
+            self._manager.wait_until_finished()
+            self._manager.check_for_errors()
+        except Exception as e:  # anything failing here is the write of `step`
+            raise self._write_error(step, e) from e
+
+    def _write_error(self, step: int | None, cause: BaseException) -> CheckpointWriteError:
+        """The error for a failed write of `step`, naming the cause and what is still intact."""
+        what = "a checkpoint" if step is None else f"checkpoint step {step}"
+        reason = str(cause) if isinstance(cause, OSError) else f"{type(cause).__name__}: {cause}"
+        latest = self._manager.latest_step()  # orbax forgets a step whose write failed
+        intact = (
+            "no checkpoint was completed before it"
+            if latest is None
+            else f"the last complete checkpoint, step {latest}, is intact"
+        )
+        return CheckpointWriteError(
+            f"could not write {what} to {self.directory} ({reason}); {intact}. Free space or fix "
+            "permissions there, then rerun to resume",
+            step=step,
+            directory=self.directory,
+        )
 
     def __enter__(self) -> TrainCheckpointer:
         return self

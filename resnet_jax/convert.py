@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import re
 from collections import OrderedDict
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -40,7 +40,24 @@ _ORDER = (
 
 
 class WeightsMismatchError(ValueError):
-    """Weights whose keys or shapes do not fit the requested arch (message lists every problem)."""
+    """Weights whose keys or shapes do not fit the requested arch (message lists every problem).
+
+    `missing`, `unexpected` and `mismatched` (wrong shape) hold the offending torchvision key
+    names, in torchvision's order for expected keys and the source's order for unexpected ones.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        missing: Sequence[str] = (),
+        unexpected: Sequence[str] = (),
+        mismatched: Sequence[str] = (),
+    ) -> None:
+        super().__init__(message)
+        self.missing = tuple(missing)
+        self.unexpected = tuple(unexpected)
+        self.mismatched = tuple(mismatched)
 
 
 class WeightsFileError(ValueError):
@@ -202,25 +219,29 @@ def _check(
     misshaped = [k for k in expected if k in shapes and shapes[k] != expected[k]]
     if not (missing or unexpected or misshaped):
         return
+    keys = {"missing": missing, "unexpected": unexpected, "mismatched": misshaped}
     if not shapes:
-        raise WeightsMismatchError(f"{source} contains no tensors")
+        raise WeightsMismatchError(f"{source} contains no tensors", **keys)
     other = _detect(shapes)
     if other is None and not any(k in shapes for k in expected if not k.startswith("fc.")):
         sample = ", ".join(repr(k) for k in list(shapes)[:3])
         raise WeightsMismatchError(
             f"{source} is not a torchvision ResNet state_dict: none of its {len(shapes)} keys "
-            f"(e.g. {sample}) is a {arch} key"
+            f"(e.g. {sample}) is a {arch} key",
+            **keys,
         )
     if other is not None and other != arch:
         raise WeightsMismatchError(
             f"{source} looks like a {other} state_dict, not {arch} ({len(missing)} missing, "
-            f"{len(unexpected)} unexpected, {len(misshaped)} mis-shaped keys)"
+            f"{len(unexpected)} unexpected, {len(misshaped)} mis-shaped keys)",
+            **keys,
         )
     found_classes = _classes_in(shapes)
     if other == arch and found_classes != num_classes:
         has = "no classifier (fc)" if found_classes is None else f"{found_classes} classes"
         raise WeightsMismatchError(
-            f"{source} has {has} while num_classes={num_classes} was requested for {arch}"
+            f"{source} has {has} while num_classes={num_classes} was requested for {arch}",
+            **keys,
         )
     lines = [f"{source} does not match {arch} (num_classes={num_classes}):"]
     if missing:
@@ -231,7 +252,7 @@ def _check(
         lines.append(
             f"  wrong shape for {k}: expected {_fmt(expected[k])}, found {_fmt(shapes[k])}"
         )
-    raise WeightsMismatchError("\n".join(lines))
+    raise WeightsMismatchError("\n".join(lines), **keys)
 
 
 def _to_numpy(value: Any, key: str, source: str) -> np.ndarray:

@@ -111,12 +111,18 @@ class TrainConfig:
 
 
 class MetricsWriter:
-    """Appends one JSON object per record to workdir/metrics.jsonl and mirrors to TensorBoard."""
+    """Appends one JSON object per record to workdir/metrics.jsonl and mirrors to TensorBoard.
 
-    def __init__(self, workdir: Path):
+    Opening it keeps only the complete records up to `resume_step` (without its evaluation if
+    `redo_eval`): what a killed run logged after its last checkpoint is logged again by the
+    resumed one, and a line cut short by the kill would make the file unreadable.
+    """
+
+    def __init__(self, workdir: Path, resume_step: int = 0, redo_eval: bool = False):
         import tensorflow as tf  # already loaded by resnet_jax.data
 
         self.path = workdir / "metrics.jsonl"
+        _keep_records_up_to(self.path, resume_step, drop_eval_at_step=redo_eval)
         self._file = self.path.open("a")
         self._tb = tf.summary.create_file_writer(str(workdir / "tensorboard"))
         self._tf = tf
@@ -132,6 +138,31 @@ class MetricsWriter:
     def close(self) -> None:
         self._file.close()
         self._tb.close()
+
+
+def _keep_records_up_to(path: Path, step: int, drop_eval_at_step: bool = False) -> None:
+    """Rewrite the JSON-lines file `path` (atomically) without records after `step` (nor the
+    evaluation at `step` if `drop_eval_at_step`) and without lines that are not complete JSON
+    objects; leave it untouched if there is nothing to drop."""
+    if not path.exists():
+        return
+    text = path.read_text()
+    kept = []
+    for line in text.splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+            continue
+        redone = drop_eval_at_step and "train_loss" not in record  # an eval at `step`
+        if record["step"] < step or (record["step"] == step and not redone):
+            kept.append(line)
+    new_text = "".join(line + "\n" for line in kept)
+    if new_text != text:  # also when only the last newline is missing
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(new_text)
+        tmp.replace(path)
 
 
 def plot_curves(metrics_path: Path, out_path: Path) -> Path:
@@ -258,7 +289,10 @@ def fit(cfg: TrainConfig) -> dict[str, Any]:
     is_main = jax.process_index() == 0
     workdir = Path(cfg.workdir)
     trainable = transfer.trainable_stages(cfg.freeze, cfg.trainable_list)
-    ckpt = checkpoint.TrainCheckpointer(workdir, max_to_keep=cfg.keep_checkpoints)
+    try:  # an unusable --workdir fails here, before any data is read or anything compiled
+        ckpt = checkpoint.TrainCheckpointer(workdir, max_to_keep=cfg.keep_checkpoints)
+    except OSError as err:
+        raise ConfigError(f"--workdir {workdir}: {err}") from err
 
     # ---------------------------------------------------------------- pretrained weights
     # Read before tensorflow is imported: torchvision files need torch, which must load first.
@@ -347,6 +381,12 @@ def fit(cfg: TrainConfig) -> dict[str, Any]:
     if is_main:
         checkpoint.write_class_names(workdir, source.class_names)
     start_step = int(state.step)
+    # An evaluation a resumed run does first: the final one if training is already complete, or
+    # that of an epoch whose last step a signal checkpointed before evaluating (no eval metrics).
+    redo_eval = restored is not None and (
+        start_step >= total_steps
+        or (start_step % steps_per_epoch == 0 and not ckpt.metrics(start_step))
+    )
 
     # ---------------------------------------------------------------- compiled steps
     train_step = train.parallelize(
@@ -386,13 +426,17 @@ def fit(cfg: TrainConfig) -> dict[str, Any]:
         ckpt.save(step, state, metadata=metadata, metrics=metrics, force=True)
 
     # ---------------------------------------------------------------- loop
-    writer = MetricsWriter(workdir) if is_main else None
+    writer = MetricsWriter(workdir, start_step, redo_eval=redo_eval) if is_main else None
     stop = _StopRequest()
     step = start_step
     result: EvalResult | None = None
     streak = int(train.fetch_state(state.nonfinite_streak, cfg.parallel))
     progress = _ProgressBar(total_steps, start_step, is_main)
     try:
+        if redo_eval:
+            if step >= total_steps:
+                log.info("training already complete at step %d; evaluating", step)
+            result = run_eval((step - 1) // steps_per_epoch)
         while step < total_steps:
             epoch, first_batch = divmod(step, steps_per_epoch)
             batches = data.train_batches(
@@ -439,9 +483,6 @@ def fit(cfg: TrainConfig) -> dict[str, Any]:
                     save()
             result = run_eval(epoch)
             save({"val_accuracy": result.top1, **result.as_metrics()})
-        if result is None and restored is not None:
-            log.info("training already complete at step %d; evaluating", step)
-            result = run_eval(max(0, (step - 1) // steps_per_epoch))
     finally:
         stop.restore()
         progress.close()

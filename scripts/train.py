@@ -11,7 +11,7 @@ import logging
 import sys
 import typing
 
-from resnet_jax import distributed, models, trainer
+from resnet_jax import checkpoint, distributed, models, trainer
 
 HELP = {
     "arch": f"one of: {', '.join(models.ARCHS)}",
@@ -88,6 +88,9 @@ def main(argv: list[str] | None = None) -> int:
         final = trainer.fit(trainer.TrainConfig(**args))
     except trainer.ConfigError as err:
         parser.error(str(err))
+    except checkpoint.CheckpointWriteError as err:  # disk full, permissions: say so in one line
+        print(f"{parser.prog}: error: {err}", file=sys.stderr)
+        return 1
     print(f"done: {trainer.describe(final)}")
     return 0
 
