@@ -200,7 +200,7 @@ class TrainCheckpointer:
             not isinstance(save_interval_steps, int) or save_interval_steps < 1
         ):
             raise ValueError(f"save_interval_steps must be None or >= 1, got {save_interval_steps}")
-        self.workdir = Path(workdir)
+        self.workdir = Path(workdir).absolute()  # orbax refuses relative paths
         self.directory = self.workdir / CHECKPOINTS_DIR
         self.best_metric = best_metric
         self._pending: int | None = None  # the step of the last save not yet known to be done
@@ -477,7 +477,7 @@ def _restore_variables(model_dir: Path) -> dict:
     }
     with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as checkpointer:
         return checkpointer.restore(
-            state_dir,
+            state_dir.absolute(),
             args=ocp.args.PyTreeRestore(
                 item=template,
                 restore_args=ocp.checkpoint_utils.construct_restore_args(template),
@@ -512,7 +512,7 @@ def _load_model_dir(model_dir: Path, step: int | None) -> LoadedModel:
 def _pick_step(root: Path, step: int | None, which: str) -> int:
     """The step to load from checkpoint directory `root`: `step`, else best or latest."""
     options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0)
-    with ocp.CheckpointManager(root, options=options) as manager:
+    with ocp.CheckpointManager(root.absolute(), options=options) as manager:
         steps = sorted(manager.all_steps())
         if not steps:
             raise FileNotFoundError(

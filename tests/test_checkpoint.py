@@ -289,6 +289,20 @@ def test_load_workdir_step_dir_and_model_dir(tmp_path, variables):
     _assert_trees_equal(from_model_dir.variables, variables)
 
 
+def test_relative_workdir_saves_and_loads(tmp_path, variables, monkeypatch):
+    """`--workdir runs/x` (relative, the trainer's default) must work: orbax wants absolute
+    paths, so the checkpointer and `load` resolve them against the current directory."""
+    monkeypatch.chdir(tmp_path)
+    with checkpoint.TrainCheckpointer("runs/rel") as ckpt:
+        assert ckpt.directory.is_absolute()
+        ckpt.save(3, variables, metadata=_meta(epoch=0), metrics={"val_accuracy": 0.5})
+    assert (tmp_path / "runs" / "rel" / "checkpoints" / "3").is_dir()
+    for path in ("runs/rel", "runs/rel/checkpoints", "runs/rel/checkpoints/3"):
+        loaded = checkpoint.load(path)
+        assert loaded.step == 3
+        _assert_trees_equal(loaded.variables, variables)
+
+
 def test_load_errors_name_the_path(tmp_path, variables):
     with pytest.raises(FileNotFoundError, match=f"{tmp_path / 'missing'}: no such file"):
         checkpoint.load(tmp_path / "missing")
