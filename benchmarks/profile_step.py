@@ -1,0 +1,146 @@
+"""Where a ResNet train step spends its time: XLA ops grouped by the layer and primitive they
+implement, from a `jax.profiler` trace of one step.
+
+Example: python benchmarks/profile_step.py --arch resnet50 --batch-size 8 --image-size 224
+         python benchmarks/profile_step.py --conv nn.Conv   # flax's convolution, for comparison
+         python benchmarks/profile_step.py --compiler-option xla_cpu_use_xnnpack=true
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import gzip
+import json
+import re
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from resnet_jax import models
+from resnet_jax.conv import Conv
+
+CONVS = {"Conv": Conv, "nn.Conv": nn.Conv}
+CONV_LAYER = re.compile(r"/(conv\d|downsample_conv)/")
+BN_LAYER = re.compile(r"/(bn\d|downsample_bn)/")
+
+
+def _compiler_option(text: str) -> tuple[str, str | bool]:
+    """'name=value' -> (name, value), with 'true'/'false' as booleans."""
+    name, sep, value = text.partition("=")
+    if not sep or not name.startswith("xla_"):
+        raise argparse.ArgumentTypeError(f"expected xla_NAME=VALUE, got {text!r}")
+    return name, {"true": True, "false": False}.get(value.lower(), value)
+
+
+def compiled_train_step(args: argparse.Namespace):
+    """A compiled SGD train step on random data, its arguments, and its optimised HLO text."""
+    model = models.get_model(args.arch, conv=CONVS[args.conv])
+    variables = models.init_variables(model, jax.random.key(0), args.image_size)
+    shape = (args.batch_size, args.image_size, args.image_size, 3)
+    x = jax.random.normal(jax.random.key(1), shape)
+    y = jnp.arange(args.batch_size) % 1000
+    tx = optax.sgd(0.1, momentum=0.9)
+
+    def step(params, batch_stats, opt_state, x, y):
+        def loss_fn(params):
+            logits, new = model.apply(
+                {"params": params, "batch_stats": batch_stats},
+                x,
+                train=True,
+                mutable=["batch_stats"],
+            )
+            loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+            return loss, new["batch_stats"]
+
+        (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), batch_stats, opt_state, loss
+
+    params = variables["params"]
+    step_args = (params, variables["batch_stats"], tx.init(params), x, y)
+    options = dict(args.compiler_option) or None
+    compiled = jax.jit(step, compiler_options=options).lower(*step_args).compile()
+    return compiled, step_args, compiled.as_text()
+
+
+def category(op_name: str) -> str:
+    """'forward|backward <layer kind> <primitive>' from an HLO instruction's op_name."""
+    if not op_name:
+        return "unattributed (e.g. XLA-inserted copies)"
+    direction = "backward" if "transpose(" in op_name else "forward"
+    primitive = op_name.rsplit("/", 1)[-1]
+    if CONV_LAYER.search(op_name):
+        kind = "conv"
+    elif BN_LAYER.search(op_name):
+        kind = "batchnorm"
+    elif "relu" in op_name:
+        kind = "relu"
+    else:
+        kind = "other"
+    return f"{direction} {kind} {primitive}"
+
+
+def profile(compiled, step_args, hlo: str) -> collections.Counter:
+    """Milliseconds per category over one traced step."""
+    op_names = {}
+    for line in hlo.splitlines():
+        match = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = .*", line)
+        if match:
+            meta = re.search(r'op_name="([^"]*)"', line)
+            op_names[match.group(1)] = meta.group(1) if meta else ""
+    with tempfile.TemporaryDirectory() as trace_dir:
+        with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+            jax.block_until_ready(compiled(*step_args))
+        (trace_file,) = Path(trace_dir).rglob("*.trace.json.gz")
+        events = json.loads(gzip.decompress(trace_file.read_bytes()))["traceEvents"]
+    totals: collections.Counter = collections.Counter()
+    for event in events:
+        if event.get("ph") == "X" and event.get("name") in op_names:
+            totals[category(op_names[event["name"]])] += event["dur"] / 1e3
+    return totals
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--arch", type=models.check_arch, default="resnet50")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--conv", choices=sorted(CONVS), default="Conv")
+    p.add_argument("--steps", type=int, default=5, help="timed steps before the traced one")
+    p.add_argument(
+        "--compiler-option",
+        type=_compiler_option,
+        action="append",
+        default=[],
+        help="XLA option for this jit only, e.g. xla_cpu_use_xnnpack=true (repeatable)",
+    )
+    p.add_argument("--top", type=int, default=20, help="categories to print")
+    args = p.parse_args(argv)
+
+    compiled, step_args, hlo = compiled_train_step(args)
+    jax.block_until_ready(compiled(*step_args))  # warm-up
+    times = []
+    for _ in range(args.steps):
+        start = time.perf_counter()
+        jax.block_until_ready(compiled(*step_args))
+        times.append(time.perf_counter() - start)
+    totals = profile(compiled, step_args, hlo)
+    print(
+        f"{args.arch} batch {args.batch_size} {args.image_size}px conv={args.conv} "
+        f"options={dict(args.compiler_option)}: step median {statistics.median(times):.3f} s, "
+        f"min {min(times):.3f} s over {args.steps}; traced ops total {sum(totals.values()):.0f} ms"
+    )
+    print("| ms | category (direction, layer kind, primitive) |\n|---|---|")
+    for name, ms in totals.most_common(args.top):
+        print(f"| {ms:.0f} | {name} |")
+
+
+if __name__ == "__main__":
+    main()
