@@ -127,7 +127,8 @@ def test_loads_workdir_step_dir_and_overrides(model_dir, predictor, images, tmp_
     for path in (tmp_path / "run", tmp_path / "run" / "checkpoints" / "3"):
         other = inference.Predictor.from_checkpoint(path, batch_size=4)
         assert other.class_names == CLASSES and other.image_size == SIZE
-        np.testing.assert_allclose(other.predict_proba(images[:2]), want, rtol=1e-5)
+        # Other batch sizes tile the matmuls differently: float32 round-off, not a mismatch.
+        np.testing.assert_allclose(other.predict_proba(images[:2]), want, rtol=1e-4, atol=1e-6)
     bigger = inference.Predictor.from_checkpoint(model_dir, image_size=48, batch_size=2)
     assert bigger.image_size == 48 and bigger.preprocess(images[0]).shape == (48, 48, 3)
     assert not np.allclose(bigger.predict_proba(images[:1]), want[:1])
@@ -135,7 +136,7 @@ def test_loads_workdir_step_dir_and_overrides(model_dir, predictor, images, tmp_
     # Built directly, from a hand-made (unhashable: list-valued) ResNet equal to resnet18.
     model = models.ResNet(stage_sizes=[2, 2, 2, 2], block_cls=models.BasicBlock, num_classes=3)
     direct = inference.Predictor(model, loaded.variables, ["a", "b", "c"], SIZE, batch_size=2)
-    np.testing.assert_allclose(direct.predict_proba(images[:2]), want, rtol=1e-5)
+    np.testing.assert_allclose(direct.predict_proba(images[:2]), want, rtol=1e-4, atol=1e-6)
     assert direct.top_k(images[0], k=3)[0][0][0] == ["a", "b", "c"][int(want[0].argmax())]
 
 
