@@ -18,9 +18,11 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from resnet_jax import ops
+from resnet_jax.ops import Pads
+
 Dtype = Any
 Padding = str | int | Sequence[int | tuple[int, int]]
-Pads = tuple[tuple[int, int], ...]
 DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
 # Below this many input channels one im2col matmul beats a matmul per kernel tap (the stem).
 PER_TAP_MIN_CHANNELS = 16
@@ -43,31 +45,6 @@ def _lax_conv(
     )
 
 
-def _pad(x: jax.Array, padding: Pads) -> jax.Array:
-    """Zero-pad the spatial dims of an NHWC array (no-op without padding)."""
-    if not any(p for pair in padding for p in pair):
-        return x
-    zero = jnp.zeros((), x.dtype)
-    return lax.pad(x, zero, ((0, 0, 0), *((lo, hi, 0) for lo, hi in padding), (0, 0, 0)))
-
-
-def _taps(
-    x: jax.Array, kernel_size: tuple[int, int], strides: tuple[int, int], padding: Pads
-) -> list[jax.Array]:
-    """The input seen by each kernel tap (i, j): `x_pad[:, i::sh, j::sw]`, each (N, Ho, Wo, C)."""
-    (kh, kw), (sh, sw) = kernel_size, strides
-    xp = _pad(x, padding)
-    n, hp, wp, c = xp.shape
-    ho, wo = (hp - kh) // sh + 1, (wp - kw) // sw + 1
-    return [
-        lax.slice(
-            xp, (0, i, j, 0), (n, i + (ho - 1) * sh + 1, j + (wo - 1) * sw + 1, c), (1, sh, sw, 1)
-        )
-        for i in range(kh)
-        for j in range(kw)
-    ]
-
-
 def _rows(a: jax.Array) -> jax.Array:
     """(N, H, W, C) -> (N*H*W, C): 2-D operands keep XLA:CPU dots free of operand transposes."""
     return a.reshape(-1, a.shape[-1])
@@ -84,7 +61,7 @@ def _matmul_conv(
     matmuls of the same slices with dy: `slice2d.T @ dy2d`, a dot XLA:CPU reads in place.
     """
     kh, kw, _, k = w.shape
-    taps = _taps(x, (kh, kw), strides, padding)
+    taps = ops.window_taps(ops.pad_spatial(x, padding), (kh, kw), strides)
     if per_tap:
         y = functools.reduce(jnp.add, (_rows(t) @ w[i // kw, i % kw] for i, t in enumerate(taps)))
     else:

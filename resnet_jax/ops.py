@@ -15,35 +15,38 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+Pads = tuple[tuple[int, int], ...]
 
-def _window_taps(
-    xp: jax.Array, kernel: int, stride: int, out_hw: tuple[int, int]
+
+def pad_spatial(x: jax.Array, padding: Pads, value: float = 0.0) -> jax.Array:
+    """Pad the spatial dims of an NHWC array by `((top, bottom), (left, right))` with `value`."""
+    if not any(p for pair in padding for p in pair):
+        return x
+    fill = jnp.asarray(value, x.dtype)
+    return lax.pad(x, fill, ((0, 0, 0), *((lo, hi, 0) for lo, hi in padding), (0, 0, 0)))
+
+
+def window_taps(
+    xp: jax.Array, kernel_size: tuple[int, int], strides: tuple[int, int]
 ) -> list[jax.Array]:
-    """`xp[:, i::stride, j::stride]` cropped to the output size, for each tap (i, j) row-major."""
-    n, _, _, c = xp.shape
-    ho, wo = out_hw
+    """What each kernel tap (i, j), row-major, sees of the padded NHWC input `xp`:
+    `xp[:, i::sh, j::sw]` cropped to the output size, each (N, Ho, Wo, C)."""
+    (kh, kw), (sh, sw) = kernel_size, strides
+    n, hp, wp, c = xp.shape
+    ho, wo = (hp - kh) // sh + 1, (wp - kw) // sw + 1
     return [
         lax.slice(
-            xp,
-            (0, i, j, 0),
-            (n, i + (ho - 1) * stride + 1, j + (wo - 1) * stride + 1, c),
-            (1, stride, stride, 1),
+            xp, (0, i, j, 0), (n, i + (ho - 1) * sh + 1, j + (wo - 1) * sw + 1, c), (1, sh, sw, 1)
         )
-        for i in range(kernel)
-        for j in range(kernel)
+        for i in range(kh)
+        for j in range(kw)
     ]
 
 
-def _pool_geometry(x: jax.Array, kernel: int, stride: int, padding: int) -> tuple[int, int]:
-    """Output (height, width) of a pooling window over the NHWC input `x`."""
-    _, h, w, _ = x.shape
-    return (h + 2 * padding - kernel) // stride + 1, (w + 2 * padding - kernel) // stride + 1
-
-
-def _spatial_pad(x: jax.Array, padding: int, value: float) -> jax.Array:
-    return jnp.pad(
-        x, ((0, 0), (padding, padding), (padding, padding), (0, 0)), constant_values=value
-    )
+def _pool_taps(x: jax.Array, kernel: int, stride: int, padding: int, fill: float):
+    """`window_taps` of a square pooling window over `x` padded with `fill`."""
+    xp = pad_spatial(x, ((padding, padding), (padding, padding)), fill)
+    return window_taps(xp, (kernel, kernel), (stride, stride))
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2, 3))
@@ -52,27 +55,21 @@ def max_pool(x: jax.Array, kernel: int, stride: int, padding: int) -> jax.Array:
 
     The gradient flows to the first maximum of each window in row-major order, as in torch.
     """
-    taps = _window_taps(
-        _spatial_pad(x, padding, -jnp.inf),
-        kernel,
-        stride,
-        _pool_geometry(x, kernel, stride, padding),
-    )
+    taps = _pool_taps(x, kernel, stride, padding, -jnp.inf)
     return functools.reduce(jnp.maximum, taps)
 
 
 @max_pool.defjvp
 def _max_pool_jvp(kernel, stride, padding, primals, tangents):
     (x,), (x_dot,) = primals, tangents
-    out_hw = _pool_geometry(x, kernel, stride, padding)
-    taps = _window_taps(_spatial_pad(x, padding, -jnp.inf), kernel, stride, out_hw)
+    taps = _pool_taps(x, kernel, stride, padding, -jnp.inf)
     y = functools.reduce(jnp.maximum, taps)
     # Index of the first tap holding the maximum: ties (e.g. zeros after a ReLU) go to the
     # earliest position, as torch routes its gradient.
     first = jnp.full(y.shape, len(taps), jnp.int8)
     for t in reversed(range(len(taps))):
         first = jnp.where(taps[t] == y, jnp.int8(t), first)
-    tangent_taps = _window_taps(_spatial_pad(x_dot, padding, 0), kernel, stride, out_hw)
+    tangent_taps = _pool_taps(x_dot, kernel, stride, padding, 0.0)
     zero = jnp.zeros((), x_dot.dtype)
     y_dot = functools.reduce(
         jnp.add, (jnp.where(first == t, tap, zero) for t, tap in enumerate(tangent_taps))
