@@ -31,14 +31,13 @@ import torchvision
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import optax
+from sgd_step import LR, MOMENTUM, random_batch, sgd_train_step
 
 from resnet_jax import models
 from resnet_jax.conv import Conv
 
 IMPLS = ("torch", "jax-nn.Conv", "jax-Conv")
 JAX_CONVS: dict[str, Callable[..., nn.Module]] = {"jax-nn.Conv": nn.Conv, "jax-Conv": Conv}
-LR, MOMENTUM = 0.1, 0.9
 
 
 def _status_kb(key: str) -> int:
@@ -87,8 +86,7 @@ def _jax_runner(impl: str, arch: str, batch: int, size: int, mode: str, dtype: s
     compute = jnp.bfloat16 if dtype == "bf16" else jnp.float32
     model = models.get_model(arch, conv=JAX_CONVS[impl], dtype=compute)
     variables = models.init_variables(model, jax.random.key(0), size)
-    x = jax.random.normal(jax.random.key(1), (batch, size, size, 3), jnp.float32)
-    y = jnp.arange(batch) % 1000
+    x, y = random_batch(batch, size)
     t0 = time.perf_counter()
     if mode == "infer":
         fn = jax.jit(lambda v, x: model.apply(v, x, train=False))
@@ -99,24 +97,7 @@ def _jax_runner(impl: str, arch: str, batch: int, size: int, mode: str, dtype: s
             compiled(state["v"], x).block_until_ready()
 
     else:
-        tx = optax.sgd(LR, momentum=MOMENTUM)
-
-        def loss_fn(params, batch_stats, x, y):
-            logits, new = model.apply(
-                {"params": params, "batch_stats": batch_stats},
-                x,
-                train=True,
-                mutable=["batch_stats"],
-            )
-            loss = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), y)
-            return loss.mean(), new["batch_stats"]
-
-        def train_step(params, batch_stats, opt_state, x, y):
-            grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-            (loss, batch_stats), grads = grad_fn(params, batch_stats, x, y)
-            updates, opt_state = tx.update(grads, opt_state, params)
-            return optax.apply_updates(params, updates), batch_stats, opt_state, loss
-
+        train_step, tx = sgd_train_step(model)
         params, batch_stats = variables["params"], variables["batch_stats"]
         opt_state = tx.init(params)
         fn = jax.jit(train_step, donate_argnums=(0, 1, 2))

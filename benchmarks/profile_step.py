@@ -20,8 +20,7 @@ from pathlib import Path
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
-import optax
+from sgd_step import random_batch, sgd_train_step
 
 from resnet_jax import models
 from resnet_jax.conv import Conv
@@ -43,25 +42,8 @@ def compiled_train_step(args: argparse.Namespace):
     """A compiled SGD train step on random data, its arguments, and its optimised HLO text."""
     model = models.get_model(args.arch, conv=CONVS[args.conv])
     variables = models.init_variables(model, jax.random.key(0), args.image_size)
-    shape = (args.batch_size, args.image_size, args.image_size, 3)
-    x = jax.random.normal(jax.random.key(1), shape)
-    y = jnp.arange(args.batch_size) % 1000
-    tx = optax.sgd(0.1, momentum=0.9)
-
-    def step(params, batch_stats, opt_state, x, y):
-        def loss_fn(params):
-            logits, new = model.apply(
-                {"params": params, "batch_stats": batch_stats},
-                x,
-                train=True,
-                mutable=["batch_stats"],
-            )
-            loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-            return loss, new["batch_stats"]
-
-        (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), batch_stats, opt_state, loss
+    x, y = random_batch(args.batch_size, args.image_size)
+    step, tx = sgd_train_step(model)
 
     params = variables["params"]
     step_args = (params, variables["batch_stats"], tx.init(params), x, y)
