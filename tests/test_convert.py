@@ -108,6 +108,17 @@ def case(request) -> Case:
     return Case(arch, model, x.numpy(), sd32, logits32, logits64, variables32)
 
 
+# The 101/152-layer archs' float64 parity runs only with the slow tests: they are built from the
+# blocks of the 50-layer archs checked here in float64 (same code, more blocks, the same or twice
+# the width), and their float32 parity below runs for every arch.
+DEEP_ARCHS = ("resnet101", "resnet152", "resnext101_32x8d", "resnext101_64x4d", "wide_resnet101_2")
+
+
+@pytest.mark.parametrize(
+    "case",
+    [pytest.param(a, marks=[pytest.mark.slow] if a in DEEP_ARCHS else []) for a in models.ARCHS],
+    indirect=True,
+)
 def test_float64_logits_match_torchvision(case: Case):
     with jax.enable_x64(True):
         model = models.get_model(case.arch, dtype=jnp.float64, param_dtype=jnp.float64)

@@ -1,10 +1,12 @@
-"""scripts/predict.py and scripts/evaluate.py end to end on a few real flower photos."""
+"""scripts/predict.py and scripts/evaluate.py on a few real flower photos.
 
-import importlib.util
+Their main() runs in this process, except for predict.py with torchvision weights (which must
+read them before TensorFlow is imported, so only a process of its own shows that it does);
+tests/test_transfer.py runs evaluate.py as a process, on the trained flowers checkpoint.
+"""
+
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,30 +14,16 @@ import pytest
 import tensorflow_datasets as tfds
 import torch
 import torchvision
+from helpers import load_script, run_script
 from PIL import Image
 from test_inference import random_variables
 
 from resnet_jax import checkpoint, data, inference, models
 
-ROOT = Path(__file__).resolve().parents[1]
-PREDICT = ROOT / "scripts" / "predict.py"
-EVALUATE = ROOT / "scripts" / "evaluate.py"
+PREDICT, EVALUATE = "predict.py", "evaluate.py"
 CLASSES = ["daisy", "dandelion", "roses", "sunflowers", "tulips"]
 PER_CLASS = 2
 SIZE = 32
-
-
-def _run(script: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, str(script), *args], capture_output=True, text=True, timeout=600
-    )
-
-
-def _load_script(path: Path):
-    spec = importlib.util.spec_from_file_location(path.stem + "_script", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +51,9 @@ def predictor(work):
     return inference.Predictor.from_checkpoint(work / "model", batch_size=4)
 
 
-def test_predict_json_on_folders_with_gray_rgba_and_a_broken_file(work, predictor, tmp_path):
+def test_predict_json_on_folders_with_gray_rgba_and_a_broken_file(
+    work, predictor, tmp_path, capsys
+):
     photos = sorted((work / "data" / "val").rglob("*.jpg"))
     rgb = np.asarray(Image.open(photos[0]))
     (tmp_path / "nested" / "deeper").mkdir(parents=True)
@@ -74,12 +64,13 @@ def test_predict_json_on_folders_with_gray_rgba_and_a_broken_file(work, predicto
     broken.write_bytes(b"\xff\xd8\xff\xe0 truncated")
 
     inputs = [*photos[:3], tmp_path / "nested", broken, photos[3]]
-    proc = _run(PREDICT, "--checkpoint", str(work / "model"), "--json", "--top-k", "3",
-                "--batch-size", "4", *map(str, inputs))  # fmt: skip
-    assert proc.returncode == 1, proc.stderr
-    assert f"cannot decode image {broken}" in proc.stderr
-    assert "1 of 7 image(s) could not be read" in proc.stderr
-    records = json.loads(proc.stdout)
+    code = load_script(PREDICT).main(["--checkpoint", str(work / "model"), "--json", "--top-k",
+                                      "3", "--batch-size", "4", *map(str, inputs)])  # fmt: skip
+    out, err = capsys.readouterr()
+    assert code == 1, err
+    assert f"cannot decode image {broken}" in err
+    assert "1 of 7 image(s) could not be read" in err
+    records = json.loads(out)
     expected_paths = [
         *photos[:3],
         tmp_path / "nested" / "gray.png",  # a folder's own files come before its subfolders'
@@ -110,8 +101,8 @@ def test_predict_torchvision_weights_gives_imagenet_classes(work, tmp_path):
     weights = tmp_path / "resnet18.pth"
     torch.save(net.state_dict(), weights)
     photos = sorted((work / "data" / "val").rglob("*.jpg"))[:2]
-    proc = _run(PREDICT, "--torchvision-weights", str(weights), "--arch", "resnet18",
-                "--image-size", str(SIZE), "--json", *map(str, photos))  # fmt: skip
+    proc = run_script(PREDICT, "--torchvision-weights", str(weights), "--arch", "resnet18",
+                      "--image-size", str(SIZE), "--json", *map(str, photos))  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     records = json.loads(proc.stdout)
     names = inference.imagenet_class_names()
@@ -140,12 +131,14 @@ def _confusion(labels: np.ndarray, probs: np.ndarray) -> np.ndarray:
     return counts
 
 
-def test_evaluate_folder_json_table_and_confusion_png(work, predictor):
+def test_evaluate_folder_json_table_and_confusion_png(work, predictor, capsys):
     out = work / "eval"
-    proc = _run(EVALUATE, "--checkpoint", str(work / "model"), "--data-dir", str(work / "data"),
-                "--batch-size", "8", "--json", "--output-dir", str(out))  # fmt: skip
-    assert proc.returncode == 0, proc.stderr
-    metrics = json.loads(proc.stdout)
+    code = load_script(EVALUATE).main(["--checkpoint", str(work / "model"), "--data-dir",
+                                       str(work / "data"), "--batch-size", "8", "--json",
+                                       "--output-dir", str(out)])  # fmt: skip
+    stdout, stderr = capsys.readouterr()
+    assert code == 0, stderr
+    metrics = json.loads(stdout)
     assert metrics == json.loads((out / "metrics.json").read_text())
     assert (out / "confusion.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -192,7 +185,7 @@ def test_evaluate_tfds_split_maps_classes_by_name(work, predictor, capsys, tmp_p
                 yield i, {"image": path, "label": name}
 
     name, tfds_dir = "resnet_jax_eval_flowers", str(tmp_path)
-    evaluate = _load_script(EVALUATE)
+    evaluate = load_script(EVALUATE)
     evaluate.main(["--checkpoint", str(work / "model"), "--dataset", name, "--split", "train",
                    "--tfds-data-dir", tfds_dir, "--batch-size", "8", "--json"])  # fmt: skip
     metrics = json.loads(capsys.readouterr().out)
@@ -249,7 +242,7 @@ def test_errors_are_usage_errors_naming_the_problem(script, args, message, work,
     odd = work / "odd" / "cactus"
     odd.mkdir(parents=True, exist_ok=True)
     shutil.copy(next((work / "data" / "val" / "roses").iterdir()), odd)
-    module = _load_script(script)
+    module = load_script(script)
     with pytest.raises(SystemExit) as exit_info:
         module.main([a.format(work=work) for a in args])
     assert exit_info.value.code == 2

@@ -65,6 +65,11 @@ def bottleneck_vars():
     return models.init_variables(tiny_bottleneck(num_classes=7, zero_init_residual=True), KEY, 32)
 
 
+def _train_apply(model: models.ResNet):
+    """Jitted training-mode forward (3x faster to compile than running a net op by op)."""
+    return jax.jit(functools.partial(model.apply, train=True, mutable=["batch_stats"]))
+
+
 @pytest.mark.parametrize("make_model", [tiny_basic, tiny_bottleneck])
 def test_features_match_feature_info(make_model, basic_vars, bottleneck_vars):
     model = make_model(num_classes=7)
@@ -85,8 +90,9 @@ def test_no_head_returns_pooled_features(basic_vars):
         **basic_vars,
         "params": {k: v for k, v in basic_vars["params"].items() if k != "fc"},
     }
-    out = tiny_basic(num_classes=None).apply(headless, jnp.ones((3, 32, 32, 3)), train=False)
-    assert out.shape == (3, 512)
+    # The input of the test above: its (op by op) compiled operations serve here too.
+    out = tiny_basic(num_classes=None).apply(headless, jnp.ones((2, 64, 64, 3)), train=False)
+    assert out.shape == (2, 512)
     shapes = models.variable_shapes(tiny_basic(num_classes=None))
     assert "fc" not in shapes["params"]
 
@@ -95,9 +101,7 @@ def test_bfloat16_compute_keeps_float32_params_and_stats(basic_vars):
     model = tiny_basic(num_classes=7, dtype=jnp.bfloat16)
     shapes = models.variable_shapes(model)
     assert {x.dtype for x in jax.tree.leaves(shapes)} == {jnp.dtype(jnp.float32)}
-    out, updates = model.apply(
-        basic_vars, jnp.ones((2, 32, 32, 3)), train=True, mutable=["batch_stats"]
-    )
+    out, updates = _train_apply(model)(basic_vars, jnp.ones((2, 32, 32, 3)))
     assert out.dtype == jnp.bfloat16
     assert {x.dtype for x in jax.tree.leaves(updates)} == {jnp.dtype(jnp.float32)}
 
@@ -126,7 +130,7 @@ def test_batchnorm_updates_running_var_with_unbiased_variance():
 def test_frozen_bn_stages_keep_running_statistics(basic_vars):
     model = tiny_basic(num_classes=7, frozen_bn=("stem", "layer1"))
     x = jax.random.normal(jax.random.key(2), (2, 32, 32, 3))
-    _, updates = model.apply(basic_vars, x, train=True, mutable=["batch_stats"])
+    _, updates = _train_apply(model)(basic_vars, x)
     old, new = basic_vars["batch_stats"], updates["batch_stats"]
     for name in ("bn1", "layer1_0"):
         jax.tree.map(np.testing.assert_array_equal, old[name], new[name])

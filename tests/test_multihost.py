@@ -20,6 +20,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from helpers import metrics_records
 
 from resnet_jax import checkpoint, distributed
 
@@ -130,10 +131,6 @@ def _tail(proc: subprocess.Popen, chars: int = 4000) -> str:
     return proc.log_path.read_text(errors="replace")[-chars:]
 
 
-def _records(workdir: Path) -> list[dict]:
-    return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
-
-
 def _wait_for_train_step(metrics: Path, step: int, procs, deadline: float) -> None:
     """Block until process 0 has logged training step `step` (fail if a process died)."""
     while time.monotonic() < deadline:
@@ -228,7 +225,7 @@ def test_checkpoints_match_the_single_process_run_and_load_in_one_process(runs):
 
 @pytest.mark.slow
 def test_training_and_eval_metrics_match_over_the_whole_val_split(runs):
-    multi, single = _records(runs["multi"]), _records(runs["single"])
+    multi, single = metrics_records(runs["multi"]), metrics_records(runs["single"])
     for records in (multi, single):
         assert [r["step"] for r in records if "train_loss" in r] == list(range(1, STEPS + 1))
         assert [r["step"] for r in records if "val_loss" in r] == [STEPS]

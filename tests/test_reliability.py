@@ -12,15 +12,15 @@ seed (same compiled code, same batches, restored optimizer state, so no toleranc
        the run stops with one line naming the directory and the cause, checkpoints stay intact
     D  runs to the end
 
-All launches share a persistent compilation cache (kept in pytest's cache directory, so later
-sessions skip compiling too), so only the reference run compiles; they use one CPU device at
-XLA's default optimisation level, which runs these steps fastest once compiled.
+All launches share the suite's persistent compilation cache (see conftest.py; kept in pytest's
+cache directory, so later sessions skip compiling too), so only the reference run compiles; they
+use one CPU device at XLA's default optimisation level, which runs these steps fastest once
+compiled.
 The slow test kills a run at many more moments.
 """
 
 import errno
 import hashlib
-import json
 import os
 import re
 import signal
@@ -34,12 +34,12 @@ from typing import NamedTuple
 import jax
 import numpy as np
 import pytest
+from helpers import LAUNCH_TIMEOUT_S, ROOT, SCRIPTS, load_script, metrics_records
 from orbax.checkpoint._src.path import atomicity
 
 from resnet_jax import checkpoint, models, trainer
 
-ROOT = Path(__file__).resolve().parents[1]
-TRAIN = ROOT / "scripts" / "train.py"
+TRAIN = SCRIPTS / "train.py"
 TRAIN_PER_CLASS, VAL_PER_CLASS = 6, 1  # 30 images: 3 steps per epoch of 8
 STEPS_PER_EPOCH, EPOCHS = 3, 2
 STEPS = STEPS_PER_EPOCH * EPOCHS
@@ -48,7 +48,6 @@ FLAGS = [
     "--epochs", str(EPOCHS), "--warmup-epochs", "0", "--checkpoint-every", "1",
     "--num-workers", "1", "--seed", "7", "--keep-checkpoints", str(STEPS),  # keep all to compare
 ]  # fmt: skip
-LAUNCH_TIMEOUT_S = 600  # generous: the machine may be shared; a hang fails here, not forever
 FILE_SIZE_LIMIT = 1 << 20  # far below a resnet18 checkpoint, far above every other file written
 TMP_SUFFIX = ".orbax-checkpoint-tmp"
 INTACT = re.compile(
@@ -66,7 +65,7 @@ class Setup(NamedTuple):
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory, flowers_dir: Path, request) -> Setup:
+def setup(tmp_path_factory, flowers_dir: Path) -> Setup:
     """A few of the flower photos, linked: 6 train and 1 val image per class."""
     root = tmp_path_factory.mktemp("reliability")
     data = root / "data"
@@ -75,9 +74,7 @@ def setup(tmp_path_factory, flowers_dir: Path, request) -> Setup:
             (data / split / class_dir.name).mkdir(parents=True)
             for image in sorted(class_dir.iterdir())[:count]:
                 (data / split / class_dir.name / image.name).symlink_to(image)
-    cache = getattr(request.config, "cache", None)  # None with -p no:cacheprovider
-    xla_cache = cache.mkdir("xla_compilation_cache") if cache else root / "xla_cache"
-    return Setup(root, data, xla_cache)
+    return Setup(root, data, Path(os.environ["JAX_COMPILATION_CACHE_DIR"]))  # see conftest.py
 
 
 class _Launch:
@@ -138,7 +135,7 @@ class _Launch:
         """Whether this launch has logged training step `step` or a later one."""
         return lambda: any(
             "train_loss" in r and r["step"] >= step and r["time"] >= self.started
-            for r in _records(self.workdir, complete_only=True)
+            for r in metrics_records(self.workdir, complete_only=True)
         )
 
     def kill(self) -> None:
@@ -156,12 +153,6 @@ def _no_launch_outlives_the_module():
         if launch.proc.poll() is None:
             launch.kill()
     _Launch.started_here.clear()
-
-
-def _records(workdir: Path, complete_only: bool = False) -> list[dict]:
-    path = workdir / "metrics.jsonl"
-    lines = path.read_text().splitlines() if path.exists() else []
-    return [json.loads(s) for s in lines if not complete_only or s.endswith("}")]
 
 
 def _step_dirs(workdir: Path) -> list[str]:
@@ -235,7 +226,7 @@ def chain(setup: Setup, reference: Path) -> dict:
     seen["B_code"] = b.wait()
     seen["after_B"] = _step_dirs(workdir)
     seen["latest_after_B"] = checkpoint.load(workdir, which="latest").step
-    seen["records_after_B"] = _records(workdir)
+    seen["records_after_B"] = metrics_records(workdir)
 
     # C: every file it writes is limited to 1 MiB (ulimit -f counts KiB), so its first
     # checkpoint cannot be written. Python ignores SIGXFSZ: the write fails with EFBIG.
@@ -281,12 +272,15 @@ def test_sigterm_checkpoints_the_step_reached_and_the_rerun_resumes_there(chain)
 def test_full_disk_mid_run_is_one_clear_line_and_keeps_the_checkpoints(chain, reference):
     launch = chain["launches"]["C"]
     assert chain["C_code"] == 1, launch.tail()
-    # One line says what happened (around it, orbax logs its threads' failures), not a traceback.
-    (error,) = [line for line in launch.log().splitlines() if line.startswith("train.py: error")]
-    assert not re.search(r'File ".*(resnet_jax|scripts)/', launch.log()), launch.tail()
-    match = INTACT.match(error)
-    assert match, error
+    # One line says what happened, not a traceback. Around it orbax logs its threads' failures,
+    # which can end up on the same line of the merged output: look for the message anywhere.
+    log = launch.log()
+    assert log.count("train.py: error") == 1, launch.tail()
+    assert not re.search(r'File ".*(resnet_jax|scripts)/', log), launch.tail()
+    match = INTACT.search(log)
+    assert match, launch.tail()
     failed, directory, cause, intact = match.groups()
+    error = log[match.start() :].split("\n", 1)[0]
     start = _resumed_at(launch)
     assert directory == str(chain["workdir"] / "checkpoints")
     assert "File too large" in cause
@@ -318,8 +312,8 @@ def _assert_finished_like(workdir: Path, reference: Path) -> None:
         _assert_same_variables(got, want, f"step {step}: ")
     # The same batches in the same order: every step's loss and accuracy, once each, and the
     # evaluations at each epoch's end (also one a SIGTERM at an epoch's last step postponed).
-    assert _comparable(_records(workdir)) == _comparable(_records(reference))
-    train_steps = [r["step"] for r in _records(workdir) if "train_loss" in r]
+    assert _comparable(metrics_records(workdir)) == _comparable(metrics_records(reference))
+    train_steps = [r["step"] for r in metrics_records(workdir) if "train_loss" in r]
     assert train_steps == list(range(1, STEPS + 1))
     # Training really moves the weights from step to step, so equality is not trivially true.
     earlier, last = (checkpoint.load(reference, step=s).variables for s in (STEPS - 1, STEPS))
@@ -330,7 +324,7 @@ def _evaluated(launch: _Launch, step: int) -> Callable[[], bool]:
     """Whether this launch has logged the evaluation at `step`."""
     return lambda: any(
         "val_loss" in r and r["step"] == step and r["time"] >= launch.started
-        for r in _records(launch.workdir, complete_only=True)
+        for r in metrics_records(launch.workdir, complete_only=True)
     )
 
 
@@ -369,15 +363,6 @@ def test_sigkill_at_many_moments_then_finishes_bit_identical(setup, reference):
 # Workdir problems found before anything is compiled, and failed writes, in this process
 
 
-def _load_script():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("train_script", TRAIN)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def _refuse_to_compile(monkeypatch) -> None:
     """Make reaching model initialisation or step compilation fail the test."""
     from resnet_jax import train
@@ -396,7 +381,7 @@ def test_unusable_workdir_is_a_one_line_usage_error_before_compiling(
     blocker = tmp_path / "a_file"
     blocker.write_text("")
     workdir = blocker / "run" if problem == "parent is a file" else tmp_path / "readonly"
-    script = _load_script()
+    script = load_script("train.py")
     _refuse_to_compile(monkeypatch)
     with monkeypatch.context() as patch, pytest.raises(SystemExit) as exit_info:
         if problem == "not writable":  # root ignores permission bits: make the probe fail

@@ -3,19 +3,14 @@
 import functools
 import json
 import logging
-import subprocess
-import sys
-from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
-import torch
-import torchvision
+from helpers import load_script, run_script
 
 from resnet_jax import checkpoint, convert, models, train, transfer
 
-ROOT = Path(__file__).resolve().parents[1]
 tiny = functools.partial(models.ResNet, stage_sizes=(1, 1, 1, 1), block_cls=models.BasicBlock)
 
 
@@ -48,7 +43,10 @@ def start_variables():
     ("freeze", "trainable", "trained"),
     [
         ("backbone", None, {"fc"}),
-        ("stages", ["layer4", "fc"], {"layer4", "fc"}),
+        # Slow only: test_finetune_from_torchvision_file_on_flowers checks this freeze through
+        # scripts/train.py (every leaf of layer4's params and statistics and of the head moved,
+        # the rest bit-identical).
+        pytest.param("stages", ["layer4", "fc"], {"layer4", "fc"}, marks=pytest.mark.slow),
         ("none", None, {"stem", "layer1", "layer2", "layer3", "layer4", "fc"}),
     ],
 )
@@ -111,62 +109,41 @@ def test_merge_replaces_a_head_with_another_class_count(start_variables, caplog)
     np.testing.assert_array_equal(same["params"]["fc"]["kernel"], ten["params"]["fc"]["kernel"])
 
 
-def test_finetune_from_torchvision_file_on_flowers(tmp_path, flowers_dir):
-    """The tutorial's flow: torchvision ImageNet-shaped weights -> new 5-class head -> train the
-    last stage and the head; everything else must stay exactly as loaded."""
-    torch.manual_seed(0)
-    net = torchvision.models.resnet18()
-    with torch.no_grad():  # non-trivial BatchNorm statistics
-        for module in net.modules():
-            if isinstance(module, torch.nn.BatchNorm2d):
-                module.running_mean.uniform_(-0.5, 0.5)
-                module.running_var.uniform_(0.5, 1.5)
-    weights = tmp_path / "resnet18_imagenet.pth"
-    torch.save(net.state_dict(), weights)
-    workdir = tmp_path / "finetune"
-    cmd = [
-        sys.executable, str(ROOT / "scripts" / "train.py"), "--arch", "resnet18",
-        "--pretrained", str(weights), "--freeze", "stages", "--trainable", "layer4,fc",
-        "--data-dir", str(flowers_dir), "--image-size", "32", "--batch-size", "8",
-        "--eval-batch-size", "64", "--epochs", "1", "--warmup-epochs", "0", "--max-steps", "2",
-        "--lr", "0.5", "--workdir", str(workdir),
-    ]  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "head has 1000 classes, the data set 5" in proc.stderr
-    loaded = checkpoint.load(workdir, which="latest")
+def test_finetune_from_torchvision_file_on_flowers(finetuned_run, flowers_dir, capsys):
+    """The tutorial's flow (conftest.py's `finetuned_run`): torchvision ImageNet-shaped weights
+    -> new 5-class head -> train the last stage and the head; everything else must stay exactly
+    as loaded, also after the run is resumed."""
+    run = finetuned_run
+    assert "head has 1000 classes, the data set 5" in run.first.stderr
+    loaded = checkpoint.load(run.workdir, which="latest")
     assert loaded.num_classes == 5 and loaded.class_names[0] == "daisy"
-    start = convert.from_torchvision(weights, "resnet18")
+    start = convert.from_torchvision(run.weights, "resnet18")
     start["params"].pop("fc")
-    after = {k: dict(v) for k, v in loaded.variables.items()}
-    fc = after["params"].pop("fc")
-    assert fc["kernel"].shape == (512, 5)
-    for collection in ("params", "batch_stats"):
-        same, changed = _changed_stages(start[collection], after[collection])
-        assert same == {"stem", "layer1", "layer2", "layer3"}, collection
-        assert changed == {"layer4"}, collection
+    heads = []
+    for step in (2, 3):  # the first launch's last checkpoint, and the resumed launch's
+        variables = checkpoint.load(run.workdir, step=step).variables
+        after = {k: dict(v) for k, v in variables.items()}
+        heads.append(after["params"].pop("fc"))
+        assert heads[-1]["kernel"].shape == (512, 5)
+        for collection in ("params", "batch_stats"):
+            same, changed = _changed_stages(start[collection], after[collection])
+            assert same == {"stem", "layer1", "layer2", "layer3"}, (step, collection)
+            assert changed == {"layer4"}, (step, collection)
+    _, changed = _changed_stages({"fc": heads[0]}, {"fc": heads[1]})
+    assert changed == {"fc"}  # every leaf of the new head trains
 
     # ... then evaluate and predict with the fine-tuned checkpoint through the CLIs.
-    report = json.loads(_run_script("evaluate.py", "--checkpoint", str(workdir), "--data-dir",
-                                    str(flowers_dir), "--batch-size", "64", "--json"))  # fmt: skip
+    proc = run_script("evaluate.py", "--checkpoint", str(run.workdir), "--data-dir",
+                      str(flowers_dir), "--batch-size", "64", "--json")  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    report = json.loads(proc.stdout)
     assert report["count"] == 736 and 0 <= report["top1"] <= 1
     assert sum(c["images"] for c in report["per_class"]) == 736
     photos = sorted((flowers_dir / "val" / "roses").glob("*.jpg"))[:3]
-    predictions = json.loads(
-        _run_script(
-            "predict.py", "--checkpoint", str(workdir), "--top-k", "2", "--json", *map(str, photos)
-        )
-    )
+    args = ["--checkpoint", str(run.workdir), "--top-k", "2", "--json", *map(str, photos)]
+    assert load_script("predict.py").main(args) == 0  # its own process: tests/test_eval_predict_cli
+    predictions = json.loads(capsys.readouterr().out)
     assert [p["path"] for p in predictions] == [str(p) for p in photos]
     for p in predictions:
         assert {c["class"] for c in p["predictions"]} <= set(loaded.class_names)
         assert p["predictions"][0]["probability"] >= p["predictions"][1]["probability"]
-
-
-def _run_script(name: str, *args: str) -> str:
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / name), *args],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    return proc.stdout

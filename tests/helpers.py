@@ -1,0 +1,54 @@
+"""Helpers shared by the test modules: the scripts, run in this process or as subprocesses."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = ROOT / "scripts"
+LAUNCH_TIMEOUT_S = 600  # generous: the machine may be shared; a hang fails here, not forever
+
+
+def load_script(name: str) -> ModuleType:
+    """scripts/<name> as a fresh module, to call its main() in this process."""
+    path = SCRIPTS / name
+    spec = importlib.util.spec_from_file_location(f"{path.stem}_script", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def script_env(**overrides: str) -> dict[str, str]:
+    """This process's environment for a script launch: the same XLA flags (see conftest.py) and
+    persistent compilation cache, every compilation kept (a later launch of the same programs,
+    a resumed run, only loads them); `overrides` replace or add variables."""
+    return {
+        **os.environ,
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+        "PYTHONUNBUFFERED": "1",
+        **overrides,
+    }
+
+
+def run_script(name: str, *args: str, **env: str) -> subprocess.CompletedProcess:
+    """Run `python scripts/<name> ARGS` to completion, capturing its output as text."""
+    return subprocess.run(
+        [sys.executable, str(SCRIPTS / name), *args],
+        capture_output=True,
+        text=True,
+        timeout=LAUNCH_TIMEOUT_S,
+        cwd=ROOT,
+        env=script_env(**env),
+    )
+
+
+def metrics_records(workdir: Path, complete_only: bool = False) -> list[dict]:
+    """The records of a training run's metrics.jsonl (none before it exists); `complete_only`
+    skips a last line still being written."""
+    path = workdir / "metrics.jsonl"
+    lines = path.read_text().splitlines() if path.exists() else []
+    return [json.loads(s) for s in lines if not complete_only or s.endswith("}")]
