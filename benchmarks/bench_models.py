@@ -6,6 +6,11 @@ and an SGD-momentum update (optax.sgd / torch.optim.SGD, lr 0.1, momentum 0.9) w
 training mode; inference is the forward pass in eval mode. CPU runs float32; on a GPU both float32
 and bfloat16 (torch: autocast + channels_last; JAX: compute dtype bfloat16, float32 params).
 
+Importing resnet_jax makes glibc keep freed memory for reuse (`resnet_jax.host_memory`); in one
+process that holds for torch as well. Run with RESNET_JAX_RETAIN_HOST_MEMORY=0 to measure both
+with glibc's default behaviour. "page faults/step" shows the difference; "peak RSS" is the RSS
+growth during a phase, so memory retained from earlier phases does not show in it.
+
 Example: python benchmarks/bench_models.py --archs resnet50 --batch-sizes 8 --output BENCHMARKS.md
 """
 
@@ -15,6 +20,7 @@ import argparse
 import contextlib
 import os
 import platform
+import resource
 import shlex
 import statistics
 import sys
@@ -33,7 +39,7 @@ import jax
 import jax.numpy as jnp
 from sgd_step import LR, MOMENTUM, random_batch, sgd_train_step
 
-from resnet_jax import models
+from resnet_jax import host_memory, models
 from resnet_jax.conv import Conv
 
 IMPLS = ("torch", "jax-nn.Conv", "jax-Conv")
@@ -67,6 +73,7 @@ class Runner:
     compile_s: float = 0.0
     times: list[float] = field(default_factory=list)
     cpu_times: list[float] = field(default_factory=list)
+    page_faults: list[int] = field(default_factory=list)
     peak_mb: float = 0.0
     note: str = ""
 
@@ -75,9 +82,11 @@ class Runner:
         base = _reset_peak_rss()
         for _ in range(steps):
             t, c = time.perf_counter(), time.process_time()
+            faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             self.step()
             self.times.append(time.perf_counter() - t)
             self.cpu_times.append(time.process_time() - c)
+            self.page_faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults)
         self.peak_mb = max(self.peak_mb, (_status_kb("VmHWM") - base) / 1024)
 
 
@@ -176,7 +185,7 @@ def _row(arch: str, batch: int, mode: str, dtype: str, runner: Runner, torch_ms:
     return (
         f"| {arch} | {batch} | {mode} | {dtype} | {runner.impl} | {ms:.0f} | {spread} | "
         f"{cpu_ms:.0f} | {batch / ms * 1e3:.1f} | {ratio} | {runner.compile_s:.1f} | "
-        f"{runner.peak_mb:.0f} | {runner.note} |"
+        f"{statistics.median(runner.page_faults):.0f} | {runner.peak_mb:.0f} | {runner.note} |"
     )
 
 
@@ -189,15 +198,17 @@ def environment() -> str:
     """Versions, devices and thread settings, for the report."""
     env = {
         k: os.environ[k]
-        for k in ("XLA_FLAGS", "OMP_NUM_THREADS", "GLIBC_TUNABLES")
-        if k in os.environ
+        for k in os.environ
+        if k in ("XLA_FLAGS", "OMP_NUM_THREADS", "GLIBC_TUNABLES", host_memory.ENV_VAR)
+        or k.startswith("MALLOC_")
     }
     return (
         f"python {platform.python_version()}, jax {jax.__version__} ({jax.default_backend()}: "
         f"{jax.devices()[0].device_kind}), torch {torch.__version__} "
         f"({torch.get_num_threads()} intra-op threads), {_cpus()} of {os.cpu_count()} CPUs "
         f"({platform.processor() or platform.machine()}); XLA:CPU uses one intra-op thread per "
-        f"core by default; env {env or '{}'}"
+        f"core by default; freed host memory retained for reuse (resnet_jax.host_memory): "
+        f"{'yes' if host_memory.retaining() else 'no'}; env {env or '{}'}"
     )
 
 
@@ -238,8 +249,8 @@ def main(argv: list[str] | None = None) -> str:
 
     lines = [
         "| arch | batch | mode | dtype | impl | median ms | min-max ms | CPU ms | img/s "
-        "| vs torch | compile/first s | peak RSS MB | note |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| vs torch | compile/first s | page faults/step | peak RSS MB | note |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for arch in archs:
         for batch in batches:

@@ -1,0 +1,56 @@
+"""Reuse freed host memory between XLA:CPU executions instead of page-faulting it in every step.
+
+XLA:CPU allocates each execution's temporary buffer with malloc (about 1.4 GB for a ResNet-50
+train step at batch 8, 224 px) and frees it afterwards. glibc serves blocks that large with a fresh
+`mmap` and returns them with `munmap`, so every step page-faults the whole buffer in again: on the
+2-core development machine that was ~350,000 page faults and ~1.2 s of kernel CPU time per 3 s
+step. `retain_freed_memory` makes glibc serve large blocks from its heap and keep freed memory
+there, so the next step reuses it.
+
+Importing `resnet_jax` calls it (set RESNET_JAX_RETAIN_HOST_MEMORY=0 to opt out). It only helps
+threads that have not allocated yet, so import `resnet_jax` before JAX's first computation; the
+same effect for any process: MALLOC_ARENA_MAX=1 MALLOC_MMAP_MAX_=0
+MALLOC_TRIM_THRESHOLD_=2147483647 in the environment. The price: memory freed by the process
+(up to 2 GiB at the top of the heap) is not handed back to the operating system while it runs.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import platform
+import sys
+
+ENV_VAR = "RESNET_JAX_RETAIN_HOST_MEMORY"
+
+# mallopt parameters from glibc's <malloc.h>
+_M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
+# mallopt takes a C int: the largest heap top kept untrimmed
+_KEEP_BYTES = 2**31 - 1
+
+_applied = False
+
+
+def retain_freed_memory() -> bool:
+    """Make glibc malloc keep freed memory for reuse: one heap (no per-thread arenas, whose
+    large blocks would be mmapped), no mmap for large blocks, no trimming of the heap top below
+    2 GiB. Returns whether the settings are in effect (False off Linux/glibc)."""
+    global _applied
+    if _applied:
+        return True
+    if sys.platform != "linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    settings = ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, _KEEP_BYTES))
+    _applied = all(libc.mallopt(param, value) == 1 for param, value in settings)
+    return _applied
+
+
+def retaining() -> bool:
+    """Whether `retain_freed_memory` has put its settings in effect in this process."""
+    return _applied
+
+
+def enabled_by_environment() -> bool:
+    """False when RESNET_JAX_RETAIN_HOST_MEMORY is 0/false/no/off; True when unset or other."""
+    return os.environ.get(ENV_VAR, "1").strip().lower() not in ("0", "false", "no", "off")
