@@ -5,6 +5,8 @@ PY := $(VENV)/bin/python
 DATA_DIR ?= ../shared/data/flower_photos
 ARCH ?= resnet50
 TRAIN_ARGS ?=
+# pytest processes; each test module runs whole in one of them (its fixtures are built once)
+TEST_WORKERS ?= 2
 
 .PHONY: venv train train-offline test test-all lint format clean
 
@@ -27,10 +29,10 @@ lint: venv
 	$(PY) -m ruff format --check .
 
 test: lint
-	$(PY) -m pytest -m "not slow" -q
+	$(PY) -m pytest -m "not slow" -q -n $(TEST_WORKERS) --dist loadscope
 
 test-all: lint
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadscope
 
 format: venv
 	$(PY) -m ruff format .

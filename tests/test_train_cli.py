@@ -1,12 +1,67 @@
-"""End to end: scripts/train.py on the real flower photos, resume, and argument errors.
+"""End to end: scripts/train.py on the real flower photos (fine-tuning torchvision weights, resume,
+evaluate and predict on the result), and argument errors.
 
-The training run is conftest.py's `finetuned_run` (2 steps, then resumed to step 3), which
-tests/test_transfer.py checks too: the suite's one run over the whole data set."""
+`finetuned_run` (2 steps, then resumed to step 3) is the suite's one run over the whole data set."""
 
 import json
+import shutil
+import subprocess
+from pathlib import Path
+from typing import NamedTuple
 
 import pytest
-from helpers import load_script, metrics_records
+import torch
+import torchvision
+from helpers import load_script, metrics_records, run_script
+from test_transfer import _changed_stages
+
+from resnet_jax import checkpoint, convert
+
+
+class FineTuneRun(NamedTuple):
+    """`finetuned_run`: the launches, and the workdir as the first one left it."""
+
+    workdir: Path
+    weights: Path  # the torchvision-format file it started from
+    first: subprocess.CompletedProcess  # trained steps 1-2
+    after_first: Path  # a copy of the workdir after `first`, without its checkpoints
+    steps_after_first: list[str]  # the checkpoint step directories after `first`
+    resumed: subprocess.CompletedProcess  # the same command resumed to step 3
+
+
+@pytest.fixture(scope="module")
+def finetuned_run(tmp_path_factory, flowers_dir) -> FineTuneRun:
+    """The suite's one end-to-end training on the whole flower data set (the tests below check
+    what it writes, the resume, the fine-tuning, and evaluate.py and predict.py on the result):
+    scripts/train.py starts from torchvision resnet18 weights (an
+    ImageNet-shaped 1000-class head, non-trivial BatchNorm statistics), replaces the head and
+    trains layer4 and the head for 2 steps at 32 px; the same command then resumes to step 3
+    (its compilations come from the persistent cache the first launch filled)."""
+    root = tmp_path_factory.mktemp("finetune")
+    torch.manual_seed(0)
+    net = torchvision.models.resnet18()
+    with torch.no_grad():
+        for module in net.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.uniform_(-0.5, 0.5)
+                module.running_var.uniform_(0.5, 1.5)
+    weights = root / "resnet18_imagenet.pth"
+    torch.save(net.state_dict(), weights)
+    workdir = root / "run"
+    flags = [
+        "--arch", "resnet18", "--pretrained", str(weights), "--freeze", "stages",
+        "--trainable", "layer4,fc", "--data-dir", str(flowers_dir), "--image-size", "32",
+        "--batch-size", "8", "--eval-batch-size", "64", "--epochs", "1", "--warmup-epochs", "0",
+        "--lr", "0.5", "--workdir", str(workdir),
+    ]  # fmt: skip
+    first = run_script("train.py", *flags, "--max-steps", "2")
+    assert first.returncode == 0, first.stdout + first.stderr
+    after_first = root / "after_first"
+    shutil.copytree(workdir, after_first, ignore=shutil.ignore_patterns("checkpoints"))
+    steps_after_first = sorted(p.name for p in (workdir / "checkpoints").iterdir())
+    resumed = run_script("train.py", *flags, "--max-steps", "3")
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    return FineTuneRun(workdir, weights, first, after_first, steps_after_first, resumed)
 
 
 def test_train_writes_everything_and_resumes(finetuned_run):
@@ -31,6 +86,46 @@ def test_train_writes_everything_and_resumes(finetuned_run):
     records = metrics_records(run.workdir)
     assert [r["step"] for r in records if "train_loss" in r] == [1, 2, 3]
     assert (run.workdir / "checkpoints" / "3").is_dir()
+
+
+def test_finetune_from_torchvision_file_on_flowers(finetuned_run, flowers_dir, capsys):
+    """The tutorial's flow (`finetuned_run`): torchvision ImageNet-shaped weights
+    -> new 5-class head -> train the last stage and the head; everything else must stay exactly
+    as loaded, also after the run is resumed."""
+    run = finetuned_run
+    assert "head has 1000 classes, the data set 5" in run.first.stderr
+    loaded = checkpoint.load(run.workdir, which="latest")
+    assert loaded.num_classes == 5 and loaded.class_names[0] == "daisy"
+    start = convert.from_torchvision(run.weights, "resnet18")
+    start["params"].pop("fc")
+    heads = []
+    for step in (2, 3):  # the first launch's last checkpoint, and the resumed launch's
+        variables = checkpoint.load(run.workdir, step=step).variables
+        after = {k: dict(v) for k, v in variables.items()}
+        heads.append(after["params"].pop("fc"))
+        assert heads[-1]["kernel"].shape == (512, 5)
+        for collection in ("params", "batch_stats"):
+            same, changed = _changed_stages(start[collection], after[collection])
+            assert same == {"stem", "layer1", "layer2", "layer3"}, (step, collection)
+            assert changed == {"layer4"}, (step, collection)
+    _, changed = _changed_stages({"fc": heads[0]}, {"fc": heads[1]})
+    assert changed == {"fc"}  # every leaf of the new head trains
+
+    # ... then evaluate and predict with the fine-tuned checkpoint through the CLIs.
+    proc = run_script("evaluate.py", "--checkpoint", str(run.workdir), "--data-dir",
+                      str(flowers_dir), "--batch-size", "64", "--json")  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["count"] == 736 and 0 <= report["top1"] <= 1
+    assert sum(c["images"] for c in report["per_class"]) == 736
+    photos = sorted((flowers_dir / "val" / "roses").glob("*.jpg"))[:3]
+    args = ["--checkpoint", str(run.workdir), "--top-k", "2", "--json", *map(str, photos)]
+    assert load_script("predict.py").main(args) == 0  # its own process: tests/test_eval_predict_cli
+    predictions = json.loads(capsys.readouterr().out)
+    assert [p["path"] for p in predictions] == [str(p) for p in photos]
+    for p in predictions:
+        assert {c["class"] for c in p["predictions"]} <= set(loaded.class_names)
+        assert p["predictions"][0]["probability"] >= p["predictions"][1]["probability"]
 
 
 @pytest.mark.parametrize(

@@ -1,15 +1,13 @@
 """Transfer learning: freeze modes leave exactly the frozen weights and statistics untouched."""
 
 import functools
-import json
 import logging
 
 import jax
 import numpy as np
 import pytest
-from helpers import load_script, run_script
 
-from resnet_jax import checkpoint, convert, models, train, transfer
+from resnet_jax import models, train, transfer
 
 tiny = functools.partial(models.ResNet, stage_sizes=(1, 1, 1, 1), block_cls=models.BasicBlock)
 
@@ -107,43 +105,3 @@ def test_merge_replaces_a_head_with_another_class_count(start_variables, caplog)
     )
     same = transfer.merge_pretrained(ten, ten)
     np.testing.assert_array_equal(same["params"]["fc"]["kernel"], ten["params"]["fc"]["kernel"])
-
-
-def test_finetune_from_torchvision_file_on_flowers(finetuned_run, flowers_dir, capsys):
-    """The tutorial's flow (conftest.py's `finetuned_run`): torchvision ImageNet-shaped weights
-    -> new 5-class head -> train the last stage and the head; everything else must stay exactly
-    as loaded, also after the run is resumed."""
-    run = finetuned_run
-    assert "head has 1000 classes, the data set 5" in run.first.stderr
-    loaded = checkpoint.load(run.workdir, which="latest")
-    assert loaded.num_classes == 5 and loaded.class_names[0] == "daisy"
-    start = convert.from_torchvision(run.weights, "resnet18")
-    start["params"].pop("fc")
-    heads = []
-    for step in (2, 3):  # the first launch's last checkpoint, and the resumed launch's
-        variables = checkpoint.load(run.workdir, step=step).variables
-        after = {k: dict(v) for k, v in variables.items()}
-        heads.append(after["params"].pop("fc"))
-        assert heads[-1]["kernel"].shape == (512, 5)
-        for collection in ("params", "batch_stats"):
-            same, changed = _changed_stages(start[collection], after[collection])
-            assert same == {"stem", "layer1", "layer2", "layer3"}, (step, collection)
-            assert changed == {"layer4"}, (step, collection)
-    _, changed = _changed_stages({"fc": heads[0]}, {"fc": heads[1]})
-    assert changed == {"fc"}  # every leaf of the new head trains
-
-    # ... then evaluate and predict with the fine-tuned checkpoint through the CLIs.
-    proc = run_script("evaluate.py", "--checkpoint", str(run.workdir), "--data-dir",
-                      str(flowers_dir), "--batch-size", "64", "--json")  # fmt: skip
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    report = json.loads(proc.stdout)
-    assert report["count"] == 736 and 0 <= report["top1"] <= 1
-    assert sum(c["images"] for c in report["per_class"]) == 736
-    photos = sorted((flowers_dir / "val" / "roses").glob("*.jpg"))[:3]
-    args = ["--checkpoint", str(run.workdir), "--top-k", "2", "--json", *map(str, photos)]
-    assert load_script("predict.py").main(args) == 0  # its own process: tests/test_eval_predict_cli
-    predictions = json.loads(capsys.readouterr().out)
-    assert [p["path"] for p in predictions] == [str(p) for p in photos]
-    for p in predictions:
-        assert {c["class"] for c in p["predictions"]} <= set(loaded.class_names)
-        assert p["predictions"][0]["probability"] >= p["predictions"][1]["probability"]
