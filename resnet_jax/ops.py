@@ -114,11 +114,19 @@ def batch_norm_train(
 @batch_norm_train.defjvp
 def _batch_norm_jvp(epsilon, axis_name, primals, tangents):
     x, scale, bias = primals
-    x_dot, scale_dot, bias_dot = tangents
-    y, mean, var, centred, rstd, n = _batch_norm_primal(x, scale, bias, epsilon, axis_name)
+    y, mean, var, _, rstd, n = _batch_norm_primal(x, scale, bias, epsilon, axis_name)
+    # Checkpointed: the backward pass recomputes `x - mean` inside its fused loops from the saved
+    # `x` and `mean` instead of the forward pass writing it out as a whole extra tensor.
+    tangent = jax.checkpoint(functools.partial(_batch_norm_tangent, axis_name=axis_name, n=n))
+    return (y, mean, var), tangent(x, mean, scale, rstd, *tangents)
+
+
+def _batch_norm_tangent(x, mean, scale, rstd, x_dot, scale_dot, bias_dot, *, axis_name, n):
+    """The tangents of `(y, mean, var)`; linear in `x_dot`, `scale_dot`, `bias_dot`."""
+    centred = x - mean
     mean_dot = _channel_sum(x_dot, axis_name) / n
     var_dot = 2 * _channel_sum(centred * x_dot, axis_name) / n  # sum(centred) == 0
     a = scale * rstd
     a_dot = scale_dot * rstd - 0.5 * a * rstd * rstd * var_dot
     y_dot = (x_dot - mean_dot) * a + centred * a_dot + bias_dot
-    return (y, mean, var), (y_dot, mean_dot, var_dot)
+    return y_dot, mean_dot, var_dot
