@@ -165,7 +165,7 @@ def _probe(data: tf.Tensor) -> tf.Tensor:
 
 
 def _normalize(image: tf.Tensor) -> tf.Tensor:
-    """uint8-valued [H, W, 3] -> float32 (x / 255 - mean) / std, as torchvision's transforms."""
+    """uint8-valued [..., 3] -> float32 (x / 255 - mean) / std, as torchvision's transforms."""
     image = tf.cast(image, tf.float32) / 255.0
     return (image - tf.constant(IMAGENET_MEAN)) / tf.constant(IMAGENET_STD)
 
@@ -202,12 +202,15 @@ def _decode_random_crop(data: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
 
 
 def _train_transform(data: tf.Tensor, key: tf.Tensor, image_size: int) -> tf.Tensor:
-    """Encoded image + stateless key -> augmented, normalised float32 [S, S, 3]."""
+    """Encoded image + stateless key -> augmented uint8 [S, S, 3].
+
+    The resized crop is rounded to uint8 as torchvision's PIL transforms do; `train_batches`
+    normalises whole batches (a quarter of the bytes per image to batch, one op per batch)."""
     crop_key, flip_key = tf.unstack(tf.random.experimental.stateless_split(key, 2, alg="philox"))
     image = _decode_random_crop(data, crop_key)
     image = tf.image.resize(image, [image_size, image_size], method="bilinear", antialias=True)
     image = tf.image.stateless_random_flip_left_right(image, flip_key)
-    return _normalize(image)
+    return tf.cast(tf.clip_by_value(tf.round(image), 0.0, 255.0), tf.uint8)
 
 
 def _eval_transform(image: tf.Tensor, image_size: int) -> tf.Tensor:
@@ -673,8 +676,9 @@ def train_batches(
         return {"image": transform(load(key), aug_key), "label": label}
 
     ds = records.map(example, num_parallel_calls=AUTOTUNE, deterministic=True)
-    ds = ds.batch(batch_size, drop_remainder=True).prefetch(AUTOTUNE)
-    return ds.with_options(_pipeline_options(num_workers)).as_numpy_iterator()
+    ds = ds.batch(batch_size, drop_remainder=True)
+    ds = ds.map(_plain(lambda batch: {**batch, "image": _normalize(batch["image"])}))
+    return ds.prefetch(AUTOTUNE).with_options(_pipeline_options(num_workers)).as_numpy_iterator()
 
 
 def _eval_records(split: FileSplit | TfdsSplit, padded: int) -> tf.data.Dataset:

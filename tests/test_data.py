@@ -85,6 +85,9 @@ def test_train_batches_deterministic_and_resumable(flowers):
         image = batch["image"]
         assert np.all(image >= LOW - 1e-5) and np.all(image <= HIGH + 1e-5)
         assert image.std() > 0.3  # real photos, not a constant
+        # Resized crops are rounded to uint8 before normalising, as torchvision's PIL path does.
+        pixels = (image * np.array(data.IMAGENET_STD) + np.array(data.IMAGENET_MEAN)) * 255
+        np.testing.assert_allclose(pixels, np.round(pixels), atol=1e-3)
     assert_same_batches(first, take(data.train_batches(flowers, epoch=0, **args), 3))
     other = take(data.train_batches(flowers, epoch=1, **args), 3)
     assert not np.array_equal(first[0]["image"], other[0]["image"])
