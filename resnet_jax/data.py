@@ -13,7 +13,8 @@ only the crop is decoded); anything else (PNG, GIF, BMP) is decoded by PIL and c
 exactly as torchvision's loader does. TensorFlow converts grayscale and CMYK JPEGs to RGB itself.
 
 Training transform: random-resized-crop (area 8-100 %, aspect ratio 3/4-4/3, 10 attempts, else
-the whole image), bilinear antialiased resize, random horizontal flip, ImageNet mean/std. Eval
+the whole image), bilinear antialiased resize rounded to uint8 (as torchvision's PIL resize),
+random horizontal flip, ImageNet mean/std (applied per batch). Eval
 transform: resize the shorter side to ``round(image_size * 256 / 224)`` (bilinear, antialiased;
 longer side truncated like torchvision), center crop, same normalisation.
 
