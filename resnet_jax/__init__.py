@@ -3,5 +3,5 @@
 from resnet_jax import host_memory
 
 # Before JAX allocates anything: see host_memory (RESNET_JAX_RETAIN_HOST_MEMORY=0 opts out).
-if host_memory.enabled_by_environment():
+if host_memory.wanted():
     host_memory.retain_freed_memory()

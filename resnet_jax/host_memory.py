@@ -7,9 +7,11 @@ train step at batch 8, 224 px) and frees it afterwards. glibc serves blocks that
 step. `retain_freed_memory` makes glibc serve large blocks from its heap and keep freed memory
 there, so the next step reuses it.
 
-Importing `resnet_jax` calls it (set RESNET_JAX_RETAIN_HOST_MEMORY=0 to opt out). It only helps
-threads that have not allocated yet, so import `resnet_jax` before JAX's first computation; the
-same effect for any process: MALLOC_ARENA_MAX=1 MALLOC_MMAP_MAX_=0
+Importing `resnet_jax` calls it when XLA:CPU will be the backend, i.e. no GPU/TPU plugin for
+JAX is installed (on accelerator hosts the step's temporaries live on the device, and one malloc
+arena for all threads could slow a busy input pipeline). RESNET_JAX_RETAIN_HOST_MEMORY=1 forces it
+on, =0 off. It only helps threads that have not allocated yet, so import `resnet_jax` before JAX's
+first computation; the same effect for any process: MALLOC_ARENA_MAX=1 MALLOC_MMAP_MAX_=0
 MALLOC_TRIM_THRESHOLD_=2147483647 in the environment. The price: memory freed by the process
 (up to 2 GiB at the top of the heap) is not handed back to the operating system while it runs.
 """
@@ -17,6 +19,8 @@ MALLOC_TRIM_THRESHOLD_=2147483647 in the environment. The price: memory freed by
 from __future__ import annotations
 
 import ctypes
+import importlib.metadata
+import importlib.util
 import os
 import platform
 import sys
@@ -51,6 +55,21 @@ def retaining() -> bool:
     return _applied
 
 
-def enabled_by_environment() -> bool:
-    """False when RESNET_JAX_RETAIN_HOST_MEMORY is 0/false/no/off; True when unset or other."""
-    return os.environ.get(ENV_VAR, "1").strip().lower() not in ("0", "false", "no", "off")
+def accelerator_plugins() -> list[str]:
+    """The installed JAX GPU/TPU plugins (`jax_plugins` entry points, and libtpu)."""
+    found = sorted(e.name for e in importlib.metadata.entry_points(group="jax_plugins"))
+    return found + (["libtpu"] if importlib.util.find_spec("libtpu") is not None else [])
+
+
+def wanted() -> bool:
+    """Whether importing resnet_jax should call `retain_freed_memory`: RESNET_JAX_RETAIN_HOST_MEMORY
+    = 1/true/yes/on or 0/false/no/off decides; unset (or empty), only without accelerator
+    plugins."""
+    value = os.environ.get(ENV_VAR, "").strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    if value:
+        raise ValueError(f"{ENV_VAR}={os.environ[ENV_VAR]!r}: expected 1 or 0 (or unset)")
+    return not accelerator_plugins()

@@ -38,10 +38,9 @@ print(json.dumps({"applied": host_memory.retaining(), "faults": faults}))
 PAGES_PER_BLOCK = (256 << 20) // 4096
 
 
-def _probe(setting: str | None) -> dict:
+def _probe(setting: str) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
-    if setting is not None:
-        env[host_memory.ENV_VAR] = setting
+    env[host_memory.ENV_VAR] = setting
     proc = subprocess.run(
         [sys.executable, "-c", PROBE], capture_output=True, text=True, env=env, timeout=120
     )
@@ -53,7 +52,7 @@ def _probe(setting: str | None) -> dict:
     sys.platform != "linux" or platform.libc_ver()[0] != "glibc", reason="glibc malloc only"
 )
 def test_import_keeps_freed_blocks_for_reuse():
-    kept = _probe(None)  # the default
+    kept = _probe("1")  # the default where no GPU/TPU plugin is installed (see below)
     assert kept == {"applied": True, "faults": kept["faults"]}
     assert kept["faults"] < PAGES_PER_BLOCK // 10  # reused: (almost) no new pages
     default_glibc = _probe("0")
@@ -62,11 +61,28 @@ def test_import_keeps_freed_blocks_for_reuse():
 
 
 @pytest.mark.parametrize(
-    ("value", "enabled"), [(None, True), ("1", True), ("0", False), ("off", False), ("No", False)]
+    ("value", "plugins", "wanted"),
+    [
+        (None, [], True),
+        ("", [], True),
+        (None, ["cuda"], False),  # a GPU/TPU backend: not by default
+        ("1", ["cuda"], True),
+        ("on", [], True),
+        ("0", [], False),
+        ("off", [], False),
+        ("No", [], False),
+    ],
 )
-def test_environment_switch(monkeypatch, value, enabled):
+def test_wanted_by_environment_and_plugins(monkeypatch, value, plugins, wanted):
     if value is None:
         monkeypatch.delenv(host_memory.ENV_VAR, raising=False)
     else:
         monkeypatch.setenv(host_memory.ENV_VAR, value)
-    assert host_memory.enabled_by_environment() is enabled
+    monkeypatch.setattr(host_memory, "accelerator_plugins", lambda: plugins)
+    assert host_memory.wanted() is wanted
+
+
+def test_bad_environment_value_is_named(monkeypatch):
+    monkeypatch.setenv(host_memory.ENV_VAR, "maybe")
+    with pytest.raises(ValueError, match="RESNET_JAX_RETAIN_HOST_MEMORY='maybe': expected 1 or 0"):
+        host_memory.wanted()
