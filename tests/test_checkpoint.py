@@ -12,6 +12,7 @@ from flax import struct
 from jax.sharding import Mesh, NamedSharding, SingleDeviceSharding
 from jax.sharding import PartitionSpec as P
 from orbax.checkpoint._src.path import atomicity
+from test_inference import random_variables
 
 from resnet_jax import checkpoint, models
 
@@ -36,19 +37,7 @@ class TrainState:
 def variables() -> dict:
     """Random resnet18 (5 classes) variables as host arrays, without compiling an init: He-scaled
     kernels, BatchNorm scales near 1 and running statistics away from their initial values."""
-    shapes = models.variable_shapes(models.get_model(ARCH, num_classes=5))
-    rng = np.random.default_rng(0)
-
-    def sample(path, s):
-        name = path[-1].key
-        if name == "kernel":
-            return rng.normal(0, np.sqrt(2 / np.prod(s.shape[:-1])), s.shape)
-        if name in ("scale", "var"):
-            return rng.uniform(0.8, 1.2, s.shape)
-        return rng.normal(0, 0.1, s.shape)  # biases and running means
-
-    tree = jax.tree_util.tree_map_with_path(lambda p, s: sample(p, s).astype(s.dtype), shapes)
-    return {"params": tree["params"], "batch_stats": tree["batch_stats"]}
+    return random_variables(models.get_model(ARCH, num_classes=5))
 
 
 def _perturbed(variables: dict, scale: float) -> dict:
