@@ -78,7 +78,7 @@ def profile(compiled, step_args, hlo: str) -> collections.Counter:
             meta = re.search(r'op_name="([^"]*)"', line)
             op_names[match.group(1)] = meta.group(1) if meta else ""
     with tempfile.TemporaryDirectory() as trace_dir:
-        with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+        with jax.profiler.trace(trace_dir):
             jax.block_until_ready(compiled(*step_args))
         (trace_file,) = Path(trace_dir).rglob("*.trace.json.gz")
         events = json.loads(gzip.decompress(trace_file.read_bytes()))["traceEvents"]

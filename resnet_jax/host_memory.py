@@ -3,9 +3,9 @@
 XLA:CPU allocates each execution's temporary buffer with malloc (about 1.4 GB for a ResNet-50
 train step at batch 8, 224 px) and frees it afterwards. glibc serves blocks that large with a fresh
 `mmap` and returns them with `munmap`, so every step page-faults the whole buffer in again: on the
-2-core development machine that was ~350,000 page faults and ~1.2 s of kernel CPU time per 3 s
-step. `retain_freed_memory` makes glibc serve large blocks from its heap and keep freed memory
-there, so the next step reuses it.
+2-core development machine ~380,000 page faults per step, and 6.2 instead of 4.5 s of CPU time
+(`benchmarks/bench_models.py`, tables in BENCHMARKS.md). `retain_freed_memory` makes glibc serve
+large blocks from its heap and keep freed memory there, so the next step reuses it.
 
 Importing `resnet_jax` calls it when XLA:CPU will be the backend, i.e. no GPU/TPU plugin for
 JAX is installed (on accelerator hosts the step's temporaries live on the device, and one malloc
@@ -44,7 +44,7 @@ def retain_freed_memory() -> bool:
         return True
     if sys.platform != "linux" or platform.libc_ver()[0] != "glibc":
         return False
-    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    libc = ctypes.CDLL("libc.so.6")
     settings = ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, _KEEP_BYTES))
     _applied = all(libc.mallopt(param, value) == 1 for param, value in settings)
     return _applied

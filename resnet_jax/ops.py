@@ -95,7 +95,7 @@ def _batch_norm_primal(x, scale, bias, epsilon, axis_name):
     centred = x - mean
     var = _channel_sum(centred * centred, axis_name) / n  # two-pass: no cancellation
     rstd = lax.rsqrt(var + epsilon)
-    return centred * (scale * rstd) + bias, mean, var, centred, rstd, n
+    return centred * (scale * rstd) + bias, mean, var, rstd, n
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(3, 4))
@@ -114,7 +114,7 @@ def batch_norm_train(
 @batch_norm_train.defjvp
 def _batch_norm_jvp(epsilon, axis_name, primals, tangents):
     x, scale, bias = primals
-    y, mean, var, _, rstd, n = _batch_norm_primal(x, scale, bias, epsilon, axis_name)
+    y, mean, var, rstd, n = _batch_norm_primal(x, scale, bias, epsilon, axis_name)
     # Checkpointed: the backward pass recomputes `x - mean` inside its fused loops from the saved
     # `x` and `mean` instead of the forward pass writing it out as a whole extra tensor.
     tangent = jax.checkpoint(functools.partial(_batch_norm_tangent, axis_name=axis_name, n=n))
