@@ -61,15 +61,20 @@ def accelerator_plugins() -> list[str]:
     return found + (["libtpu"] if importlib.util.find_spec("libtpu") is not None else [])
 
 
-def wanted() -> bool:
-    """Whether importing resnet_jax should call `retain_freed_memory`: RESNET_JAX_RETAIN_HOST_MEMORY
-    = 1/true/yes/on or 0/false/no/off decides; unset (or empty), only without accelerator
-    plugins."""
-    value = os.environ.get(ENV_VAR, "").strip().lower()
+def cpu_only_switch(env_var: str) -> bool:
+    """A CPU-tuning switch: `env_var` = 1/true/yes/on or 0/false/no/off decides; unset (or
+    empty), on only where XLA:CPU is the backend (no accelerator plugins installed)."""
+    value = os.environ.get(env_var, "").strip().lower()
     if value in ("1", "true", "yes", "on"):
         return True
     if value in ("0", "false", "no", "off"):
         return False
     if value:
-        raise ValueError(f"{ENV_VAR}={os.environ[ENV_VAR]!r}: expected 1 or 0 (or unset)")
+        raise ValueError(f"{env_var}={os.environ[env_var]!r}: expected 1 or 0 (or unset)")
     return not accelerator_plugins()
+
+
+def wanted() -> bool:
+    """Whether importing resnet_jax should call `retain_freed_memory`
+    (RESNET_JAX_RETAIN_HOST_MEMORY, see `cpu_only_switch`)."""
+    return cpu_only_switch(ENV_VAR)

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from resnet_jax import host_memory
+from resnet_jax import host_memory, xla_cpu
 
 # After importing resnet_jax: malloc, touch and free a 256 MiB block (as XLA:CPU does with a
 # step's temporaries) several times; prints the page faults of all but the first round.
@@ -73,16 +73,19 @@ def test_import_keeps_freed_blocks_for_reuse():
         ("No", [], False),
     ],
 )
-def test_wanted_by_environment_and_plugins(monkeypatch, value, plugins, wanted):
+@pytest.mark.parametrize("module", [host_memory, xla_cpu], ids=["host_memory", "xla_cpu"])
+def test_wanted_by_environment_and_plugins(monkeypatch, module, value, plugins, wanted):
+    """Both CPU tunings applied at import share `host_memory.cpu_only_switch`."""
     if value is None:
-        monkeypatch.delenv(host_memory.ENV_VAR, raising=False)
+        monkeypatch.delenv(module.ENV_VAR, raising=False)
     else:
-        monkeypatch.setenv(host_memory.ENV_VAR, value)
+        monkeypatch.setenv(module.ENV_VAR, value)
     monkeypatch.setattr(host_memory, "accelerator_plugins", lambda: plugins)
-    assert host_memory.wanted() is wanted
+    assert module.wanted() is wanted
 
 
-def test_bad_environment_value_is_named(monkeypatch):
-    monkeypatch.setenv(host_memory.ENV_VAR, "maybe")
-    with pytest.raises(ValueError, match="RESNET_JAX_RETAIN_HOST_MEMORY='maybe': expected 1 or 0"):
-        host_memory.wanted()
+@pytest.mark.parametrize("module", [host_memory, xla_cpu], ids=["host_memory", "xla_cpu"])
+def test_bad_environment_value_is_named(monkeypatch, module):
+    monkeypatch.setenv(module.ENV_VAR, "maybe")
+    with pytest.raises(ValueError, match=f"{module.ENV_VAR}='maybe': expected 1 or 0"):
+        module.wanted()

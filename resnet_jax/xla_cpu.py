@@ -1,0 +1,65 @@
+"""Run XLA:CPU's convolutions with its Eigen kernels instead of YNNPACK's.
+
+XLA:CPU hands dots, convolutions and reductions to YNNPACK by default. For the ResNets' kxk
+convolutions YNNPACK is the slower of the two: on the 2-core development machine, batch 8, a
+56x56x64 3x3 convolution takes 32 ms forward and 34 ms for its input gradient with YNNPACK, 18
+and 20 ms with Eigen (`benchmarks/bench_convs.py`; whole ResNet-50 steps in BENCHMARKS.md:
+inference 842 -> 707 ms, train step 2719 -> 2665 ms). Matmuls (the 1x1 convolutions and weight
+gradients of `resnet_jax.conv.Conv`) and reductions stay with YNNPACK, which is faster for them.
+
+XLA reads `XLA_FLAGS` once, when JAX starts its backends, so importing `resnet_jax` adds the flag
+(by default only where no GPU/TPU plugin for JAX is installed; RESNET_JAX_EIGEN_CONVS=1 or 0
+decides) and it takes effect only if `resnet_jax` is imported before JAX's first computation. It
+applies to every convolution the process compiles; a `--xla_cpu_experimental_ynn_fusion_type`
+already in `XLA_FLAGS` is left alone. Per jit, `COMPILER_OPTIONS` does the same:
+`jax.jit(f, compiler_options=xla_cpu.COMPILER_OPTIONS)`.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import re
+
+from resnet_jax import host_memory
+
+ENV_VAR = "RESNET_JAX_EIGEN_CONVS"
+FLAG_NAME = "xla_cpu_experimental_ynn_fusion_type"
+# XLA_FLAGS syntax: YNNPACK's default fusion types minus individual convolutions.
+FLAG = f"--{FLAG_NAME}=-individual_convolution"
+# The same as a compile option: the default types (dots, convolutions, reductions) minus one.
+COMPILER_OPTIONS = {FLAG_NAME: "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"}
+# The oldest jaxlib this was checked with: XLA aborts on flags it does not know, so older
+# versions are left alone.
+MIN_JAXLIB = (0, 10, 2)
+
+
+def jaxlib_version() -> tuple[int, ...]:
+    """The installed jaxlib's (major, minor, patch), (0,) if it cannot be read."""
+    try:
+        version = importlib.metadata.version("jaxlib")
+    except importlib.metadata.PackageNotFoundError:
+        return (0,)
+    return tuple(int(part) for part in re.findall(r"\d+", version)[:3])
+
+
+def wanted() -> bool:
+    """Whether importing resnet_jax should call `use_eigen_convolutions`: RESNET_JAX_EIGEN_CONVS
+    (see `host_memory.cpu_only_switch`), and never with a jaxlib older than `MIN_JAXLIB`."""
+    return host_memory.cpu_only_switch(ENV_VAR) and jaxlib_version() >= MIN_JAXLIB
+
+
+def use_eigen_convolutions() -> bool:
+    """Add `FLAG` to `XLA_FLAGS` unless it already sets YNNPACK's fusion types; returns whether
+    `XLA_FLAGS` now holds `FLAG`. Has no effect on a JAX backend that has already started."""
+    flags = os.environ.get("XLA_FLAGS", "")
+    if f"--{FLAG_NAME}=" not in flags:
+        flags = f"{flags} {FLAG}".strip()
+        os.environ["XLA_FLAGS"] = flags
+    return eigen_convolutions()
+
+
+def eigen_convolutions() -> bool:
+    """Whether `XLA_FLAGS` routes convolutions to Eigen with `FLAG` (as `use_eigen_convolutions`
+    sets it)."""
+    return FLAG in os.environ.get("XLA_FLAGS", "").split()
