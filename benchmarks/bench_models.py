@@ -10,7 +10,9 @@ float32 params).
 Importing resnet_jax makes glibc keep freed memory for reuse (`resnet_jax.host_memory`); in one
 process that holds for torch as well. Run with RESNET_JAX_RETAIN_HOST_MEMORY=0 to measure both
 with glibc's default behaviour. "page faults/step" shows the difference; "peak RSS" is the RSS
-growth during a phase, so memory retained from earlier phases does not show in it.
+growth during a phase, so memory retained from earlier phases does not show in it. It also
+sends XLA:CPU's convolutions to Eigen (`resnet_jax.xla_cpu`); `jax-Conv-ynn` compiles the same
+model with XLA's default YNNPACK convolutions, to compare the two in one run.
 
 Example: python benchmarks/bench_models.py --archs resnet50 --batch-sizes 8 --output BENCHMARKS.md
 """
@@ -40,11 +42,21 @@ import jax
 import jax.numpy as jnp
 from sgd_step import LR, MOMENTUM, random_batch, sgd_train_step
 
-from resnet_jax import host_memory, models
+from resnet_jax import host_memory, models, xla_cpu
 from resnet_jax.conv import Conv
 
-IMPLS = ("torch", "jax-nn.Conv", "jax-Conv")
-JAX_CONVS: dict[str, Callable[..., nn.Module]] = {"jax-nn.Conv": nn.Conv, "jax-Conv": Conv}
+IMPLS = ("torch", "jax-nn.Conv", "jax-Conv", "jax-Conv-ynn")
+JAX_CONVS: dict[str, Callable[..., nn.Module]] = {
+    "jax-nn.Conv": nn.Conv,
+    "jax-Conv": Conv,
+    "jax-Conv-ynn": Conv,
+}
+# jax-Conv-ynn: the library's model compiled with XLA's default, YNNPACK convolutions (what
+# importing resnet_jax changes on CPU, see resnet_jax.xla_cpu), for an A/B in one process.
+YNN_CONV_OPTIONS = {
+    xla_cpu.FLAG_NAME: "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,"
+    "LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION,LIBRARY_FUSION_TYPE_REDUCE"
+}
 
 
 def _status_kb(key: str) -> int:
@@ -97,9 +109,10 @@ def _jax_runner(impl: str, arch: str, batch: int, size: int, mode: str, dtype: s
     model = models.get_model(arch, conv=JAX_CONVS[impl], dtype=compute)
     variables = models.init_variables(model, jax.random.key(0), size)
     x, y = random_batch(batch, size)
+    options = YNN_CONV_OPTIONS if impl == "jax-Conv-ynn" else None
     t0 = time.perf_counter()
     if mode == "infer":
-        fn = jax.jit(lambda v, x: model.apply(v, x, train=False))
+        fn = jax.jit(lambda v, x: model.apply(v, x, train=False), compiler_options=options)
         compiled = fn.lower(variables, x).compile()
         state = {"v": variables}
 
@@ -110,7 +123,7 @@ def _jax_runner(impl: str, arch: str, batch: int, size: int, mode: str, dtype: s
         train_step, tx = sgd_train_step(model)
         params, batch_stats = variables["params"], variables["batch_stats"]
         opt_state = tx.init(params)
-        fn = jax.jit(train_step, donate_argnums=(0, 1, 2))
+        fn = jax.jit(train_step, donate_argnums=(0, 1, 2), compiler_options=options)
         compiled = fn.lower(params, batch_stats, opt_state, x, y).compile()
         state = {"s": (params, batch_stats, opt_state)}
 
@@ -203,7 +216,7 @@ def environment() -> str:
         k: os.environ[k]
         for k in os.environ
         if k in ("XLA_FLAGS", "XLA_PYTHON_CLIENT_MEM_FRACTION", "OMP_NUM_THREADS", "GLIBC_TUNABLES")
-        or k == host_memory.ENV_VAR
+        or k in (host_memory.ENV_VAR, xla_cpu.ENV_VAR)
         or k.startswith("MALLOC_")
     }
     return (
@@ -212,7 +225,9 @@ def environment() -> str:
         f"({torch.get_num_threads()} intra-op threads), {_cpus()} of {os.cpu_count()} CPUs "
         f"({platform.processor() or platform.machine()}); XLA:CPU uses one intra-op thread per "
         f"core by default; freed host memory retained for reuse (resnet_jax.host_memory): "
-        f"{'yes' if host_memory.retaining() else 'no'}; env {env or '{}'}"
+        f"{'yes' if host_memory.retaining() else 'no'}; convolutions on Eigen, not YNNPACK "
+        f"(resnet_jax.xla_cpu): {'yes' if xla_cpu.eigen_convolutions() else 'no'}; "
+        f"env {env or '{}'}"
     )
 
 
