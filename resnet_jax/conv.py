@@ -1,10 +1,12 @@
 """2-D convolution whose training step is fast on XLA:CPU, a drop-in for the `nn.Conv` used here.
 
-XLA:CPU runs forward and input-gradient convolutions well, but its weight-gradient convolution
-is slow (up to ~10x slower than the equivalent matmul for 1x1 kernels). On CPU this module
-computes 1x1 convolutions as matmuls (so forward, input- and weight-gradients are all matmuls).
-GPU/TPU keep XLA's native convolution (cuDNN on GPU): the choice is made with
-`lax.platform_dependent` when the computation is lowered, so it works under `jit`.
+On CPU this module computes 1x1 convolutions as matmuls (so forward, input- and weight-gradients
+are all matmuls) and outputs of <= 64 pixels as one im2col matmul. Other kxk convolutions keep
+XLA's convolution; when XLA:CPU runs convolutions on YNNPACK (not the default once `resnet_jax`
+is imported, see `resnet_jax.xla_cpu`), whose weight-gradient convolution is slow, their weight
+gradient becomes per-tap matmuls. GPU/TPU keep XLA's native convolution (cuDNN on GPU): the
+choice is made with `lax.platform_dependent` when the computation is lowered, so it works under
+`jit`; the Eigen/YNNPACK choice is read from `XLA_FLAGS` when the function is traced.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from resnet_jax import ops
+from resnet_jax import ops, xla_cpu
 from resnet_jax.ops import Pads
 
 Dtype = Any
@@ -121,6 +123,8 @@ def _cpu_formulation(
     wo = (x_shape[2] + sum(padding[1]) - kw) // sw + 1
     if ho * wo <= SMALL_OUTPUT_PIXELS:
         return _im2col_conv
+    if xla_cpu.eigen_convolutions():
+        return None  # Eigen's own weight gradient beats the per-tap matmuls
     return _conv_matmul_weight_grad
 
 
@@ -133,8 +137,9 @@ def conv2d(
 ) -> jax.Array:
     """NHWC x HWIO convolution equal to `lax.conv_general_dilated`, with CPU-fast gradients.
 
-    On CPU: 1x1 -> matmul; small outputs -> im2col matmul; otherwise XLA's convolution with a
-    matmul weight gradient. Other platforms: `lax.conv_general_dilated` and its own gradients.
+    On CPU: 1x1 -> matmul; small outputs -> im2col matmul; otherwise XLA's convolution (with a
+    matmul weight gradient if XLA:CPU's convolutions are on YNNPACK). Other platforms:
+    `lax.conv_general_dilated` and its own gradients.
     """
     strides = tuple(strides)
     padding = tuple(tuple(p) for p in padding)

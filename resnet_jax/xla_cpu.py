@@ -3,9 +3,10 @@
 XLA:CPU hands dots, convolutions and reductions to YNNPACK by default. For the ResNets' kxk
 convolutions YNNPACK is the slower of the two: on the 2-core development machine, batch 8, a
 56x56x64 3x3 convolution takes 32 ms forward and 34 ms for its input gradient with YNNPACK, 18
-and 20 ms with Eigen (`benchmarks/bench_convs.py`; whole ResNet-50 steps in BENCHMARKS.md:
-inference 842 -> 707 ms, train step 2719 -> 2665 ms). Matmuls (the 1x1 convolutions and weight
-gradients of `resnet_jax.conv.Conv`) and reductions stay with YNNPACK, which is faster for them.
+and 20 ms with Eigen (`benchmarks/bench_convs.py`), and Eigen's weight-gradient convolutions
+are fast enough that `resnet_jax.conv.Conv` keeps them (see there); whole ResNet-50 steps in
+BENCHMARKS.md: inference 860 -> 746 ms, train step 3066 -> 2852 ms. Matmuls (`conv.Conv`'s 1x1
+convolutions) and reductions stay with YNNPACK, which is faster for them.
 
 XLA reads `XLA_FLAGS` once, when JAX starts its backends, so importing `resnet_jax` adds the flag
 (by default only where no GPU/TPU plugin for JAX is installed; RESNET_JAX_EIGEN_CONVS=1 or 0

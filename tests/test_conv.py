@@ -1,8 +1,10 @@
 """`resnet_jax.conv.Conv` is a drop-in for `nn.Conv`: same parameters, values and gradients.
 
 Its CPU formulations (1x1 as matmul, weight gradient by im2col + matmul) are checked against
-flax's `nn.Conv` in float32 and, with x64 enabled, to float64 round-off; other platforms must
-lower to plain convolutions (checked by exporting for CUDA/TPU, which needs no GPU).
+flax's `nn.Conv` in float32 and, with x64 enabled, to float64 round-off, with XLA:CPU's
+convolutions on Eigen (the default, `resnet_jax.xla_cpu`) and on YNNPACK, which pick different
+formulations; other platforms must lower to plain convolutions (checked by exporting for
+CUDA/TPU, which needs no GPU).
 """
 
 import flax.linen as nn
@@ -12,13 +14,14 @@ import numpy as np
 import pytest
 from jax import export
 
-from resnet_jax import models
+from resnet_jax import models, xla_cpu
 from resnet_jax.conv import Conv, conv2d
 
 P0, P1, P3 = ((0, 0), (0, 0)), ((1, 1), (1, 1)), ((3, 3), (3, 3))
 # kernel, stride, padding, groups, spatial size, in channels, features, use_bias. On CPU the
-# sizes pick every formulation: 1x1 matmul; XLA conv + per-tap matmul dW (>= 16 channels) or
-# + im2col dW (fewer); im2col for outputs of <= 64 pixels; XLA's own conv when grouped.
+# sizes pick every formulation: 1x1 matmul; im2col for outputs of <= 64 pixels; XLA's own conv
+# when grouped; otherwise XLA's own conv with Eigen convolutions, and with YNNPACK's XLA conv +
+# per-tap matmul dW (>= 16 channels) or + im2col dW (fewer).
 CASES = [
     (1, 1, P0, 1, 9, 8, 16, False),
     (1, 2, P0, 1, 9, 8, 16, False),  # strided 1x1 (downsample), odd size
@@ -34,6 +37,13 @@ CASES = [
     (1, 1, "SAME", 2, 5, 8, 8, True),  # grouped 1x1
 ]
 IDS = [f"k{c[0]}s{c[1]}g{c[3]}h{c[4]}{'b' if c[7] else ''}-{c[2]}" for c in CASES]
+
+
+@pytest.fixture(params=["eigen", "ynn"])
+def cpu_convs(request, monkeypatch):
+    """Trace `conv2d` as if XLA:CPU's convolutions were on Eigen (the default) or YNNPACK."""
+    monkeypatch.setattr(xla_cpu, "eigen_convolutions", lambda: request.param == "eigen")
+    return request.param
 
 
 def _random_like(tree, seed: int = 0):
@@ -95,7 +105,7 @@ def _pair(case, dtype):
 
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)
-def test_matches_nn_conv_float32(case):
+def test_matches_nn_conv_float32(case, cpu_convs):
     (y_ref, g_ref), (y, g) = _compare(*_pair(case, jnp.float32))
     _assert_close(y, y_ref, 1e-5)
     _assert_close(g, g_ref, 2e-5)  # (d params, d x)
@@ -104,7 +114,7 @@ def test_matches_nn_conv_float32(case):
 @pytest.mark.parametrize(
     "case", [CASES[i] for i in (1, 3, 4, 7)], ids=[IDS[i] for i in (1, 3, 4, 7)]
 )
-def test_matches_nn_conv_float64(case):
+def test_matches_nn_conv_float64(case, cpu_convs):
     with jax.enable_x64(True):
         (y_ref, g_ref), (y, g) = _compare(*_pair(case, jnp.float64))
         assert y.dtype == jnp.float64
@@ -115,7 +125,7 @@ def test_matches_nn_conv_float64(case):
 @pytest.mark.parametrize(
     "case", [CASES[i] for i in (1, 3, 4, 7)], ids=[IDS[i] for i in (1, 3, 4, 7)]
 )
-def test_forward_mode_and_hessian_vector_products_match(case):
+def test_forward_mode_and_hessian_vector_products_match(case, cpu_convs):
     """Forward-mode AD works (no custom_vjp) and jvp-of-grad equals nn.Conv's."""
     ref, ours, x = _pair(case, jnp.float32)
     variables = _random_like(jax.eval_shape(ref.init, jax.random.key(0), x))
@@ -149,10 +159,11 @@ def _lowered(fn, platform: str, *shapes) -> str:
 
 
 @pytest.mark.parametrize(
-    ("kernel", "size", "cpu_convs"),
-    [(1, 9, 0), (3, 9, 0), (3, 17, 1)],  # 1x1 matmul, 5x5-output im2col, 9x9: XLA's dx only
+    ("kernel", "size", "xla_convs"),
+    [(1, 9, 0), (3, 9, 0), (3, 17, {"eigen": 2, "ynn": 1})],
+    ids=["1x1 matmul", "5x5-output im2col", "9x9 output"],  # YNNPACK: XLA's dx, matmul dW
 )
-def test_fast_formulation_only_on_cpu(kernel, size, cpu_convs):
+def test_fast_formulation_only_on_cpu(kernel, size, xla_convs, cpu_convs):
     pad = ((kernel // 2,) * 2,) * 2
 
     def grads(x, w):
@@ -160,8 +171,9 @@ def test_fast_formulation_only_on_cpu(kernel, size, cpu_convs):
 
     shapes = ((2, size, size, 16), (kernel, kernel, 16, 8))
     cpu = _lowered(grads, "cpu", *shapes)
-    assert "stablehlo.dot_general" in cpu
-    assert cpu.count("stablehlo.convolution") == cpu_convs
+    xla_convs = xla_convs if isinstance(xla_convs, int) else xla_convs[cpu_convs]
+    assert ("stablehlo.dot_general" in cpu) is (xla_convs < 2)
+    assert cpu.count("stablehlo.convolution") == xla_convs
     for platform in ("cuda", "tpu"):
         other = _lowered(grads, platform, *shapes)
         assert "stablehlo.dot_general" not in other
