@@ -31,11 +31,7 @@ SHAPES = [
     (14, 512, 512, 3, 2),
     (7, 512, 512, 3, 1),
 ]
-_TYPES = "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"
-KERNELS = {
-    "YNNPACK": {xla_cpu.FLAG_NAME: _TYPES + ",LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION"},
-    "Eigen": xla_cpu.COMPILER_OPTIONS,
-}
+KERNELS = {"YNNPACK": xla_cpu.YNN_DEFAULT_COMPILER_OPTIONS, "Eigen": xla_cpu.COMPILER_OPTIONS}
 
 
 def _functions(stride: int, pad: int) -> dict:

@@ -53,10 +53,6 @@ JAX_CONVS: dict[str, Callable[..., nn.Module]] = {
 }
 # jax-Conv-ynn: the library's model compiled with XLA's default, YNNPACK convolutions (what
 # importing resnet_jax changes on CPU, see resnet_jax.xla_cpu), for an A/B in one process.
-YNN_CONV_OPTIONS = {
-    xla_cpu.FLAG_NAME: "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,"
-    "LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION,LIBRARY_FUSION_TYPE_REDUCE"
-}
 
 
 def _status_kb(key: str) -> int:
@@ -124,7 +120,7 @@ def _jax_runner(impl: str, arch: str, batch: int, size: int, mode: str, dtype: s
     model = models.get_model(arch, conv=JAX_CONVS[impl], dtype=compute)
     variables = models.init_variables(model, jax.random.key(0), size)
     x, y = random_batch(batch, size)
-    options = YNN_CONV_OPTIONS if impl == "jax-Conv-ynn" else None
+    options = xla_cpu.YNN_DEFAULT_COMPILER_OPTIONS if impl == "jax-Conv-ynn" else None
     t0 = time.perf_counter()
     if mode == "infer":
         fn = jax.jit(lambda v, x: model.apply(v, x, train=False), compiler_options=options)

@@ -28,7 +28,12 @@ ENV_VAR = "RESNET_JAX_EIGEN_CONVS"
 FLAG_NAME = "xla_cpu_experimental_ynn_fusion_type"
 # XLA_FLAGS syntax: YNNPACK's default fusion types minus individual convolutions.
 FLAG = f"--{FLAG_NAME}=-individual_convolution"
-# The same as a compile option: the default types (dots, convolutions, reductions) minus one.
+# As compile options: XLA's default fusion types for YNNPACK (dots, convolutions, reductions),
+# and the same without convolutions (what `FLAG` does).
+YNN_DEFAULT_COMPILER_OPTIONS = {
+    FLAG_NAME: "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION,"
+    "LIBRARY_FUSION_TYPE_REDUCE"
+}
 COMPILER_OPTIONS = {FLAG_NAME: "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"}
 # The oldest jaxlib this was checked with: XLA aborts on flags it does not know, so older
 # versions are left alone.
