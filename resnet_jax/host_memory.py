@@ -19,6 +19,7 @@ MALLOC_TRIM_THRESHOLD_=2147483647 in the environment. The price: memory freed by
 from __future__ import annotations
 
 import ctypes
+import functools
 import importlib.metadata
 import importlib.util
 import os
@@ -55,10 +56,12 @@ def retaining() -> bool:
     return _applied
 
 
-def accelerator_plugins() -> list[str]:
-    """The installed JAX GPU/TPU plugins (`jax_plugins` entry points, and libtpu)."""
+@functools.cache
+def accelerator_plugins() -> tuple[str, ...]:
+    """The installed JAX GPU/TPU plugins (`jax_plugins` entry points, and libtpu); scanned once,
+    though both settings applied at import ask."""
     found = sorted(e.name for e in importlib.metadata.entry_points(group="jax_plugins"))
-    return found + (["libtpu"] if importlib.util.find_spec("libtpu") is not None else [])
+    return (*found, *(["libtpu"] if importlib.util.find_spec("libtpu") is not None else []))
 
 
 def cpu_only_switch(env_var: str) -> bool:
