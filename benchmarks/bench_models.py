@@ -99,32 +99,20 @@ class Runner:
         self.peak_mb = max(self.peak_mb, (_status_kb("VmHWM") - base) / 1024)
 
 
-@contextlib.contextmanager
-def _flags_without_eigen_convolutions(active: bool):
-    """While tracing jax-Conv-ynn: `XLA_FLAGS` without resnet_jax.xla_cpu's flag, so that
-    `conv.Conv` picks the formulations it uses with YNNPACK convolutions (it reads the flag when
-    traced; the compile option below selects the kernels)."""
-    saved = os.environ.get("XLA_FLAGS")
-    if active and saved is not None:
-        os.environ["XLA_FLAGS"] = " ".join(f for f in saved.split() if f != xla_cpu.FLAG)
-    try:
-        yield
-    finally:
-        if saved is not None:
-            os.environ["XLA_FLAGS"] = saved
-
-
 def _jax_runner(impl: str, arch: str, batch: int, size: int, mode: str, dtype: str) -> Runner:
     """Build, compile (timed) and wrap a jitted JAX train or inference step."""
     compute = jnp.bfloat16 if dtype == "bf16" else jnp.float32
     model = models.get_model(arch, conv=JAX_CONVS[impl], dtype=compute)
     variables = models.init_variables(model, jax.random.key(0), size)
     x, y = random_batch(batch, size)
-    options = xla_cpu.YNN_DEFAULT_COMPILER_OPTIONS if impl == "jax-Conv-ynn" else None
+    ynn = impl == "jax-Conv-ynn"
+    options = xla_cpu.YNN_DEFAULT_COMPILER_OPTIONS if ynn else None
+    # Conv picks its formulation for the kernels it will run on when traced.
+    kernels = xla_cpu.assume_eigen_convolutions(False) if ynn else contextlib.nullcontext()
     t0 = time.perf_counter()
     if mode == "infer":
         fn = jax.jit(lambda v, x: model.apply(v, x, train=False), compiler_options=options)
-        with _flags_without_eigen_convolutions(options is not None):
+        with kernels:
             compiled = fn.lower(variables, x).compile()
         state = {"v": variables}
 
@@ -136,7 +124,7 @@ def _jax_runner(impl: str, arch: str, batch: int, size: int, mode: str, dtype: s
         params, batch_stats = variables["params"], variables["batch_stats"]
         opt_state = tx.init(params)
         fn = jax.jit(train_step, donate_argnums=(0, 1, 2), compiler_options=options)
-        with _flags_without_eigen_convolutions(options is not None):
+        with kernels:
             compiled = fn.lower(params, batch_stats, opt_state, x, y).compile()
         state = {"s": (params, batch_stats, opt_state)}
 

@@ -18,9 +18,12 @@ already in `XLA_FLAGS` is left alone. Per jit, `COMPILER_OPTIONS` does the same:
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import importlib.metadata
 import os
 import re
+from collections.abc import Iterator
 
 from resnet_jax import host_memory
 
@@ -38,6 +41,8 @@ COMPILER_OPTIONS = {FLAG_NAME: "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSIO
 # The oldest jaxlib this was checked with: XLA aborts on flags it does not know, so older
 # versions are left alone.
 MIN_JAXLIB = (0, 10, 2)
+# Set by `assume_eigen_convolutions` to override what `XLA_FLAGS` says while tracing.
+_ASSUMED: contextvars.ContextVar[bool | None] = contextvars.ContextVar("eigen_convs", default=None)
 
 
 def jaxlib_version() -> tuple[int, ...]:
@@ -66,6 +71,21 @@ def use_eigen_convolutions() -> bool:
 
 
 def eigen_convolutions() -> bool:
-    """Whether `XLA_FLAGS` routes convolutions to Eigen with `FLAG` (as `use_eigen_convolutions`
-    sets it)."""
+    """Whether convolutions traced now will run on Eigen: `XLA_FLAGS` holds `FLAG` (as
+    `use_eigen_convolutions` sets it), unless `assume_eigen_convolutions` says otherwise."""
+    assumed = _ASSUMED.get()
+    if assumed is not None:
+        return assumed
     return FLAG in os.environ.get("XLA_FLAGS", "").split()
+
+
+@contextlib.contextmanager
+def assume_eigen_convolutions(eigen: bool) -> Iterator[None]:
+    """Within the block, `eigen_convolutions()` returns `eigen`: for tracing a function that is
+    compiled with other kernels than the process default, e.g. `YNN_DEFAULT_COMPILER_OPTIONS`
+    (`conv.Conv` picks its formulation when traced; jit caches that trace, so use a fresh jit)."""
+    token = _ASSUMED.set(eigen)
+    try:
+        yield
+    finally:
+        _ASSUMED.reset(token)

@@ -40,10 +40,10 @@ IDS = [f"k{c[0]}s{c[1]}g{c[3]}h{c[4]}{'b' if c[7] else ''}-{c[2]}" for c in CASE
 
 
 @pytest.fixture(params=["eigen", "ynn"])
-def cpu_convs(request, monkeypatch):
+def cpu_convs(request):
     """Trace `conv2d` as if XLA:CPU's convolutions were on Eigen (the default) or YNNPACK."""
-    monkeypatch.setattr(xla_cpu, "eigen_convolutions", lambda: request.param == "eigen")
-    return request.param
+    with xla_cpu.assume_eigen_convolutions(request.param == "eigen"):
+        yield request.param
 
 
 def _random_like(tree, seed: int = 0):

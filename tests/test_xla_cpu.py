@@ -1,30 +1,45 @@
 """`resnet_jax.xla_cpu`: importing resnet_jax sends XLA:CPU's convolutions (and nothing else) to
 Eigen and keeps the user's XLA_FLAGS (each case in a fresh process: XLA reads its flags once)."""
 
+import functools
 import json
 import os
 import subprocess
 import sys
-
-import pytest
+from pathlib import Path
 
 from resnet_jax import xla_cpu
 
-# After importing resnet_jax: does XLA:CPU hand a 3x3 convolution and a matmul to YNNPACK?
-PROBE = """
-import json, os
+TESTS_DIR = Path(__file__).resolve().parent
+
+
+def ynnpack_kernels(compiler_options: dict | None = None) -> dict[str, bool]:
+    """Whether XLA:CPU hands a 3x3 convolution and a matmul to YNNPACK in this process."""
+    import jax
+    import jax.numpy as jnp
+    from jax import lax
+
+    x, w = jnp.ones((2, 8, 8, 32)), jnp.ones((3, 3, 32, 32))
+    dims = ("NHWC", "HWIO", "NHWC")
+    fns = {
+        "conv_ynn": lambda x, w: lax.conv_general_dilated(
+            x, w, (1, 1), "SAME", dimension_numbers=dims
+        ),
+        "dot_ynn": lambda x, w: x.reshape(-1, 32) @ w[0, 0],
+    }
+    jit = functools.partial(jax.jit, compiler_options=compiler_options)
+    return {k: "ynn_fusion" in jit(f).lower(x, w).compile().as_text() for k, f in fns.items()}
+
+
+# In a fresh process, after importing resnet_jax: XLA_FLAGS and the kernels XLA:CPU picks.
+PROBE = f"""
+import json, os, sys
 import resnet_jax
-import jax, jax.numpy as jnp
-from jax import lax
 from resnet_jax import xla_cpu
-
-x, w = jnp.ones((2, 8, 8, 32)), jnp.ones((3, 3, 32, 32))
-dims = ("NHWC", "HWIO", "NHWC")
-conv = jax.jit(lambda x, w: lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=dims))
-dot = jax.jit(lambda x, w: x.reshape(-1, 32) @ w[0, 0])
-ynn = lambda f: "ynn_fusion" in f.lower(x, w).compile().as_text()
-result = {"xla_flags": os.environ.get("XLA_FLAGS", ""), "in_effect": xla_cpu.eigen_convolutions()}
-print(json.dumps(result | {"conv_ynn": ynn(conv), "dot_ynn": ynn(dot)}))
+sys.path.insert(0, {str(TESTS_DIR)!r})
+from test_xla_cpu import ynnpack_kernels
+result = {{"xla_flags": os.environ.get("XLA_FLAGS", ""), "in_effect": xla_cpu.eigen_convolutions()}}
+print(json.dumps(result | ynnpack_kernels()))
 """
 
 
@@ -61,27 +76,21 @@ def test_users_own_ynn_setting_wins():
     }
 
 
-@pytest.mark.parametrize("name", ["conv", "dot"])
-def test_compiler_options_match_the_flag(name):
-    """`COMPILER_OPTIONS` on one jit gives what `FLAG` gives a whole process."""
-    import jax
-    import jax.numpy as jnp
-    from jax import lax
-
-    x, w = jnp.ones((2, 8, 8, 32)), jnp.ones((3, 3, 32, 32))
-    fns = {
-        "conv": lambda x, w: lax.conv_general_dilated(
-            x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
-        ),
-        "dot": lambda x, w: x.reshape(-1, 32) @ w[0, 0],
+def test_compiler_options_match_the_flag():
+    """Per jit, `COMPILER_OPTIONS` gives what `FLAG` gives a whole process, and
+    `YNN_DEFAULT_COMPILER_OPTIONS` what XLA does without it."""
+    assert ynnpack_kernels(xla_cpu.COMPILER_OPTIONS) == {"conv_ynn": False, "dot_ynn": True}
+    assert ynnpack_kernels(xla_cpu.YNN_DEFAULT_COMPILER_OPTIONS) == {
+        "conv_ynn": True,
+        "dot_ynn": True,
     }
-    hlo = (
-        jax.jit(fns[name], compiler_options=xla_cpu.COMPILER_OPTIONS)
-        .lower(x, w)
-        .compile()
-        .as_text()
-    )
-    assert ("ynn_fusion" in hlo) is (name == "dot")
+
+
+def test_assumed_kernels_override_the_flags_while_tracing():
+    flag_says = xla_cpu.eigen_convolutions()
+    with xla_cpu.assume_eigen_convolutions(not flag_says):
+        assert xla_cpu.eigen_convolutions() is (not flag_says)
+    assert xla_cpu.eigen_convolutions() is flag_says
 
 
 def test_older_jaxlib_is_left_alone(monkeypatch):
