@@ -6,7 +6,9 @@
 `to-flax` reads a torchvision state_dict (.pth/.pt via torch.load(weights_only=True), or
 .safetensors), checks every key and shape against --arch, and writes a directory that
 `resnet_jax.checkpoint.load` (and scripts/evaluate.py, predict.py, train.py --pretrained) read.
-A 1000-class head is labelled with the ImageNet class names unless --class-names is given.
+A 1000-class head is labelled with the ImageNet class names unless --class-names is given. The
+directory records --image-size (default 224, the crop torchvision's ImageNet weights are
+evaluated at) as the size evaluate.py, predict.py and `Predictor.from_checkpoint` use.
 `to-torch` writes a state_dict that torchvision.models.<arch>(num_classes=...) loads strictly.
 """
 
@@ -23,6 +25,7 @@ import numpy as np
 from resnet_jax import checkpoint, convert, models
 
 IMAGENET_NUM_CLASSES = 1000
+TORCHVISION_EVAL_SIZE = 224  # torchvision's eval crop for its ImageNet weights
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,6 +44,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--class-names",
         type=Path,
         help="JSON list, class_names.json ({'0': name, ...}) or text file with one name a line",
+    )
+    to_flax.add_argument(
+        "--image-size",
+        type=int,
+        default=TORCHVISION_EVAL_SIZE,
+        help="eval crop size to record for evaluate.py/predict.py (default: %(default)s)",
     )
     to_flax.add_argument("--force", action="store_true", help="replace an existing model dir")
 
@@ -81,6 +90,8 @@ def _summary(arch: str, variables: dict) -> str:
 
 def to_flax(args: argparse.Namespace) -> str:
     """Convert a torchvision file into a model directory; returns the report line."""
+    if args.image_size < 1:
+        raise ValueError(f"--image-size must be a positive integer, got {args.image_size}")
     variables = convert.from_torchvision(args.input, args.arch, num_classes=args.num_classes)
     num_classes = _num_classes(variables)
     if args.class_names is not None:
@@ -96,7 +107,7 @@ def to_flax(args: argparse.Namespace) -> str:
         arch=args.arch,
         variables=variables,
         class_names=class_names,
-        metadata={"converted_from": str(args.input)},
+        metadata={"converted_from": str(args.input), "image_size": args.image_size},
         force=args.force,
     )
     names = f"; class names: {names_from}" if names_from else ""

@@ -10,7 +10,7 @@ import pytest
 import safetensors.torch
 from helpers import load_script, run_script
 
-from resnet_jax import checkpoint
+from resnet_jax import checkpoint, inference
 
 SCRIPT = "convert_weights.py"
 CLASS_NAMES = ["daisy", "dandelion", "roses", "sunflowers", "tulips"]
@@ -44,6 +44,9 @@ def test_round_trip_through_the_cli(tmp_path, weights, capsys):
     loaded = checkpoint.load(model_dir)
     assert (loaded.arch, loaded.class_names) == ("resnet18", CLASS_NAMES)
     assert loaded.metadata["converted_from"] == str(pth)
+    # predict.py / evaluate.py / Predictor read the eval size from the directory: torchvision's.
+    assert loaded.metadata["image_size"] == 224
+    assert inference.Predictor.from_checkpoint(model_dir).image_size == 224
 
     out = tmp_path / "back.safetensors"
     to_torch = ["to-torch", "--input", str(model_dir), "--output", str(out)]
@@ -65,6 +68,7 @@ def test_round_trip_through_the_cli(tmp_path, weights, capsys):
         (["--class-names", "{tmp}/bad.json"], "bad.json: not valid JSON"),
         (["--arch", "resnet5O"], "Did you mean 'resnet50'"),
         (["--arch", "resnet34"], "looks like a resnet18 state_dict, not resnet34"),
+        (["--image-size", "0"], "--image-size must be a positive integer, got 0"),
     ],
 )
 def test_bad_to_flax_arguments_are_usage_errors(tmp_path, weights, capsys, args, message):
@@ -78,6 +82,16 @@ def test_bad_to_flax_arguments_are_usage_errors(tmp_path, weights, capsys, args,
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
     assert not (tmp_path / "out").exists()
+
+
+def test_to_flax_records_the_image_size(tmp_path, weights, capsys):
+    model_dir = tmp_path / "flax"
+    argv = ["to-flax", "--arch", "resnet18", "--input", str(weights[0]), "--output",
+            str(model_dir), "--image-size", "48"]  # fmt: skip
+    assert load_script(SCRIPT).main(argv) == 0
+    assert checkpoint.load(model_dir).metadata["image_size"] == 48
+    predictor = inference.Predictor.from_checkpoint(model_dir)
+    assert (predictor.image_size, predictor.class_names) == (48, ["0", "1", "2", "3", "4"])
 
 
 def test_class_names_files(tmp_path):
