@@ -21,6 +21,9 @@ from resnet_jax import models
 TORCH_SUFFIXES = (".pth", ".pt")
 SAFETENSORS_SUFFIX = ".safetensors"
 WRAPPER_KEYS = ("state_dict", "model")
+# Key prefixes torch's own wrappers put before every key of the one module they wrap:
+# DataParallel/DistributedDataParallel (`module.`) and torch.compile (`_orig_mod.`).
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
 # (collection, Flax leaf) -> torchvision parameter/buffer name.
 _LEAF_NAMES = {
@@ -224,6 +227,17 @@ def _check(
         raise WeightsMismatchError(f"{source} contains no tensors", **keys)
     other = _detect(shapes)
     if other is None and not any(k in shapes for k in expected if not k.startswith("fc.")):
+        nested = _nested_arch(shapes)
+        if nested is not None:
+            prefix, found = nested
+            raise WeightsMismatchError(
+                f"{source} is not a torchvision ResNet state_dict at its top level, but its keys "
+                f"under {prefix!r} are a {found} state_dict (the prefix is an attribute of the "
+                "module that was saved, e.g. a PyTorch Lightning module's); pass them without "
+                f"it: {{k.removeprefix({prefix!r}): v for k, v in state_dict.items() "
+                f"if k.startswith({prefix!r})}}",
+                **keys,
+            )
         sample = ", ".join(repr(k) for k in list(shapes)[:3])
         raise WeightsMismatchError(
             f"{source} is not a torchvision ResNet state_dict: none of its {len(shapes)} keys "
@@ -271,16 +285,45 @@ def _to_numpy(value: Any, key: str, source: str) -> np.ndarray:
     raise WeightsFileError(f"{source}: entry {key!r} is a {type(value).__name__}, not a tensor")
 
 
+def _strip_wrapper_prefixes(state_dict: Mapping[str, Any]) -> Mapping[str, Any]:
+    """Remove `WRAPPER_PREFIXES` shared by every key, in any nesting (`module._orig_mod.`)."""
+    while state_dict:
+        shared = [p for p in WRAPPER_PREFIXES if all(k.startswith(p) for k in state_dict)]
+        if not shared:
+            break
+        state_dict = {k.removeprefix(shared[0]): v for k, v in state_dict.items()}
+    return state_dict
+
+
 def _unwrap(state_dict: Mapping[str, Any]) -> Mapping[str, Any]:
-    """Strip `{"state_dict": ...}` / `{"model": ...}` wrappers and DataParallel's `module.`."""
+    """Strip `{"state_dict": ...}` / `{"model": ...}` wrappers and the key prefixes of torch's
+    module wrappers (`module.`, `_orig_mod.`).
+
+    Other prefixes shared by keys (Lightning's `model.`, `backbone.`, `ema.`) are attributes of
+    the user's own module, which may hold several networks, so they are never guessed away:
+    `_check` names the prefix and the arch found under it instead.
+    """
     while True:
         inner = next((state_dict[k] for k in WRAPPER_KEYS if k in state_dict), None)
         if not isinstance(inner, Mapping):
             break
         state_dict = inner
-    if state_dict and all(k.startswith("module.") for k in state_dict):
-        state_dict = {k.removeprefix("module."): v for k, v in state_dict.items()}
-    return state_dict
+    return _strip_wrapper_prefixes(state_dict)
+
+
+def _nested_arch(shapes: Mapping[str, tuple[int, ...]]) -> tuple[str, str] | None:
+    """(prefix, arch) for the first dotted prefix, one or two names deep (`model.`,
+    `model.backbone.`), whose keys are, without it, exactly an arch in `models.ARCHS`."""
+    prefixes = sorted(
+        {".".join(k.split(".")[:depth]) + "." for k in shapes for depth in (1, 2)}
+        - {k + "." for k in shapes}
+    )
+    for prefix in prefixes:
+        inner = {k.removeprefix(prefix): v for k, v in shapes.items() if k.startswith(prefix)}
+        found = _detect(_strip_wrapper_prefixes(inner))
+        if found is not None:
+            return prefix, found
+    return None
 
 
 def _first_line(err: BaseException, prefer: str = "") -> str:
@@ -337,7 +380,8 @@ def _source_name(source: Any) -> str:
 
 
 def load_state_dict(source: Mapping[str, Any] | str | Path) -> dict[str, np.ndarray]:
-    """A state_dict or weights file as `{torch key: numpy array}`, minus wrappers and `module.`."""
+    """A state_dict or weights file as `{torch key: numpy array}`, minus wrapper dicts and the
+    `module.`/`_orig_mod.` key prefixes of DataParallel and torch.compile."""
     name = _source_name(source)
     if isinstance(source, str | Path):
         source = _read_file(Path(source))

@@ -228,10 +228,12 @@ def test_files_written_by_torch_and_safetensors_directly(tmp_path, small_sd):
         lambda sd: {"model": sd, "epoch": 3, "optimizer": {"lr": 0.1}},
         lambda sd: {f"module.{k}": v for k, v in sd.items()},
         lambda sd: {"state_dict": {"model": {f"module.{k}": v for k, v in sd.items()}}},
+        lambda sd: {f"_orig_mod.{k}": v for k, v in sd.items()},
+        lambda sd: {"state_dict": {f"module._orig_mod.{k}": v for k, v in sd.items()}},
     ],
-    ids=["state_dict", "model", "module-prefix", "nested"],
+    ids=["state_dict", "model", "module-prefix", "nested", "compile-prefix", "ddp-of-compiled"],
 )
-def test_wrappers_and_dataparallel_prefix(tmp_path, small_sd, wrap):
+def test_wrappers_dataparallel_and_compile_prefixes(tmp_path, small_sd, wrap):
     expected = convert.from_torchvision(small_sd, "resnet18")
     torch.save(wrap(small_sd), tmp_path / "wrapped.pth")
     _assert_trees_identical(
@@ -336,6 +338,25 @@ def test_non_resnet_state_dict_is_one_line():
         assert "\n" not in msg
     with pytest.raises(convert.WeightsMismatchError, match="contains no tensors"):
         convert.from_torchvision({}, "resnet18")
+
+
+@pytest.mark.parametrize("prefix", ["model.", "model._orig_mod.", "net.backbone."])
+def test_other_key_prefix_is_named_with_the_arch_under_it(small_sd, prefix):
+    """Lightning-style attribute prefixes are not stripped (the module may hold several
+    networks); the error says which prefix holds which arch and how to pass it."""
+    lightning = {"state_dict": {f"{prefix}{k}": v for k, v in small_sd.items()}, "epoch": 3}
+    lightning["state_dict"]["criterion.weight"] = torch.ones(10)
+    assert convert.detect_arch(lightning) is None
+    with pytest.raises(convert.WeightsMismatchError) as err:
+        convert.from_torchvision(lightning, "resnet34")
+    shown = prefix.removesuffix("_orig_mod.")
+    msg = str(err.value)
+    assert f"its keys under {shown!r} are a resnet18 state_dict" in msg and "\n" not in msg
+    assert f"k.removeprefix({shown!r})" in msg
+    stripped = {k.removeprefix(shown): v for k, v in lightning["state_dict"].items()
+                if k.startswith(shown)}  # fmt: skip
+    expected = convert.from_torchvision(small_sd, "resnet18")
+    _assert_trees_identical(convert.from_torchvision(stripped, "resnet18"), expected)
 
 
 def test_to_torchvision_validates_the_flax_tree(small_sd):
