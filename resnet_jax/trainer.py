@@ -423,7 +423,10 @@ def fit(cfg: TrainConfig) -> dict[str, Any]:
         return result
 
     def save(metrics: dict | None = None) -> None:
-        ckpt.save(step, state, metadata=metadata, metrics=metrics, force=True)
+        # One copy of the state: pmap's per-device stack would not restore into the plain
+        # template (here or in checkpoint.load). shard_map's replicated arrays are saved as is.
+        saved = train.fetch_state(state, "pmap") if cfg.parallel == "pmap" else state
+        ckpt.save(step, saved, metadata=metadata, metrics=metrics, force=True)
 
     # ---------------------------------------------------------------- loop
     writer = MetricsWriter(workdir, start_step, redo_eval=redo_eval) if is_main else None

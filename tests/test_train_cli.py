@@ -9,13 +9,15 @@ import subprocess
 from pathlib import Path
 from typing import NamedTuple
 
+import numpy as np
 import pytest
 import torch
 import torchvision
 from helpers import load_script, metrics_records, run_script
+from PIL import Image
 from test_transfer import _changed_stages
 
-from resnet_jax import checkpoint, convert
+from resnet_jax import checkpoint, convert, trainer
 
 
 class FineTuneRun(NamedTuple):
@@ -150,3 +152,43 @@ def test_bad_arguments_are_usage_errors_before_compiling(args, message, tmp_path
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
     assert not list((tmp_path / "w").glob("checkpoints/[0-9]*"))
+
+
+# ------------------------------------------------------------------------------------------------
+# trainer.fit in this process on a tiny data set (4 devices, see conftest.py)
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory) -> Path:
+    """Two classes of 6 train and 2 val small JPEGs: 3 steps per epoch of 4 images."""
+    root = tmp_path_factory.mktemp("tiny_data")
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 6), ("val", 2)):
+        for name in ("ant", "bee"):
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i in range(count):
+                pixels = rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(folder / f"{i}.jpg")
+    return root
+
+
+def _tiny_config(data_dir: Path | str, workdir: Path, **overrides) -> trainer.TrainConfig:
+    """resnet18 at 32 px on `tiny_data`, one epoch of 3 steps of 4 images."""
+    options = dict(
+        arch="resnet18", data_dir=str(data_dir), image_size=32, batch_size=4, epochs=1,
+        warmup_epochs=0, num_workers=1, workdir=str(workdir),
+    )  # fmt: skip
+    return trainer.TrainConfig(**(options | overrides))
+
+
+def test_pmap_checkpoints_resume_and_load_like_shard_map(tiny_data, tmp_path):
+    """--parallel pmap keeps one state copy per device; its checkpoints hold one copy (the
+    plain state's shapes), so a rerun resumes and checkpoint.load reads them."""
+    workdir = tmp_path / "run"
+    final = trainer.fit(_tiny_config(tiny_data, workdir, parallel="pmap", max_steps=1))
+    assert final["step"] == 1
+    resumed = trainer.fit(_tiny_config(tiny_data, workdir, parallel="pmap", max_steps=2))
+    assert resumed["step"] == 2
+    loaded = checkpoint.load(workdir, which="latest")
+    assert loaded.step == 2 and loaded.variables["params"]["fc"]["kernel"].shape == (512, 2)
