@@ -6,7 +6,8 @@ XLA's convolution; when XLA:CPU runs convolutions on YNNPACK (not the default on
 is imported, see `resnet_jax.xla_cpu`), whose weight-gradient convolution is slow, their weight
 gradient becomes per-tap matmuls. GPU/TPU keep XLA's native convolution (cuDNN on GPU): the
 choice is made with `lax.platform_dependent` when the computation is lowered, so it works under
-`jit`; the Eigen/YNNPACK choice is read from `XLA_FLAGS` when the function is traced.
+`jit`; the Eigen/YNNPACK choice is asked of the CPU backend when the function is traced
+(`xla_cpu.eigen_convolutions`).
 """
 
 from __future__ import annotations

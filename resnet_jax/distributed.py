@@ -7,40 +7,22 @@ docs/multihost.md for launch recipes.
 
 from __future__ import annotations
 
-import importlib.metadata
-import importlib.util
 import logging
-import os
-import pkgutil
 
 import jax
+
+from resnet_jax import backend
 
 log = logging.getLogger("resnet_jax")
 
 CPU_COLLECTIVES = "gloo"
 
 
-def _accelerator_plugin_installed() -> bool:
-    """Whether a GPU/TPU backend could load: libtpu, or any PJRT plugin (CUDA, ROCm, ...)."""
-    if os.environ.get("TPU_LIBRARY_PATH") or importlib.util.find_spec("libtpu") is not None:
-        return True
-    if importlib.metadata.entry_points(group="jax_plugins"):
-        return True
-    try:
-        import jax_plugins  # namespace package holding path-based PJRT plugins
-    except ImportError:
-        return False
-    return any(True for _ in pkgutil.iter_modules(jax_plugins.__path__))
-
-
 def platform_is_cpu() -> bool:
     """Whether JAX will compute on CPU, decided without starting a backend (which must wait
-    until after `jax.distributed.initialize`): JAX_PLATFORMS / `jax_platforms` names cpu first,
-    or no accelerator plugin is installed."""
-    platforms = jax.config.jax_platforms
-    if platforms:
-        return platforms.split(",")[0].strip().lower() == "cpu"
-    return not _accelerator_plugin_installed()
+    until after `jax.distributed.initialize`): `jax_platforms` (JAX_PLATFORMS) names cpu first,
+    or no accelerator plugin is installed (`backend.cpu_expected`)."""
+    return backend.cpu_expected(jax.config.jax_platforms or "")
 
 
 def initialize(

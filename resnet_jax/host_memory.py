@@ -7,9 +7,10 @@ train step at batch 8, 224 px) and frees it afterwards. glibc serves blocks that
 (`benchmarks/bench_models.py`, tables in BENCHMARKS.md). `retain_freed_memory` makes glibc serve
 large blocks from its heap and keep freed memory there, so the next step reuses it.
 
-Importing `resnet_jax` calls it when XLA:CPU will be the backend, i.e. no GPU/TPU plugin for
-JAX is installed (on accelerator hosts the step's temporaries live on the device, and one malloc
-arena for all threads could slow a busy input pipeline). RESNET_JAX_RETAIN_HOST_MEMORY=1 forces it
+Importing `resnet_jax` calls it when XLA:CPU will be the backend (`backend.cpu_expected`:
+JAX_PLATFORMS names cpu first, or no GPU/TPU plugin for JAX is installed; on accelerator hosts
+the step's temporaries live on the device, and one malloc arena for all threads could slow a
+busy input pipeline). RESNET_JAX_RETAIN_HOST_MEMORY=1 forces it
 on, =0 off. It only helps threads that have not allocated yet, so import `resnet_jax` before JAX's
 first computation; the same effect for any process: MALLOC_ARENA_MAX=1 MALLOC_MMAP_MAX_=0
 MALLOC_TRIM_THRESHOLD_=2147483647 in the environment. The price: memory freed by the process
@@ -19,12 +20,10 @@ MALLOC_TRIM_THRESHOLD_=2147483647 in the environment. The price: memory freed by
 from __future__ import annotations
 
 import ctypes
-import functools
-import importlib.metadata
-import importlib.util
-import os
 import platform
 import sys
+
+from resnet_jax import backend
 
 ENV_VAR = "RESNET_JAX_RETAIN_HOST_MEMORY"
 
@@ -56,28 +55,7 @@ def retaining() -> bool:
     return _applied
 
 
-@functools.cache
-def accelerator_plugins() -> tuple[str, ...]:
-    """The installed JAX GPU/TPU plugins (`jax_plugins` entry points, and libtpu); scanned once,
-    though both settings applied at import ask."""
-    found = sorted(e.name for e in importlib.metadata.entry_points(group="jax_plugins"))
-    return (*found, *(["libtpu"] if importlib.util.find_spec("libtpu") is not None else []))
-
-
-def cpu_only_switch(env_var: str) -> bool:
-    """A CPU-tuning switch: `env_var` = 1/true/yes/on or 0/false/no/off decides; unset (or
-    empty), on only where XLA:CPU is the backend (no accelerator plugins installed)."""
-    value = os.environ.get(env_var, "").strip().lower()
-    if value in ("1", "true", "yes", "on"):
-        return True
-    if value in ("0", "false", "no", "off"):
-        return False
-    if value:
-        raise ValueError(f"{env_var}={os.environ[env_var]!r}: expected 1 or 0 (or unset)")
-    return not accelerator_plugins()
-
-
 def wanted() -> bool:
     """Whether importing resnet_jax should call `retain_freed_memory`
-    (RESNET_JAX_RETAIN_HOST_MEMORY, see `cpu_only_switch`)."""
-    return cpu_only_switch(ENV_VAR)
+    (RESNET_JAX_RETAIN_HOST_MEMORY, see `backend.cpu_only_switch`)."""
+    return backend.cpu_only_switch(ENV_VAR)

@@ -9,23 +9,26 @@ BENCHMARKS.md: inference 860 -> 746 ms, train step 3066 -> 2852 ms. Matmuls (`co
 convolutions) and reductions stay with YNNPACK, which is faster for them.
 
 XLA reads `XLA_FLAGS` once, when JAX starts its backends, so importing `resnet_jax` adds the flag
-(by default only where no GPU/TPU plugin for JAX is installed; RESNET_JAX_EIGEN_CONVS=1 or 0
-decides) and it takes effect only if `resnet_jax` is imported before JAX's first computation. It
-applies to every convolution the process compiles; a `--xla_cpu_experimental_ynn_fusion_type`
-already in `XLA_FLAGS` is left alone. Per jit, `COMPILER_OPTIONS` does the same:
-`jax.jit(f, compiler_options=xla_cpu.COMPILER_OPTIONS)`.
+(by default only where JAX will compute on CPU, see `backend.cpu_expected`;
+RESNET_JAX_EIGEN_CONVS=1 or 0 decides) and it takes effect only if `resnet_jax` is imported
+before JAX's first computation (otherwise the import warns). It applies to every convolution the
+process compiles; a `--xla_cpu_experimental_ynn_fusion_type` already in `XLA_FLAGS` is left
+alone. Per jit, `COMPILER_OPTIONS` does the same:
+`jax.jit(f, compiler_options=xla_cpu.COMPILER_OPTIONS)`. Which kernels convolutions really get
+is asked of the CPU backend (`eigen_convolutions`), not read from the flags.
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import importlib.metadata
 import os
 import re
 from collections.abc import Iterator
 
-from resnet_jax import host_memory
+from resnet_jax import backend
 
 ENV_VAR = "RESNET_JAX_EIGEN_CONVS"
 FLAG_NAME = "xla_cpu_experimental_ynn_fusion_type"
@@ -41,7 +44,7 @@ COMPILER_OPTIONS = {FLAG_NAME: "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSIO
 # The oldest jaxlib this was checked with: XLA aborts on flags it does not know, so older
 # versions are left alone.
 MIN_JAXLIB = (0, 10, 2)
-# Set by `assume_eigen_convolutions` to override what `XLA_FLAGS` says while tracing.
+# Set by `assume_eigen_convolutions` to override what the CPU backend does while tracing.
 _ASSUMED: contextvars.ContextVar[bool | None] = contextvars.ContextVar("eigen_convs", default=None)
 
 
@@ -56,8 +59,8 @@ def jaxlib_version() -> tuple[int, ...]:
 
 def wanted() -> bool:
     """Whether importing resnet_jax should call `use_eigen_convolutions`: RESNET_JAX_EIGEN_CONVS
-    (see `host_memory.cpu_only_switch`), and never with a jaxlib older than `MIN_JAXLIB`."""
-    return host_memory.cpu_only_switch(ENV_VAR) and jaxlib_version() >= MIN_JAXLIB
+    (see `backend.cpu_only_switch`), and never with a jaxlib older than `MIN_JAXLIB`."""
+    return backend.cpu_only_switch(ENV_VAR) and jaxlib_version() >= MIN_JAXLIB
 
 
 def use_eigen_convolutions() -> bool:
@@ -67,16 +70,39 @@ def use_eigen_convolutions() -> bool:
     if f"--{FLAG_NAME}=" not in flags:
         flags = f"{flags} {FLAG}".strip()
         os.environ["XLA_FLAGS"] = flags
-    return eigen_convolutions()
+    return FLAG in flags.split()
 
 
 def eigen_convolutions() -> bool:
-    """Whether convolutions traced now will run on Eigen: `XLA_FLAGS` holds `FLAG` (as
-    `use_eigen_convolutions` sets it), unless `assume_eigen_convolutions` says otherwise."""
+    """Whether convolutions traced now will run on Eigen rather than YNNPACK: as
+    `assume_eigen_convolutions` says within its block, else `cpu_backend_convolutions_on_eigen`."""
     assumed = _ASSUMED.get()
     if assumed is not None:
         return assumed
-    return FLAG in os.environ.get("XLA_FLAGS", "").split()
+    return cpu_backend_convolutions_on_eigen()
+
+
+@functools.cache
+def cpu_backend_convolutions_on_eigen() -> bool:
+    """Whether JAX's CPU backend compiles a 3x3 convolution without YNNPACK: what the process
+    really does, whoever set `XLA_FLAGS` (this module, the user) and whether it was set before
+    the backend started. Asked once per process (a ~30 ms compile); starts the CPU backend.
+    False where the process has no CPU backend (e.g. JAX_PLATFORMS=cuda): nothing runs there."""
+    import jax
+    import jax.numpy as jnp
+    from jax import lax
+
+    try:
+        cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
+    except RuntimeError:
+        return False
+    x = jax.ShapeDtypeStruct((1, 8, 8, 32), jnp.float32, sharding=cpu)
+    w = jax.ShapeDtypeStruct((3, 3, 32, 32), jnp.float32, sharding=cpu)
+    dims = ("NHWC", "HWIO", "NHWC")
+    conv = jax.jit(
+        lambda x, w: lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=dims)
+    )
+    return "ynn_fusion" not in conv.lower(x, w).compile().as_text()
 
 
 @contextlib.contextmanager

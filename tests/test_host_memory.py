@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from resnet_jax import host_memory, xla_cpu
+from resnet_jax import host_memory
 
 # After importing resnet_jax: malloc, touch and free a 256 MiB block (as XLA:CPU does with a
 # step's temporaries) several times; prints the page faults of all but the first round.
@@ -58,34 +58,3 @@ def test_import_keeps_freed_blocks_for_reuse():
     default_glibc = _probe("0")
     assert default_glibc["applied"] is False
     assert default_glibc["faults"] >= 3 * PAGES_PER_BLOCK * 0.9  # every block mmapped afresh
-
-
-@pytest.mark.parametrize(
-    ("value", "plugins", "wanted"),
-    [
-        (None, [], True),
-        ("", [], True),
-        (None, ["cuda"], False),  # a GPU/TPU backend: not by default
-        ("1", ["cuda"], True),
-        ("on", [], True),
-        ("0", [], False),
-        ("off", [], False),
-        ("No", [], False),
-    ],
-)
-@pytest.mark.parametrize("module", [host_memory, xla_cpu], ids=["host_memory", "xla_cpu"])
-def test_wanted_by_environment_and_plugins(monkeypatch, module, value, plugins, wanted):
-    """Both CPU tunings applied at import share `host_memory.cpu_only_switch`."""
-    if value is None:
-        monkeypatch.delenv(module.ENV_VAR, raising=False)
-    else:
-        monkeypatch.setenv(module.ENV_VAR, value)
-    monkeypatch.setattr(host_memory, "accelerator_plugins", lambda: plugins)
-    assert module.wanted() is wanted
-
-
-@pytest.mark.parametrize("module", [host_memory, xla_cpu], ids=["host_memory", "xla_cpu"])
-def test_bad_environment_value_is_named(monkeypatch, module):
-    monkeypatch.setenv(module.ENV_VAR, "maybe")
-    with pytest.raises(ValueError, match=f"{module.ENV_VAR}='maybe': expected 1 or 0"):
-        module.wanted()

@@ -31,23 +31,28 @@ def ynnpack_kernels(compiler_options: dict | None = None) -> dict[str, bool]:
     return {k: "ynn_fusion" in jit(f).lower(x, w).compile().as_text() for k, f in fns.items()}
 
 
-# In a fresh process, after importing resnet_jax: XLA_FLAGS and the kernels XLA:CPU picks.
-PROBE = f"""
+# In a fresh process (optionally after JAX's first computation), after importing resnet_jax:
+# XLA_FLAGS, what resnet_jax believes, and the kernels XLA:CPU really picks.
+PROBE = """
 import json, os, sys
+{start_jax}
 import resnet_jax
 from resnet_jax import xla_cpu
-sys.path.insert(0, {str(TESTS_DIR)!r})
+sys.path.insert(0, {tests_dir!r})
 from test_xla_cpu import ynnpack_kernels
-result = {{"xla_flags": os.environ.get("XLA_FLAGS", ""), "in_effect": xla_cpu.eigen_convolutions()}}
-print(json.dumps(result | ynnpack_kernels()))
+flags = os.environ.get("XLA_FLAGS", "")
+result = dict(xla_flags=flags, in_effect=xla_cpu.eigen_convolutions(), **ynnpack_kernels())
+print(json.dumps(result))
 """
+START_JAX = "import jax; jax.numpy.ones(1).block_until_ready()"
 
 
-def _probe(setting: str, xla_flags: str) -> dict:
+def _probe(setting: str, xla_flags: str, jax_started_first: bool = False) -> dict:
     env = dict(os.environ, XLA_FLAGS=xla_flags, JAX_PLATFORMS="cpu")
     env[xla_cpu.ENV_VAR] = setting
+    code = PROBE.format(start_jax=START_JAX if jax_started_first else "", tests_dir=str(TESTS_DIR))
     proc = subprocess.run(
-        [sys.executable, "-c", PROBE], capture_output=True, text=True, env=env, timeout=120
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120
     )
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout.splitlines()[-1])
@@ -67,12 +72,24 @@ def test_import_sends_convolutions_to_eigen_and_keeps_user_flags():
 
 
 def test_users_own_ynn_setting_wins():
-    users = f"--{xla_cpu.FLAG_NAME}="  # YNNPACK off entirely
+    users = f"--{xla_cpu.FLAG_NAME}="  # YNNPACK off entirely: convolutions on Eigen too
     assert _probe("1", users) == {
         "xla_flags": users,
-        "in_effect": False,
+        "in_effect": True,
         "conv_ynn": False,
         "dot_ynn": False,
+    }
+
+
+def test_flag_set_too_late_is_not_believed():
+    """Imported after JAX started: the flag is in XLA_FLAGS but XLA has read them already, so
+    convolutions stay on YNNPACK and conv.Conv must trace for YNNPACK."""
+    late = _probe("1", "", jax_started_first=True)
+    assert late == {
+        "xla_flags": xla_cpu.FLAG,
+        "in_effect": False,
+        "conv_ynn": True,
+        "dot_ynn": True,
     }
 
 
