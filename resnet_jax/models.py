@@ -193,9 +193,12 @@ class ResNet(nn.Module):
     conv: ModuleDef = Conv
 
     def feature_info(self) -> list[FeatureInfo]:
-        """Channels and reduction of each tap returned by `__call__(..., return_features=True)`."""
+        """Channels and reduction of each tap returned by `__call__(..., return_features=True)`:
+        `act1` (the stem's ReLU, before max-pooling), `stem` (after it), layer1..layer4, and
+        `pre_logits`, the globally pooled layer4 features (a vector per image, pooled from the
+        stride-32 map)."""
         expansion = self.block_cls.expansion
-        info = [FeatureInfo("stem", 64, 4)]
+        info = [FeatureInfo("act1", 64, 2), FeatureInfo("stem", 64, 4)]
         for i, name in enumerate(STAGE_NAMES):
             info.append(FeatureInfo(name, 64 * 2**i * expansion, 4 * 2**i))
         info.append(FeatureInfo("pre_logits", 512 * expansion, 32))
@@ -207,6 +210,12 @@ class ResNet(nn.Module):
     ) -> jax.Array | dict[str, jax.Array]:
         """Logits (or pooled features if `num_classes is None`), or with `return_features` a dict
         of every tap in `feature_info()` plus `logits` when the model has a head."""
+        sizes = tuple(self.stage_sizes)
+        if len(sizes) != len(STAGE_NAMES) or not all(isinstance(n, int) and n > 0 for n in sizes):
+            raise ValueError(
+                f"stage_sizes: expected {len(STAGE_NAMES)} positive block counts (layer1..layer4), "
+                f"got {self.stage_sizes!r}"
+            )
         frozen = set(self.frozen_bn)
         unknown = frozen - {"stem", *STAGE_NAMES}
         if unknown:
@@ -232,11 +241,12 @@ class ResNet(nn.Module):
         x = x.astype(self.dtype)
         x = conv(64, (7, 7), (2, 2), padding=_pad(7), name="conv1")(x)
         x = nn.relu(norm_for("stem")(name="bn1")(x))
+        features["act1"] = x
         x = ops.max_pool(x, 3, 2, 1)
         features["stem"] = x
 
         in_channels = 64
-        for i, (stage, num_blocks) in enumerate(zip(STAGE_NAMES, self.stage_sizes, strict=True)):
+        for i, (stage, num_blocks) in enumerate(zip(STAGE_NAMES, sizes, strict=True)):
             planes = 64 * 2**i
             for j in range(num_blocks):
                 strides = 2 if i > 0 and j == 0 else 1

@@ -137,6 +137,24 @@ def test_frozen_bn_stages_keep_running_statistics(basic_vars):
     assert not np.allclose(old["layer2_0"]["bn1"]["mean"], new["layer2_0"]["bn1"]["mean"])
 
 
+def test_fully_frozen_bn_normalises_with_running_statistics(basic_vars):
+    """With every BatchNorm frozen, train mode computes what eval mode does (running statistics,
+    not the batch's), so a frozen backbone behaves in training as it will at inference."""
+    model = tiny_basic(num_classes=7, frozen_bn=("stem", *models.STAGE_NAMES))
+    x = jax.random.normal(jax.random.key(3), (2, 32, 32, 3))
+    train_logits, _ = _train_apply(model)(basic_vars, x)
+    np.testing.assert_allclose(train_logits, model.apply(basic_vars, x, train=False), atol=1e-5)
+    unfrozen_logits, _ = _train_apply(tiny_basic(num_classes=7))(basic_vars, x)
+    assert not np.allclose(unfrozen_logits, train_logits, atol=1e-3)
+
+
+@pytest.mark.parametrize("sizes", [(2, 2, 2), (2, 2, 2, 2, 2), (2, 0, 2, 2), (2, 2.0, 2, 2)])
+def test_bad_stage_sizes_are_named(sizes):
+    model = models.ResNet(stage_sizes=sizes, block_cls=models.BasicBlock)
+    with pytest.raises(ValueError, match=r"stage_sizes: expected 4 positive block counts"):
+        model.init(KEY, jnp.ones((1, 32, 32, 3)))
+
+
 def test_frozen_bn_rejects_unknown_stage():
     with pytest.raises(ValueError, match="layer5"):
         models.variable_shapes(tiny_basic(frozen_bn=("layer5",)))
