@@ -14,7 +14,9 @@ from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import jax.numpy as jnp
 import numpy as np
+from numpy.typing import DTypeLike
 
 from resnet_jax import models
 
@@ -83,9 +85,10 @@ def _axes(ndim: int, axes_by_ndim: Mapping[int, tuple[int, ...]]) -> tuple[int, 
     return axes_by_ndim.get(ndim, tuple(range(ndim)))
 
 
-def _to_flax_layout(a: np.ndarray) -> np.ndarray:
-    """torch layout -> Flax layout, as a C-contiguous copy (never a view of the caller's memory)."""
-    return np.array(np.transpose(a, _axes(a.ndim, _FLAX_AXES)), order="C", copy=True)
+def _to_flax_layout(a: np.ndarray, dtype: np.dtype | None = None) -> np.ndarray:
+    """torch layout -> Flax layout in `dtype` (None: a's), as a C-contiguous copy (never a view
+    of the caller's memory)."""
+    return np.array(np.transpose(a, _axes(a.ndim, _FLAX_AXES)), dtype=dtype, order="C", copy=True)
 
 
 def _to_torch_layout(a: np.ndarray) -> np.ndarray:
@@ -395,22 +398,49 @@ def num_classes_of(state_dict: Mapping[str, Any]) -> int | None:
     return _classes_in(_shapes_of(_unwrap(state_dict)))
 
 
+def _is_floating(dtype: DTypeLike) -> bool:
+    """Whether `dtype` is a floating-point type, ml_dtypes' bfloat16 included."""
+    return bool(jnp.issubdtype(dtype, jnp.floating))
+
+
 def from_torchvision(
-    source: Mapping[str, Any] | str | Path, arch: str, num_classes: int | None = None
+    source: Mapping[str, Any] | str | Path,
+    arch: str,
+    num_classes: int | None = None,
+    *,
+    dtype: DTypeLike | None = np.float32,
 ) -> dict[str, dict]:
     """torchvision weights -> `{"params", "batch_stats"}` for `models.get_model(arch, ...)`.
 
     `num_classes=None` takes the head from the weights (none if they have no `fc`). Raises
     `WeightsMismatchError` listing every missing, unexpected or mis-shaped key.
+
+    Every leaf is cast to `dtype`, float32 by default whatever the file holds: the models keep
+    float32 parameters and statistics (also when computing in bfloat16), and float16 or bfloat16
+    BatchNorm statistics would make `var + eps` and its rsqrt lose precision. `dtype=None` keeps
+    the file's float types (exact round trips of float16/bfloat16 files); `jnp.float64` serves
+    exactness checks under `jax_enable_x64`. torch's integer `num_batches_tracked` counters are
+    not part of the Flax variables and are dropped.
     """
     models.check_arch(arch)
+    if dtype is not None and not _is_floating(dtype):
+        raise ValueError(f"dtype must be a floating-point type or None, got {dtype!r}")
     state_dict = load_state_dict(source)
     if num_classes is None:
         num_classes = num_classes_of(state_dict)
-    _check(_shapes_of(state_dict), arch, num_classes, _source_name(source))
+    name = _source_name(source)
+    _check(_shapes_of(state_dict), arch, num_classes, name)
+    expected = _expected(arch, num_classes)
+    not_float = [
+        f"{k} ({state_dict[k].dtype})" for k in expected if not _is_floating(state_dict[k].dtype)
+    ]
+    if not_float:
+        raise WeightsFileError(
+            f"{name}: expected floating-point tensors, found {len(not_float)} others: "
+            + ", ".join(not_float)
+        )
     flat = {
-        leaf.flax_path: _to_flax_layout(state_dict[key])
-        for key, leaf in _expected(arch, num_classes).items()
+        leaf.flax_path: _to_flax_layout(state_dict[key], dtype) for key, leaf in expected.items()
     }
     return _unflatten(flat)
 

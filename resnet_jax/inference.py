@@ -197,8 +197,9 @@ class Predictor:
         class_names: Sequence[str] | None = None,
         batch_size: int = DEFAULT_BATCH_SIZE,
     ) -> Predictor:
-        """torchvision weights (file or state_dict) of `arch`; 1000-class heads get the ImageNet
-        names, other heads need `class_names`. Reads the weights (torch) before any TensorFlow."""
+        """torchvision weights (file or state_dict) of `arch`, as float32 whatever the file's
+        dtype; 1000-class heads get the ImageNet names, other heads need `class_names`. Reads
+        the weights (torch) before any TensorFlow."""
         from resnet_jax import convert  # imports torch only to read .pth/.pt files
 
         variables = convert.from_torchvision(weights, arch)

@@ -5,7 +5,8 @@
 
 `to-flax` reads a torchvision state_dict (.pth/.pt via torch.load(weights_only=True), or
 .safetensors), checks every key and shape against --arch, and writes a directory that
-`resnet_jax.checkpoint.load` (and scripts/evaluate.py, predict.py, train.py --pretrained) read.
+`resnet_jax.checkpoint.load` (and scripts/evaluate.py, predict.py, train.py --pretrained) read,
+in float32 whatever the file's float type (float16, bfloat16, float64).
 A 1000-class head is labelled with the ImageNet class names unless --class-names is given. The
 directory records --image-size (default 224, the crop torchvision's ImageNet weights are
 evaluated at) as the size evaluate.py, predict.py and `Predictor.from_checkpoint` use.

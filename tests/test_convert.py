@@ -122,7 +122,7 @@ DEEP_ARCHS = ("resnet101", "resnet152", "resnext101_32x8d", "resnext101_64x4d", 
 def test_float64_logits_match_torchvision(case: Case):
     with jax.enable_x64(True):
         model = models.get_model(case.arch, dtype=jnp.float64, param_dtype=jnp.float64)
-        variables = convert.from_torchvision(case.model.state_dict(), case.arch)
+        variables = convert.from_torchvision(case.model.state_dict(), case.arch, dtype=None)
         logits = np.asarray(_apply(model, variables, _nhwc(case.x)))
     assert {a.dtype for a in jax.tree.leaves(variables)} == {np.dtype(np.float64)}
     assert logits.dtype == np.float64
@@ -160,11 +160,13 @@ def test_round_trips_are_bit_identical(case: Case):
 @pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
 def test_train_mode_output_and_running_stats_match_torchvision(arch):
     torch_model = _random_torchvision(arch, seed=100).double().train()
-    variables = convert.from_torchvision(torch_model.state_dict(), arch)
+    variables = convert.from_torchvision(torch_model.state_dict(), arch, dtype=np.float64)
     x = torch.randn(2, 3, H, W, dtype=torch.float64)
     with torch.no_grad():
         expected = torch_model(x).numpy()  # also updates the running stats (unbiased variance)
-    expected_stats = convert.from_torchvision(torch_model.state_dict(), arch)["batch_stats"]
+    expected_stats = convert.from_torchvision(torch_model.state_dict(), arch, dtype=np.float64)[
+        "batch_stats"
+    ]
     with jax.enable_x64(True):
         model = models.get_model(arch, dtype=jnp.float64, param_dtype=jnp.float64)
         logits, updated = _apply(
@@ -261,9 +263,9 @@ def test_headless_state_dict_gives_headless_variables(small_sd):
     assert list(convert.to_torchvision(variables, "resnet18")) == list(headless)
 
 
-def test_bfloat16_round_trip(tmp_path, small_sd):
+def test_bfloat16_round_trip_keeping_the_file_dtype(tmp_path, small_sd):
     bf16 = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in small_sd.items()}
-    variables = convert.from_torchvision(bf16, "resnet18")
+    variables = convert.from_torchvision(bf16, "resnet18", dtype=None)
     assert variables["params"]["conv1"]["kernel"].dtype == jnp.bfloat16
     back = convert.to_torchvision(variables, "resnet18")
     assert list(back) == list(bf16)
@@ -272,7 +274,31 @@ def test_bfloat16_round_trip(tmp_path, small_sd):
             assert back[key].dtype == torch.bfloat16 and torch.equal(back[key], value), key
     for suffix in (".pth", ".safetensors"):
         path = convert.save_torchvision(back, tmp_path / f"bf16{suffix}")
-        _assert_trees_identical(convert.from_torchvision(path, "resnet18"), variables)
+        _assert_trees_identical(convert.from_torchvision(path, "resnet18", dtype=None), variables)
+
+
+@pytest.mark.parametrize("file_dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_float_types_become_float32_by_default(tmp_path, small_sd, file_dtype):
+    """Half-precision (or float64) files give the float32 variables the models expect, with the
+    file's values exactly (float16/bfloat16 -> float32 is exact)."""
+    cast = {k: v.to(file_dtype) if v.is_floating_point() else v for k, v in small_sd.items()}
+    path = convert.save_torchvision(cast, tmp_path / "half.pth")
+    for source in (cast, path):
+        variables = convert.from_torchvision(source, "resnet18")
+        assert {a.dtype for a in jax.tree.leaves(variables)} == {np.dtype(np.float32)}
+        kept = convert.from_torchvision(source, "resnet18", dtype=None)
+        _assert_trees_identical(variables, jax.tree.map(lambda a: a.astype(np.float32), kept))
+    assert convert.to_torchvision(variables, "resnet18")["fc.bias"].dtype == torch.float32
+    wide = convert.from_torchvision(cast, "resnet18", dtype=np.float64)
+    assert wide["batch_stats"]["bn1"]["var"].dtype == np.float64
+
+
+def test_dtype_argument_and_tensor_types_are_checked(small_sd):
+    with pytest.raises(ValueError, match="dtype must be a floating-point type or None, got"):
+        convert.from_torchvision(small_sd, "resnet18", dtype=np.int32)
+    ints = {**small_sd, "bn1.running_mean": torch.zeros(64, dtype=torch.int64)}
+    with pytest.raises(convert.WeightsFileError, match=r"bn1.running_mean \(int64\)"):
+        convert.from_torchvision(ints, "resnet18")
 
 
 @pytest.mark.parametrize(

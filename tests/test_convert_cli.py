@@ -6,6 +6,8 @@ import torchvision
 import json
 from pathlib import Path
 
+import jax
+import numpy as np
 import pytest
 import safetensors.torch
 from helpers import load_script, run_script
@@ -92,6 +94,19 @@ def test_to_flax_records_the_image_size(tmp_path, weights, capsys):
     assert checkpoint.load(model_dir).metadata["image_size"] == 48
     predictor = inference.Predictor.from_checkpoint(model_dir)
     assert (predictor.image_size, predictor.class_names) == (48, ["0", "1", "2", "3", "4"])
+
+
+def test_to_flax_writes_float32_from_a_float16_file(tmp_path, weights):
+    half = {k: v.half() if v.is_floating_point() else v for k, v in weights[1].items()}
+    torch.save(half, tmp_path / "half.pth")
+    model_dir = tmp_path / "flax"
+    argv = ["to-flax", "--arch", "resnet18", "--input", str(tmp_path / "half.pth"),
+            "--output", str(model_dir)]  # fmt: skip
+    assert load_script(SCRIPT).main(argv) == 0
+    variables = checkpoint.load(model_dir).variables
+    assert {leaf.dtype for leaf in jax.tree.leaves(variables)} == {np.dtype(np.float32)}
+    var = np.asarray(variables["batch_stats"]["bn1"]["var"])
+    np.testing.assert_array_equal(var, half["bn1.running_var"].float().numpy())
 
 
 def test_class_names_files(tmp_path):

@@ -170,6 +170,25 @@ def test_errors_are_clear(model_dir, predictor, images, tmp_path):
         inference.Predictor.from_torchvision(convert.to_torchvision(loaded.variables, ARCH), ARCH)
 
 
+def test_half_precision_torchvision_weights_become_float32(model_dir):
+    loaded = checkpoint.load(model_dir)
+    half = {
+        k: v.half() if v.is_floating_point() else v
+        for k, v in convert.to_torchvision(loaded.variables, ARCH).items()
+    }
+    predictor = inference.Predictor.from_torchvision(
+        half, ARCH, image_size=SIZE, class_names=CLASSES
+    )
+    assert {a.dtype for a in jax.tree.leaves(predictor.variables)} == {np.dtype(np.float32)}
+    want = jax.tree.map(
+        lambda a: np.asarray(a).astype(np.float16).astype(np.float32), loaded.variables
+    )
+    for got, expected in zip(
+        jax.tree.leaves(predictor.variables), jax.tree.leaves(want), strict=True
+    ):
+        np.testing.assert_array_equal(got, expected)
+
+
 def test_imagenet_class_names_and_torchvision_weights(tmp_path, images):
     names = inference.imagenet_class_names()
     assert names == torchvision.models.ResNet50_Weights.IMAGENET1K_V2.meta["categories"]
