@@ -215,6 +215,22 @@ def _check_model(model: nn.Module, axis_name: str | None) -> int:
     return num_classes
 
 
+def _trainable_leaves(params: Any, trainable: Any | None) -> list[bool]:
+    """One bool per params leaf (flattening order): whether it trains (`trainable` None: all)."""
+    leaves, treedef = jax.tree.flatten(params)
+    if trainable is None:
+        return [True] * len(leaves)
+    try:
+        flags = treedef.flatten_up_to(trainable)
+    except ValueError as err:
+        raise ValueError(
+            f"trainable must be a tree of bools with exactly the params' structure: {err}"
+        ) from err
+    if not all(isinstance(f, (bool, np.bool_)) for f in flags):
+        raise ValueError("trainable must hold Python bools (static: they decide what compiles)")
+    return [bool(f) for f in flags]
+
+
 def make_train_step(
     model: nn.Module,
     tx: optax.GradientTransformation,
@@ -222,6 +238,7 @@ def make_train_step(
     schedule: optax.Schedule | None = None,
     label_smoothing: float = 0.0,
     axis_name: str | None = BATCH_AXIS,
+    trainable: Any | None = None,
 ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
     """Per-replica training step `(state, {"image", "label"}) -> (state, metrics)`.
 
@@ -233,6 +250,13 @@ def make_train_step(
     loss, accuracy, grad_norm, nonfinite (0/1), and learning_rate when `schedule` is given
     (evaluated at the optimizer's own count `step - nonfinite_steps`, which skipped steps do not
     advance; this assumes `opt_state` was created together with `step` 0).
+
+    `trainable` (a tree like the params with a Python bool per leaf; default: all True) says
+    which params train. Only those are differentiated, averaged over the axis and counted in
+    grad_norm and the finite check, so a frozen backbone costs its forward pass only (XLA gets
+    no backward pass to drop). Frozen params keep their values exactly; pair this with an
+    optimizer that gives them no update (`create_optimizer(param_labels=...)`, "frozen"), which
+    receives zero gradients for them.
     """
     num_classes = _check_model(model, axis_name)
 
@@ -249,21 +273,40 @@ def make_train_step(
         return loss, (logits, updates["batch_stats"])
 
     def step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
-        params = state.params
+        leaves, treedef = jax.tree.flatten(state.params)
+        trains = _trainable_leaves(state.params, trainable)
+        trained = [leaf for leaf, t in zip(leaves, trains, strict=True) if t]
         if axis_name is not None:
             # Differentiate each replica's own loss: under shard_map's replication checking, a
             # gradient w.r.t. replicated (invariant) params would already be summed over the
             # axis, and the pmean below would then give N times the mean. Marking the params
             # device-varying first yields per-replica gradients under both shard_map and pmap.
-            params = jax.lax.pcast(params, axis_name, to="varying")
-        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-        (loss, (logits, batch_stats)), grads = grad_fn(params, state.batch_stats, batch)
+            trained = jax.lax.pcast(trained, axis_name, to="varying")
+
+        def trained_loss(trained, batch_stats, batch):
+            it = iter(trained)
+            params = [next(it) if t else leaf for leaf, t in zip(leaves, trains, strict=True)]
+            return loss_fn(treedef.unflatten(params), batch_stats, batch)
+
+        grad_fn = jax.value_and_grad(trained_loss, has_aux=True)
+        (loss, (logits, batch_stats)), grads = grad_fn(trained, state.batch_stats, batch)
         accuracy = (jnp.argmax(logits, -1) == batch["label"]).mean(dtype=jnp.float32)
         if axis_name is not None:
             grads, loss, accuracy = jax.lax.pmean((grads, loss, accuracy), axis_name)
 
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        new_params = optax.apply_updates(state.params, updates)
+        it = iter(grads)
+        full_grads = treedef.unflatten(
+            [
+                next(it) if t else jnp.zeros_like(leaf)
+                for leaf, t in zip(leaves, trains, strict=True)
+            ]
+        )
+        updates, opt_state = tx.update(full_grads, state.opt_state, state.params)
+        new_leaves = [
+            optax.apply_updates(leaf, update) if t else leaf
+            for leaf, update, t in zip(leaves, treedef.flatten_up_to(updates), trains, strict=True)
+        ]
+        new_params = treedef.unflatten(new_leaves)
         grad_norm = optax.tree.norm(grads)
         # Sums propagate any NaN/inf, so scalars suffice (and reuse the reported grad norm); a
         # float32 overflow of a finite gradient's squared norm (norm > ~1e19) counts too.

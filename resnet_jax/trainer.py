@@ -342,10 +342,12 @@ def fit(cfg: TrainConfig) -> dict[str, Any]:
     if pretrained is not None:
         variables = transfer.merge_pretrained(variables, pretrained)
         del pretrained
-    labels = None
+    labels = mask = None
     if cfg.freeze != "none" or cfg.head_lr_multiplier != 1.0:
         labels = transfer.param_labels(variables["params"], trainable)
         log.info("training %s; frozen: the rest", ", ".join(trainable))
+    if cfg.freeze != "none":
+        mask = transfer.trainable_mask(variables["params"], trainable)
     schedule = train.learning_rate_schedule(
         base_lr=cfg.lr,
         global_batch_size=cfg.batch_size,
@@ -390,7 +392,13 @@ def fit(cfg: TrainConfig) -> dict[str, Any]:
 
     # ---------------------------------------------------------------- compiled steps
     train_step = train.parallelize(
-        train.make_train_step(model, tx, schedule=schedule, label_smoothing=cfg.label_smoothing),
+        train.make_train_step(
+            model,
+            tx,
+            schedule=schedule,
+            label_smoothing=cfg.label_smoothing,
+            trainable=mask,
+        ),
         mesh,
         kind=cfg.parallel,
     )

@@ -56,6 +56,15 @@ def frozen_bn(trainable: Sequence[str]) -> tuple[str, ...]:
     return tuple(s for s in ("stem", *models.STAGE_NAMES) if s not in trainable)
 
 
+def trainable_mask(params: Mapping[str, Any], trainable: Sequence[str]) -> dict:
+    """A Python bool per param, True in the `trainable` stages: `train.make_train_step`'s
+    `trainable`, so frozen stages are not differentiated at all."""
+    return {
+        top: jax.tree.map(functools.partial(lambda keep, _: keep, stage_of(top) in trainable), sub)
+        for top, sub in params.items()
+    }
+
+
 def param_labels(params: Mapping[str, Any], trainable: Sequence[str]) -> dict:
     """Optimizer labels per param: "head" (fc), "train" or "frozen", by stage."""
 

@@ -5,6 +5,7 @@ import logging
 
 import jax
 import numpy as np
+import optax
 import pytest
 
 from resnet_jax import models, train, transfer
@@ -60,7 +61,8 @@ def test_freeze_modes_update_exactly_the_trainable_stages(
         head_lr_multiplier=2.0,
     )
     state = train.create_train_state(start_variables, tx)
-    step = jax.jit(train.make_train_step(model, tx, axis_name=None))
+    mask = transfer.trainable_mask(start_variables["params"], stages)
+    step = jax.jit(train.make_train_step(model, tx, axis_name=None, trainable=mask))
     rng = np.random.default_rng(0)
     for _ in range(2):
         batch = {
@@ -74,6 +76,47 @@ def test_freeze_modes_update_exactly_the_trainable_stages(
     # BatchNorm statistics: frozen stages keep theirs exactly; the head has none.
     same, changed = _changed_stages(start_variables["batch_stats"], state.batch_stats)
     assert changed == trained - {"fc"} and same == all_stages - trained
+
+
+def _frozen_step(freeze: str, variables: dict):
+    """(jitted train step, state) that trains only what `freeze` leaves trainable."""
+    stages = transfer.trainable_stages(freeze, None)
+    model = tiny(num_classes=5, frozen_bn=transfer.frozen_bn(stages))
+    labels = transfer.param_labels(variables["params"], stages)
+    tx = train.create_optimizer(schedule=0.1, param_labels=labels)
+    mask = transfer.trainable_mask(variables["params"], stages)
+    step = jax.jit(train.make_train_step(model, tx, axis_name=None, trainable=mask))
+    return step, train.create_train_state(variables, tx), model
+
+
+def test_frozen_params_get_no_gradient_work(start_variables):
+    """freeze=backbone differentiates only the head: the step costs about the forward pass
+    (a third of a full step's FLOPs), and grad_norm is the head's gradient norm."""
+    rng = np.random.default_rng(1)
+    batch = {
+        "image": rng.normal(size=(4, 32, 32, 3)).astype(np.float32),
+        "label": rng.integers(0, 5, 4).astype(np.int32),
+    }
+    flops = {}
+    for freeze in ("backbone", "none"):
+        step, state, _ = _frozen_step(freeze, start_variables)
+        flops[freeze] = step.lower(state, batch).cost_analysis()["flops"]
+    assert flops["backbone"] < 0.4 * flops["none"], flops
+
+    step, state, model = _frozen_step("backbone", start_variables)
+
+    def loss(params):
+        logits, _ = model.apply(
+            {"params": params, "batch_stats": start_variables["batch_stats"]},
+            batch["image"],
+            train=True,
+            mutable=["batch_stats"],
+        )
+        return train.cross_entropy_loss(logits, batch["label"], num_classes=5)
+
+    head_grads = jax.grad(loss)(start_variables["params"])["fc"]
+    _, metrics = step(state, batch)
+    np.testing.assert_allclose(metrics["grad_norm"], optax.tree.norm(head_grads), rtol=1e-5)
 
 
 def test_trainable_stages_errors():
