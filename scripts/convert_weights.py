@@ -1,7 +1,7 @@
 """Convert weights between torchvision files and resnet_jax (Flax/orbax) model directories.
 
     python scripts/convert_weights.py to-flax --arch resnet50 --input resnet50.pth --output DIR
-    python scripts/convert_weights.py to-torch --input DIR --output resnet50.pth
+    python scripts/convert_weights.py to-torch --input DIR --output resnet50.pth [--step N]
 
 `to-flax` reads a torchvision state_dict (.pth/.pt via torch.load(weights_only=True), or
 .safetensors), checks every key and shape against --arch, and writes a directory that
@@ -10,7 +10,9 @@ in float32 whatever the file's float type (float16, bfloat16, float64).
 A 1000-class head is labelled with the ImageNet class names unless --class-names is given. The
 directory records --image-size (default 224, the crop torchvision's ImageNet weights are
 evaluated at) as the size evaluate.py, predict.py and `Predictor.from_checkpoint` use.
-`to-torch` writes a state_dict that torchvision.models.<arch>(num_classes=...) loads strictly.
+`to-torch` writes a state_dict that torchvision.models.<arch>(num_classes=...) loads strictly;
+from a training workdir it exports --step, else the step --which picks (the best by the run's
+metric unless --which latest), and prints which step it wrote.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from resnet_jax import checkpoint, convert, models
+from resnet_jax import checkpoint, cli_args, convert, models
 
 IMAGENET_NUM_CLASSES = 1000
 TORCHVISION_EVAL_SIZE = 224  # torchvision's eval crop for its ImageNet weights
@@ -55,9 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     to_flax.add_argument("--force", action="store_true", help="replace an existing model dir")
 
     to_torch = sub.add_parser("to-torch", help="Flax model directory -> torchvision state_dict")
-    to_torch.add_argument(
-        "--input", type=Path, required=True, help="save_model directory, step dir or workdir"
-    )
+    cli_args.add_checkpoint_arguments(to_torch, flag="--input")
     to_torch.add_argument(
         "--output", type=Path, required=True, help="file to write: .pth, .pt or .safetensors"
     )
@@ -119,11 +119,15 @@ def to_torch(args: argparse.Namespace) -> str:
     """Convert a model directory into a torchvision state_dict file; returns the report line."""
     if args.output.exists() and not args.force:
         raise FileExistsError(f"{args.output} already exists; pass --force to overwrite it")
-    loaded = checkpoint.load(args.input)
+    loaded = checkpoint.load(args.input, **cli_args.step_selection(args))
     state_dict = convert.to_torchvision(loaded.variables, loaded.arch)
     convert.save_torchvision(state_dict, args.output)
+    step = "" if loaded.step is None else f" (step {loaded.step})"
     note = " (class names are not stored in torch files)" if loaded.class_names else ""
-    return f"wrote {args.output}: {_summary(loaded.arch, loaded.variables)}{note}"
+    return (
+        f"wrote {args.output} from {loaded.path}{step}: "
+        f"{_summary(loaded.arch, loaded.variables)}{note}"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

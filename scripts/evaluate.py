@@ -22,7 +22,7 @@ from pathlib import Path
 
 import jax
 
-from resnet_jax import checkpoint, inference
+from resnet_jax import checkpoint, cli_args, inference
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,13 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument(
-        "--checkpoint",
-        type=Path,
-        required=True,
-        help="training workdir, step directory or save_model directory",
-    )
-    parser.add_argument("--step", type=int, help="checkpoint step (default: best, else latest)")
+    cli_args.add_checkpoint_arguments(parser)
     data = parser.add_mutually_exclusive_group()
     data.add_argument("--data-dir", type=Path, help="image folders (see above)")
     data.add_argument("--dataset", help="TFDS dataset name")
@@ -110,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     # stdout carries only the report (TFDS prints its preparation progress there).
     with contextlib.redirect_stdout(sys.stderr):
         try:
-            loaded = checkpoint.load(args.checkpoint, step=args.step)
+            loaded = checkpoint.load(args.checkpoint, **cli_args.step_selection(args))
             image_size = inference.image_size_of(loaded, args.image_size)
             source = inference.open_eval_data(**_data_args(args, loaded))
         except (OSError, ValueError, RuntimeError) as err:  # RuntimeError: TFDS preparation

@@ -17,7 +17,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from resnet_jax import inference, models
+from resnet_jax import cli_args, inference, models
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,14 +27,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("inputs", nargs="+", type=Path, help="image files and/or folders")
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument(
-        "--checkpoint", type=Path, help="training workdir, step directory or save_model directory"
-    )
+    cli_args.add_checkpoint_arguments(parser, group=source, required=False)
     source.add_argument(
         "--torchvision-weights", type=Path, help="torchvision state_dict (.pth/.pt/.safetensors)"
     )
     parser.add_argument("--arch", help=f"with --torchvision-weights: {', '.join(models.ARCHS)}")
-    parser.add_argument("--step", type=int, help="checkpoint step (default: best, else latest)")
     parser.add_argument("--top-k", type=int, default=5, help="classes shown per image")
     parser.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
     parser.add_argument(
@@ -55,8 +52,8 @@ def _predictor(args: argparse.Namespace, parser: argparse.ArgumentParser) -> inf
     if args.torchvision_weights is not None:
         if args.arch is None:
             parser.error("--torchvision-weights needs --arch")
-        if args.step is not None:
-            parser.error("--step applies to --checkpoint")
+        if args.step is not None or args.which is not None:
+            parser.error("--step and --which apply to --checkpoint")
         return inference.Predictor.from_torchvision(
             args.torchvision_weights,
             args.arch,
@@ -66,7 +63,10 @@ def _predictor(args: argparse.Namespace, parser: argparse.ArgumentParser) -> inf
     if args.arch is not None:
         parser.error("--arch applies to --torchvision-weights (a checkpoint records its arch)")
     return inference.Predictor.from_checkpoint(
-        args.checkpoint, step=args.step, image_size=args.image_size, batch_size=args.batch_size
+        args.checkpoint,
+        **cli_args.step_selection(args),
+        image_size=args.image_size,
+        batch_size=args.batch_size,
     )
 
 

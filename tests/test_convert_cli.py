@@ -53,7 +53,8 @@ def test_round_trip_through_the_cli(tmp_path, weights, capsys):
     out = tmp_path / "back.safetensors"
     to_torch = ["to-torch", "--input", str(model_dir), "--output", str(out)]
     assert load_script(SCRIPT).main(to_torch) == 0
-    assert f"wrote {out}: resnet18, 11,179,077 parameters, 5 classes" in capsys.readouterr().out
+    report = capsys.readouterr().out
+    assert f"wrote {out} from {model_dir}: resnet18, 11,179,077 parameters, 5 classes" in report
     back = safetensors.torch.load_file(out)
     assert back.keys() == state_dict.keys()
     for key, value in state_dict.items():
@@ -107,6 +108,44 @@ def test_to_flax_writes_float32_from_a_float16_file(tmp_path, weights):
     assert {leaf.dtype for leaf in jax.tree.leaves(variables)} == {np.dtype(np.float32)}
     var = np.asarray(variables["batch_stats"]["bn1"]["var"])
     np.testing.assert_array_equal(var, half["bn1.running_var"].float().numpy())
+
+
+def test_to_torch_from_a_workdir_picks_and_prints_the_step(tmp_path, weights, capsys):
+    """Step 1 has the best val_accuracy, step 2 is the latest: the default exports the best,
+    --which latest and --step choose otherwise, and the report names the step written."""
+    from resnet_jax import convert
+
+    variables = convert.from_torchvision(weights[0], "resnet18")
+    workdir = tmp_path / "run"
+    with checkpoint.TrainCheckpointer(workdir, async_save=False) as ckpt:
+        for step, accuracy in ((1, 0.9), (2, 0.1)):
+            fc = {**variables["params"]["fc"], "bias": np.full(5, float(step), np.float32)}
+            state = {**variables, "params": {**variables["params"], "fc": fc}}
+            ckpt.save(
+                step, state, metadata={"arch": "resnet18"}, metrics={"val_accuracy": accuracy}
+            )
+    script = load_script(SCRIPT)
+    for i, (flags, step) in enumerate([([], 1), (["--which", "latest"], 2), (["--step", "2"], 2)]):
+        out = tmp_path / f"w{i}.pth"
+        assert script.main(["to-torch", "--input", str(workdir), "--output", str(out), *flags]) == 0
+        written = workdir / "checkpoints" / str(step)
+        assert f"wrote {out} from {written} (step {step}): resnet18" in capsys.readouterr().out
+        bias = torch.load(out, weights_only=True)["fc.bias"]
+        assert torch.equal(bias, torch.full((5,), float(step))), flags
+    with pytest.raises(SystemExit) as exit_info:
+        script.main(
+            [
+                "to-torch",
+                "--input",
+                str(workdir),
+                "--output",
+                str(tmp_path / "w.pth"),
+                "--step",
+                "3",
+            ]
+        )
+    assert exit_info.value.code == 2
+    assert "no checkpoint for step 3" in capsys.readouterr().err
 
 
 def test_class_names_files(tmp_path):

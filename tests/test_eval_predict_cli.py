@@ -223,6 +223,20 @@ def test_open_eval_data_folder_layouts(work, tmp_path):
         (PREDICT, ["--checkpoint", "{work}/model", "{work}/model"], "has no image files"),
         (PREDICT, ["--checkpoint", "{work}/model", "--top-k", "6", "{work}/data"], "[1, 5]"),
         (PREDICT, ["--torchvision-weights", "{work}/w.pth", "{work}/data"], "needs --arch"),
+        (
+            PREDICT,
+            [
+                "--torchvision-weights",
+                "{work}/w.pth",
+                "--arch",
+                "resnet18",
+                "--which",
+                "latest",
+                "{work}/data",
+            ],  # fmt: skip
+            "--step and --which apply to --checkpoint",
+        ),
+        (PREDICT, ["--checkpoint", "{work}/model", "--step", "-1", "{work}/data"], "--step"),
         (EVALUATE, ["--checkpoint", "{work}/nowhere", "--data-dir", "{work}/data"], "nowhere"),
         (EVALUATE, ["--checkpoint", "{work}/model"], "records no training data"),
         (EVALUATE, ["--checkpoint", "{work}/model", "--data-dir", "{work}/odd"], "['cactus']"),

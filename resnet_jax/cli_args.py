@@ -1,0 +1,73 @@
+"""Command-line flags shared by scripts/evaluate.py, predict.py and convert_weights.py.
+
+One definition per flag, so a flag means, checks and says the same in every script. It lives in
+the package rather than in scripts/ so that the scripts import it however they are started
+(`python scripts/x.py`, or loaded from their file by the tests).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+CHECKPOINT_HELP = (
+    "training workdir, its checkpoints directory, a step directory or a save_model dir"
+)
+WHICH_CHOICES = ("best", "latest")
+DEFAULT_WHICH = "best"
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (argparse names the flag in the usage error)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: an integer >= 0 (a checkpoint step)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {text!r}")
+    return value
+
+
+def add_checkpoint_arguments(
+    parser: argparse.ArgumentParser,
+    *,
+    flag: str = "--checkpoint",
+    group: argparse._MutuallyExclusiveGroup | None = None,
+    required: bool = True,
+) -> None:
+    """`flag` PATH (added to `group` when the path is one of mutually exclusive model sources),
+    `--step N` and `--which best|latest`: what `checkpoint.load(path, step=..., which=...)` takes.
+
+    `--which` defaults to None (meaning "best") so that a script can tell it was not given.
+    """
+    (group or parser).add_argument(flag, type=Path, required=required, help=CHECKPOINT_HELP)
+    parser.add_argument(
+        "--step",
+        type=non_negative_int,
+        help="checkpoint step to load from a workdir (default: the one --which picks)",
+    )
+    parser.add_argument(
+        "--which",
+        choices=WHICH_CHOICES,
+        help=(
+            "without --step, which step of a workdir to load: 'best' by the run's best metric "
+            "(val_accuracy by default; the latest when no step recorded it) or 'latest' "
+            f"(default: {DEFAULT_WHICH})"
+        ),
+    )
+
+
+def step_selection(args: argparse.Namespace) -> dict:
+    """The `step` and `which` keyword arguments of `checkpoint.load` from the parsed flags."""
+    return {"step": args.step, "which": args.which or DEFAULT_WHICH}
