@@ -87,6 +87,11 @@ class TrainConfig:
             transfer.trainable_stages(self.freeze, self.trainable_list)
         except ValueError as err:
             raise ConfigError(str(err)) from err
+        if self.freeze != "none" and not self.pretrained:
+            raise ConfigError(
+                f"--freeze {self.freeze} needs --pretrained: without it the frozen layers would "
+                "keep their random initial weights"
+            )
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
@@ -318,6 +323,11 @@ def fit(cfg: TrainConfig) -> dict[str, Any]:
     except (OSError, ValueError) as err:
         raise ConfigError(str(err)) from err
     num_classes = len(source.class_names)
+    if pretrained is not None:
+        try:
+            transfer.check_head_trains(pretrained, num_classes, trainable)
+        except ValueError as err:
+            raise ConfigError(str(err)) from err
     steps_per_epoch = data.steps_per_epoch(source, cfg.batch_size)
     total_steps = steps_per_epoch * cfg.epochs
     if cfg.max_steps is not None:

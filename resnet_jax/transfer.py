@@ -79,6 +79,29 @@ def param_labels(params: Mapping[str, Any], trainable: Sequence[str]) -> dict:
     }
 
 
+def check_head_trains(
+    pretrained: Mapping[str, Any], num_classes: int, trainable: Sequence[str]
+) -> None:
+    """Raise unless the head trains whenever `merge_pretrained` makes it a fresh random layer
+    (pretrained weights without one, or with another class count): layers trained under a
+    frozen random head would only learn to fit fixed random logits."""
+    if "fc" in trainable:
+        return
+    old_fc = pretrained["params"].get("fc")
+    old_classes = None if old_fc is None else np.shape(old_fc["kernel"])[-1]
+    if old_classes == num_classes:
+        return
+    why = (
+        "the pretrained weights have no head"
+        if old_classes is None
+        else f"the pretrained head has {old_classes} classes, the data set {num_classes}"
+    )
+    raise ValueError(
+        f"{why}, so fc is a new, randomly initialised layer, but --trainable "
+        f"{','.join(trainable)} keeps it frozen; add fc to --trainable"
+    )
+
+
 def load_pretrained(path: str | Path, arch: str) -> dict:
     """`{"params", "batch_stats"}` from a torchvision file or a resnet_jax checkpoint for `arch`.
 

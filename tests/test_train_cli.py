@@ -17,7 +17,7 @@ from helpers import load_script, metrics_records, run_script
 from PIL import Image
 from test_transfer import _changed_stages
 
-from resnet_jax import checkpoint, convert, trainer
+from resnet_jax import checkpoint, convert, models, train, trainer
 
 
 class FineTuneRun(NamedTuple):
@@ -142,6 +142,7 @@ def test_finetune_from_torchvision_file_on_flowers(finetuned_run, flowers_dir, c
         ),
         (["--data-dir", "/nonexistent/flowers"], "/nonexistent/flowers"),
         (["--num-processes", "2"], "go together"),
+        (["--freeze", "backbone"], "--freeze backbone needs --pretrained"),
     ],
 )
 def test_bad_arguments_are_usage_errors_before_compiling(args, message, tmp_path, capsys):
@@ -192,3 +193,32 @@ def test_pmap_checkpoints_resume_and_load_like_shard_map(tiny_data, tmp_path):
     assert resumed["step"] == 2
     loaded = checkpoint.load(workdir, which="latest")
     assert loaded.step == 2 and loaded.variables["params"]["fc"]["kernel"].shape == (512, 2)
+
+
+def _refuse_to_compile(monkeypatch) -> None:
+    """Make reaching model initialisation or step compilation fail the test."""
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("got past the argument checks")
+
+    monkeypatch.setattr(models, "init_variables", forbidden)
+    monkeypatch.setattr(train, "parallelize", forbidden)
+
+
+def test_a_new_head_that_stays_frozen_is_a_usage_error(tiny_data, tmp_path, capsys, monkeypatch):
+    """ImageNet-shaped weights on a 2-class data set get a new random head: freezing it (the
+    stages to train lack fc) is refused before anything compiles."""
+    weights = tmp_path / "resnet18.pth"
+    torch.save(torchvision.models.resnet18().state_dict(), weights)
+    _refuse_to_compile(monkeypatch)
+    args = [
+        "--arch", "resnet18", "--data-dir", str(tiny_data), "--workdir", str(tmp_path / "w"),
+        "--pretrained", str(weights), "--freeze", "stages", "--trainable", "layer4",
+    ]  # fmt: skip
+    with pytest.raises(SystemExit) as exit_info:
+        load_script("train.py").main(args)
+    assert exit_info.value.code == 2
+    assert (
+        "the pretrained head has 1000 classes, the data set 2, so fc is a new, randomly "
+        "initialised layer, but --trainable layer4 keeps it frozen; add fc to --trainable"
+    ) in capsys.readouterr().err

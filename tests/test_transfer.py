@@ -79,7 +79,7 @@ def test_freeze_modes_update_exactly_the_trainable_stages(
 
 
 def _frozen_step(freeze: str, variables: dict):
-    """(jitted train step, state) that trains only what `freeze` leaves trainable."""
+    """(jitted train step, state, model) training only what `freeze` leaves trainable."""
     stages = transfer.trainable_stages(freeze, None)
     model = tiny(num_classes=5, frozen_bn=transfer.frozen_bn(stages))
     labels = transfer.param_labels(variables["params"], stages)
@@ -128,6 +128,17 @@ def test_trainable_stages_errors():
         transfer.trainable_stages("all", None)
     with pytest.raises(ValueError, match="only applies to --freeze stages"):
         transfer.trainable_stages("backbone", ["fc"])
+
+
+def test_a_new_head_must_train(start_variables):
+    ten = {"params": {"fc": {"kernel": np.zeros((512, 10))}}}
+    headless = {"params": {}}
+    for pretrained, why in ((ten, "head has 10 classes, the data set 5"), (headless, "no head")):
+        with pytest.raises(ValueError, match=f"{why}, so fc is a new.*add fc to --trainable"):
+            transfer.check_head_trains(pretrained, 5, ("layer4",))
+        transfer.check_head_trains(pretrained, 5, ("layer4", "fc"))
+    five = {"params": {"fc": {"kernel": np.zeros((512, 5))}}}
+    transfer.check_head_trains(five, 5, ("layer4",))  # the pretrained head is kept: fine
 
 
 def test_merge_replaces_a_head_with_another_class_count(start_variables, caplog):
