@@ -441,8 +441,10 @@ def _open_folders(root: Path, val_fraction: float, seed: int) -> DataSource:
         origin = f"image folders {train_dir} and {val_dir}"
     else:
         train, held = _hold_out(files[train_dir], val_fraction, seed)
+        num_held = sum(map(len, held.values()))
         origin = (
-            f"image folders {train_dir} ({val_fraction:.0%} of each class held out, seed {seed})"
+            f"image folders {train_dir} ({num_held} images held out: {val_fraction:.0%} of each "
+            f"class, rounded, seed {seed})"
         )
     train_split = _file_split(train, class_names)
     eval_split = _file_split(held, class_names)

@@ -322,6 +322,11 @@ def fit(cfg: TrainConfig) -> dict[str, Any]:
         )
     except (OSError, ValueError) as err:
         raise ConfigError(str(err)) from err
+    if source.num_eval == 0:  # else a whole epoch would train before the evaluation fails
+        raise ConfigError(
+            f"{source.origin}: no evaluation images; raise --val-fraction (now "
+            f"{cfg.val_fraction}) or give the data a validation split"
+        )
     num_classes = len(source.class_names)
     if pretrained is not None:
         try:

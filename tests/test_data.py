@@ -177,6 +177,7 @@ def test_held_out_split_is_stratified_deterministic_and_disjoint(small):
     # round(n * 0.25) of each class: cat 8 -> 2, dog 7 -> 2, emu 6 -> 2 (1.5 rounds to even)
     assert np.bincount(a.eval_split.labels).tolist() == [2, 2, 2]
     assert (a.num_train, a.num_eval) == (15, 6)
+    assert "(6 images held out: 25% of each class, rounded, seed 0)" in a.origin
 
 
 def test_bad_and_unusual_files(tmp_path):

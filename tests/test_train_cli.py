@@ -222,3 +222,16 @@ def test_a_new_head_that_stays_frozen_is_a_usage_error(tiny_data, tmp_path, caps
         "the pretrained head has 1000 classes, the data set 2, so fc is a new, randomly "
         "initialised layer, but --trainable layer4 keeps it frozen; add fc to --trainable"
     ) in capsys.readouterr().err
+
+
+def test_a_held_out_fraction_that_rounds_to_no_image_is_a_usage_error(
+    tiny_data, tmp_path, monkeypatch
+):
+    """6 images per class, 5 % held out: round(0.3) = 0 of every class. Refused up front (it
+    used to fail after training a whole epoch, on every rerun)."""
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "train").symlink_to(tiny_data / "train")
+    _refuse_to_compile(monkeypatch)
+    config = _tiny_config(tmp_path / "data", tmp_path / "w", val_fraction=0.05)
+    with pytest.raises(trainer.ConfigError, match=r"\(0 images held out: 5% .* raise --val-fr"):
+        trainer.fit(config)
