@@ -420,7 +420,7 @@ def from_torchvision(
     BatchNorm statistics would make `var + eps` and its rsqrt lose precision. `dtype=None` keeps
     the file's float types (exact round trips of float16/bfloat16 files); `jnp.float64` serves
     exactness checks under `jax_enable_x64`. torch's integer `num_batches_tracked` counters are
-    not part of the Flax variables and are dropped.
+    not part of the Flax variables and are dropped (`to_torchvision` writes them as 0).
     """
     models.check_arch(arch)
     if dtype is not None and not _is_floating(dtype):
@@ -455,7 +455,16 @@ def _to_tensor(a: np.ndarray) -> Any:
 
 
 def to_torchvision(variables: Mapping[str, Any], arch: str) -> OrderedDict[str, Any]:
-    """Flax `{"params", "batch_stats"}` -> torchvision state_dict (strict-loadable, same dtype)."""
+    """Flax `{"params", "batch_stats"}` -> torchvision state_dict (strict-loadable, same dtype).
+
+    Every parameter and running statistic is copied bit for bit, so torch -> Flax -> torch gives
+    them back unchanged; each BatchNorm's `num_batches_tracked` is written as 0, because the Flax
+    variables hold no counter: `models.BatchNorm` updates its statistics with a momentum (0.9,
+    torch's default 0.1) and never counts batches, so after training here no count would
+    describe the statistics. torch only reads the counter with `momentum=None` (a cumulative
+    average): there a counter of 0 makes the next train-mode batch restart the average; set the
+    counters yourself to continue one.
+    """
     import torch
 
     models.check_arch(arch)

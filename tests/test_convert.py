@@ -246,6 +246,21 @@ def test_wrappers_dataparallel_and_compile_prefixes(tmp_path, small_sd, wrap):
     assert convert.detect_arch(wrap(small_sd)) == "resnet18"
 
 
+def test_round_trip_resets_only_the_batch_counters(small_sd):
+    """Documented in to_torchvision: parameters and statistics come back bit-identical, the
+    num_batches_tracked counters (which the Flax variables do not hold) as 0."""
+    counted = {
+        k: torch.tensor(17) if k.endswith("num_batches_tracked") else v for k, v in small_sd.items()
+    }
+    back = convert.to_torchvision(convert.from_torchvision(counted, "resnet18"), "resnet18")
+    assert list(back) == list(counted)
+    for key, value in counted.items():
+        if key.endswith("num_batches_tracked"):
+            assert back[key].dtype == torch.int64 and back[key].item() == 0, key
+        else:
+            assert torch.equal(back[key], value), key
+
+
 def test_converted_arrays_do_not_alias_the_source(small_sd):
     variables = convert.from_torchvision(small_sd, "resnet18")
     assert not np.shares_memory(variables["params"]["fc"]["bias"], small_sd["fc.bias"].numpy())
