@@ -488,7 +488,7 @@ def _open_tfds(
             hint = "TFDS needs network access to download it; offline, pass image folders instead"
         raise RuntimeError(
             f"could not prepare TFDS dataset {name!r} in {builder.data_dir}: "
-            f"{type(err).__name__}: {str(err).rstrip('.')}. {hint}"
+            f"{type(err).__name__}: {' '.join(str(err).split()).rstrip('.')}. {hint}"
         ) from err
     features = builder.info.features
     names = list(features.keys())  # FeaturesDict is not a full Mapping

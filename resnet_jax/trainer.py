@@ -71,6 +71,14 @@ class TrainConfig:
             (self.image_size >= 32, f"--image-size must be >= 32, got {self.image_size}"),
             (self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}"),
             (self.max_steps is None or self.max_steps >= 1, "--max-steps must be >= 1"),
+            (
+                self.checkpoint_every is None or self.checkpoint_every >= 1,
+                f"--checkpoint-every must be >= 1, got {self.checkpoint_every}",
+            ),
+            (
+                self.num_workers is None or self.num_workers >= 1,
+                f"--num-workers must be >= 1, got {self.num_workers}",
+            ),
             (self.lr > 0, f"--lr must be > 0, got {self.lr}"),
             (
                 0 <= self.warmup_epochs <= self.epochs,
@@ -108,7 +116,7 @@ class TrainConfig:
 
     @property
     def eval_bs(self) -> int:
-        return self.eval_batch_size or self.batch_size
+        return self.batch_size if self.eval_batch_size is None else self.eval_batch_size
 
 
 # --------------------------------------------------------------------------------------------
@@ -320,7 +328,7 @@ def fit(cfg: TrainConfig) -> dict[str, Any]:
             val_fraction=cfg.val_fraction,
             seed=cfg.seed,
         )
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, RuntimeError) as err:  # RuntimeError: TFDS cannot prepare it
         raise ConfigError(str(err)) from err
     if source.num_eval == 0:  # else a whole epoch would train before the evaluation fails
         raise ConfigError(
@@ -333,7 +341,10 @@ def fit(cfg: TrainConfig) -> dict[str, Any]:
             transfer.check_head_trains(pretrained, num_classes, trainable)
         except ValueError as err:
             raise ConfigError(str(err)) from err
-    steps_per_epoch = data.steps_per_epoch(source, cfg.batch_size)
+    try:
+        steps_per_epoch = data.steps_per_epoch(source, cfg.batch_size)
+    except ValueError as err:
+        raise ConfigError(f"--batch-size: {err}") from err
     total_steps = steps_per_epoch * cfg.epochs
     if cfg.max_steps is not None:
         total_steps = min(total_steps, cfg.max_steps)
@@ -390,7 +401,10 @@ def fit(cfg: TrainConfig) -> dict[str, Any]:
         "trainable": list(trainable),
         "config": dataclasses.asdict(cfg),
     }
-    restored = ckpt.restore(state)
+    try:
+        restored = ckpt.restore(state)
+    except ValueError as err:
+        raise ConfigError(f"{err}; use another --workdir or the original settings") from err
     if restored is not None:
         state, saved = restored
         _check_resumable(saved, metadata, workdir)
@@ -505,7 +519,7 @@ def fit(cfg: TrainConfig) -> dict[str, Any]:
                 end_of_epoch = step % steps_per_epoch == 0
                 if step >= total_steps or end_of_epoch:
                     break
-                if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+                if cfg.checkpoint_every is not None and step % cfg.checkpoint_every == 0:
                     save()
             result = run_eval(epoch)
             save({"val_accuracy": result.top1, **result.as_metrics()})
@@ -527,7 +541,7 @@ def _check_resumable(saved: dict, current: dict, workdir: Path) -> None:
     """Refuse to resume a run whose arch, classes or batch layout differ from the command's."""
     for key in ("arch", "num_classes", "class_names", "steps_per_epoch", "trainable"):
         if saved.get(key) != current[key]:
-            raise ValueError(
+            raise ConfigError(
                 f"{workdir} holds a checkpoint with {key}={saved.get(key)!r} but this run has "
                 f"{key}={current[key]!r}; use another --workdir or the original settings"
             )

@@ -88,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
         final = trainer.fit(trainer.TrainConfig(**args))
     except trainer.ConfigError as err:
         parser.error(str(err))
-    except checkpoint.CheckpointWriteError as err:  # disk full, permissions: say so in one line
+    # Disk full, permissions, a diverging run: say so in one line (the messages say what to do).
+    except (checkpoint.CheckpointWriteError, trainer.NonFiniteError) as err:
         print(f"{parser.prog}: error: {err}", file=sys.stderr)
         return 1
     print(f"done: {trainer.describe(final)}")

@@ -9,6 +9,7 @@ import subprocess
 from pathlib import Path
 from typing import NamedTuple
 
+import jax
 import numpy as np
 import pytest
 import torch
@@ -143,6 +144,10 @@ def test_finetune_from_torchvision_file_on_flowers(finetuned_run, flowers_dir, c
         (["--data-dir", "/nonexistent/flowers"], "/nonexistent/flowers"),
         (["--num-processes", "2"], "go together"),
         (["--freeze", "backbone"], "--freeze backbone needs --pretrained"),
+        (["--eval-batch-size", "0"], "--eval-batch-size 0 is not divisible"),
+        (["--checkpoint-every", "0"], "--checkpoint-every must be >= 1, got 0"),
+        (["--checkpoint-every", "-3"], "--checkpoint-every must be >= 1, got -3"),
+        (["--num-workers", "0"], "--num-workers must be >= 1, got 0"),
     ],
 )
 def test_bad_arguments_are_usage_errors_before_compiling(args, message, tmp_path, capsys):
@@ -235,3 +240,60 @@ def test_a_held_out_fraction_that_rounds_to_no_image_is_a_usage_error(
     config = _tiny_config(tmp_path / "data", tmp_path / "w", val_fraction=0.05)
     with pytest.raises(trainer.ConfigError, match=r"\(0 images held out: 5% .* raise --val-fr"):
         trainer.fit(config)
+
+
+def _usage_error(args: list[str], capsys) -> str:
+    """Run scripts/train.py's main on `args`; assert it is a usage error, return its one line."""
+    with pytest.raises(SystemExit) as exit_info:
+        load_script("train.py").main(args)
+    assert exit_info.value.code == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert ": error: " in line  # the whole message, on the last line
+    return line
+
+
+def test_data_and_checkpoint_problems_are_one_line_usage_errors(
+    tiny_data, tmp_path, capsys, monkeypatch
+):
+    """Problems found after the arguments are parsed (data, an incompatible checkpoint) are
+    usage errors too, not tracebacks."""
+    import tensorflow_datasets as tfds  # after torch (conftest imports it first)
+
+    _refuse_to_compile(monkeypatch)
+    workdir = ["--arch", "resnet18", "--workdir", str(tmp_path / "w")]
+    base = [*workdir, "--data-dir", str(tiny_data), "--batch-size", "4"]
+    line = _usage_error([*base, "--batch-size", "16"], capsys)
+    assert "--batch-size: global batch size 16 exceeds the 12 training examples" in line
+
+    def offline(self, *args, **kwargs):
+        raise ConnectionError("no route to download.tensorflow.org")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(tfds.core.DatasetBuilder, "download_and_prepare", offline)
+        tfds_args = ["--dataset", "tf_flowers", "--tfds-data-dir", str(tmp_path / "tfds")]
+        line = _usage_error([*workdir, *tfds_args], capsys)
+    assert "could not prepare TFDS dataset 'tf_flowers'" in line
+
+    # A checkpoint whose state is not this run's (another optimizer, another version).
+    with checkpoint.TrainCheckpointer(tmp_path / "w") as ckpt:
+        ckpt.save(1, {"params": {"w": np.zeros(3)}}, metadata={"arch": "resnet18"})
+    monkeypatch.setattr(models, "init_variables", _fake_init_variables)
+    line = _usage_error(base, capsys)
+    assert "checkpoint does not match the state template" in line
+    assert line.endswith("use another --workdir or the original settings")
+
+
+def _fake_init_variables(model, key, image_size=64):
+    """`models.init_variables` without compiling: zeros of the right shapes."""
+    return jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), models.variable_shapes(model))
+
+
+def test_a_diverging_run_ends_with_one_line(tmp_path, capsys, monkeypatch):
+    message = "10 consecutive steps had a non-finite loss or gradient (last at step 12); stopping."
+
+    def diverge(cfg):
+        raise trainer.NonFiniteError(message)
+
+    monkeypatch.setattr(trainer, "fit", diverge)
+    assert load_script("train.py").main(["--workdir", str(tmp_path)]) == 1
+    assert capsys.readouterr().err.strip().endswith(f": error: {message}")
