@@ -306,11 +306,16 @@ def fit(cfg: TrainConfig) -> dict[str, Any]:
         ckpt = checkpoint.TrainCheckpointer(workdir, max_to_keep=cfg.keep_checkpoints)
     except OSError as err:
         raise ConfigError(f"--workdir {workdir}: {err}") from err
+    latest = ckpt.latest_step()
+    saved_meta = None
+    if latest is not None:  # resuming: refuse another run's settings before reading any data
+        saved_meta = checkpoint._read_meta(ckpt.directory / str(latest))
+        _check_same_settings(saved_meta.get("config"), cfg, ckpt.directory / str(latest))
 
     # ---------------------------------------------------------------- pretrained weights
     # Read before tensorflow is imported: torchvision files need torch, which must load first.
     pretrained = None
-    if cfg.pretrained and ckpt.latest_step() is None:
+    if cfg.pretrained and latest is None:
         try:
             pretrained = transfer.load_pretrained(cfg.pretrained, cfg.arch)
         except (OSError, ValueError) as err:
@@ -355,6 +360,17 @@ def fit(cfg: TrainConfig) -> dict[str, Any]:
         source.origin, num_classes, source.num_train, source.num_eval, steps_per_epoch,
         cfg.batch_size, mesh.size,
     )  # fmt: skip
+    metadata = {
+        "arch": cfg.arch,
+        "num_classes": num_classes,
+        "class_names": list(source.class_names),
+        "image_size": cfg.image_size,
+        "steps_per_epoch": steps_per_epoch,
+        "trainable": list(trainable),
+        "config": dataclasses.asdict(cfg),
+    }
+    if saved_meta is not None:
+        _check_resumable(saved_meta, metadata, workdir)
 
     # ---------------------------------------------------------------- model and optimizer
     model = models.get_model(
@@ -392,22 +408,12 @@ def fit(cfg: TrainConfig) -> dict[str, Any]:
     del variables
 
     # ---------------------------------------------------------------- checkpoints and resume
-    metadata = {
-        "arch": cfg.arch,
-        "num_classes": num_classes,
-        "class_names": list(source.class_names),
-        "image_size": cfg.image_size,
-        "steps_per_epoch": steps_per_epoch,
-        "trainable": list(trainable),
-        "config": dataclasses.asdict(cfg),
-    }
     try:
-        restored = ckpt.restore(state)
+        restored = ckpt.restore(state, step=latest)
     except ValueError as err:
         raise ConfigError(f"{err}; use another --workdir or the original settings") from err
     if restored is not None:
-        state, saved = restored
-        _check_resumable(saved, metadata, workdir)
+        state, _ = restored
         log.info("resumed from %s at step %d", ckpt.directory, int(state.step))
     if is_main:
         checkpoint.write_class_names(workdir, source.class_names)
@@ -537,8 +543,53 @@ def fit(cfg: TrainConfig) -> dict[str, Any]:
     return final
 
 
+# Options a resumed run must share with the checkpoint's: they define the model, the data and
+# its train/held-out split (seed, val_fraction), the batches and the schedule, so resuming with
+# another value would silently continue a different run (validation images leaking into
+# training, a schedule of another length, a model in another precision). `pretrained` is only
+# read at the start, so another value would be silently ignored. Everything else may change on
+# resume: how long to train (max_steps), where things are (workdir, tfds_data_dir,
+# tfds_manual_dir), how it runs (parallel, num_workers, eval_batch_size) and bookkeeping
+# (checkpoint_every, keep_checkpoints, max_nonfinite). `trainable` is compared as the parsed
+# stage list (`_check_resumable`).
+RESUME_MUST_MATCH = (
+    "arch", "dataset", "data_dir", "val_fraction", "seed", "image_size", "batch_size", "epochs",
+    "lr", "warmup_epochs", "weight_decay", "label_smoothing", "optimizer", "precision",
+    "pretrained", "freeze", "head_lr_multiplier",
+)  # fmt: skip
+
+
+def _resume_settings(config: dict) -> dict[str, Any]:
+    """The RESUME_MUST_MATCH options of a config dict, paths resolved (relative to the current
+    directory), the TFDS name replaced when image folders are read instead (it is unused)."""
+    settings = {key: config.get(key, "(not recorded)") for key in RESUME_MUST_MATCH}
+    for key in ("data_dir", "pretrained"):
+        if isinstance(settings[key], str):
+            settings[key] = str(Path(settings[key]).resolve())
+    if settings["data_dir"] is not None:
+        settings["dataset"] = "(image folders)"
+    return settings
+
+
+def _check_same_settings(saved_config: dict | None, cfg: TrainConfig, where: Path) -> None:
+    """Refuse to resume from the checkpoint `where` when a RESUME_MUST_MATCH option differs,
+    listing every difference (saved value vs this run's)."""
+    saved = _resume_settings(saved_config or {})
+    now = _resume_settings(dataclasses.asdict(cfg))
+    diffs = [
+        f"--{key.replace('_', '-')} {saved[key]} (now {now[key]})"
+        for key in RESUME_MUST_MATCH
+        if saved[key] != now[key]
+    ]
+    if diffs:
+        raise ConfigError(
+            f"{where} was written with other settings: {'; '.join(diffs)}. Rerun with the "
+            "saved settings to resume, or use another --workdir"
+        )
+
+
 def _check_resumable(saved: dict, current: dict, workdir: Path) -> None:
-    """Refuse to resume a run whose arch, classes or batch layout differ from the command's."""
+    """Refuse to resume a run whose classes or batch layout differ from the command's."""
     for key in ("arch", "num_classes", "class_names", "steps_per_epoch", "trainable"):
         if saved.get(key) != current[key]:
             raise ConfigError(

@@ -3,6 +3,7 @@ evaluate and predict on the result), and argument errors.
 
 `finetuned_run` (2 steps, then resumed to step 3) is the suite's one run over the whole data set."""
 
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -18,7 +19,7 @@ from helpers import load_script, metrics_records, run_script
 from PIL import Image
 from test_transfer import _changed_stages
 
-from resnet_jax import checkpoint, convert, models, train, trainer
+from resnet_jax import checkpoint, convert, models, train, trainer, transfer
 
 
 class FineTuneRun(NamedTuple):
@@ -274,11 +275,11 @@ def test_data_and_checkpoint_problems_are_one_line_usage_errors(
         line = _usage_error([*workdir, *tfds_args], capsys)
     assert "could not prepare TFDS dataset 'tf_flowers'" in line
 
-    # A checkpoint whose state is not this run's (another optimizer, another version).
-    with checkpoint.TrainCheckpointer(tmp_path / "w") as ckpt:
-        ckpt.save(1, {"params": {"w": np.zeros(3)}}, metadata={"arch": "resnet18"})
+    # A checkpoint of this run's settings whose state is not this code's (another version).
+    _fake_checkpoint(_tiny_config(tiny_data, tmp_path / "w"))
     monkeypatch.setattr(models, "init_variables", _fake_init_variables)
-    line = _usage_error(base, capsys)
+    line = _usage_error([*base, "--image-size", "32", "--epochs", "1", "--warmup-epochs", "0"],
+                        capsys)  # fmt: skip
     assert "checkpoint does not match the state template" in line
     assert line.endswith("use another --workdir or the original settings")
 
@@ -286,6 +287,44 @@ def test_data_and_checkpoint_problems_are_one_line_usage_errors(
 def _fake_init_variables(model, key, image_size=64):
     """`models.init_variables` without compiling: zeros of the right shapes."""
     return jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), models.variable_shapes(model))
+
+
+def _fake_checkpoint(cfg: trainer.TrainConfig) -> None:
+    """A step-1 checkpoint in `cfg.workdir` with the metadata `fit(cfg)` writes on `tiny_data`
+    and a state that is not a training state."""
+    metadata = {
+        "arch": cfg.arch, "num_classes": 2, "class_names": ["ant", "bee"],
+        "image_size": cfg.image_size, "steps_per_epoch": 3, "trainable": list(transfer.STAGES),
+        "config": dataclasses.asdict(cfg),
+    }  # fmt: skip
+    with checkpoint.TrainCheckpointer(cfg.workdir) as ckpt:
+        ckpt.save(1, {"params": {"w": np.zeros(3)}}, metadata=metadata)
+
+
+def test_resuming_with_other_settings_lists_them(tiny_data, tmp_path, monkeypatch):
+    """Options that define the run must match the checkpoint's (another seed or
+    --val-fraction would move validation images into training); the others may change."""
+    _refuse_to_compile(monkeypatch)
+    workdir = tmp_path / "w"
+    _fake_checkpoint(_tiny_config(tiny_data, workdir, max_steps=1))
+    changed = _tiny_config(tiny_data, workdir, seed=3, lr=0.2, optimizer="adamw")
+    with pytest.raises(trainer.ConfigError) as err:
+        trainer.fit(changed)
+    assert str(err.value) == (
+        f"{workdir / 'checkpoints' / '1'} was written with other settings: --seed 0 (now 3); "
+        "--lr 0.1 (now 0.2); --optimizer sgd (now adamw). Rerun with the saved settings to "
+        "resume, or use another --workdir"
+    )
+    # Allowed: longer, elsewhere (a relative --data-dir naming the same folder), differently
+    # run. The checks pass and the fake state is what fails.
+    monkeypatch.chdir(tiny_data)
+    monkeypatch.setattr(models, "init_variables", _fake_init_variables)
+    allowed = _tiny_config(
+        "train/..", workdir, max_steps=2, num_workers=2, eval_batch_size=8, parallel="pmap",
+        checkpoint_every=1, keep_checkpoints=5, max_nonfinite=3,
+    )  # fmt: skip
+    with pytest.raises(trainer.ConfigError, match="does not match the state template"):
+        trainer.fit(allowed)
 
 
 def test_a_diverging_run_ends_with_one_line(tmp_path, capsys, monkeypatch):
