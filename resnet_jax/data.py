@@ -481,7 +481,8 @@ def _open_tfds(
         if getattr(builder, "MANUAL_DOWNLOAD_INSTRUCTIONS", None):
             hint = (
                 f"{name} must be downloaded by hand into the manual directory "
-                "(tfds_manual_dir; TFDS's default is <tfds data dir>/downloads/manual): "
+                "(tfds_manual_dir, --tfds-manual-dir of scripts/train.py; TFDS's default is "
+                "<tfds data dir>/downloads/manual): "
                 f"{' '.join(builder.MANUAL_DOWNLOAD_INSTRUCTIONS.split())}"
             )
         else:

@@ -37,6 +37,7 @@ class TrainConfig:
     dataset: str = "tf_flowers"
     data_dir: str | None = None
     tfds_data_dir: str | None = None
+    tfds_manual_dir: str | None = None  # archives of datasets TFDS cannot download (imagenet2012)
     val_fraction: float = 0.2
     image_size: int = 224
     batch_size: int = 128  # global, over all devices and processes
@@ -330,6 +331,7 @@ def fit(cfg: TrainConfig) -> dict[str, Any]:
             dataset=cfg.dataset,
             data_dir=cfg.data_dir,
             tfds_data_dir=cfg.tfds_data_dir,
+            tfds_manual_dir=cfg.tfds_manual_dir,
             val_fraction=cfg.val_fraction,
             seed=cfg.seed,
         )

@@ -18,6 +18,8 @@ HELP = {
     "dataset": "TFDS name (tf_flowers, imagenette, cifar10, imagenet2012, ...); downloads it",
     "data_dir": "image folders DIR/train/<class>/* and DIR/val/<class>/* instead of TFDS",
     "tfds_data_dir": "where TFDS keeps its data (default ~/tensorflow_datasets)",
+    "tfds_manual_dir": "where the archives of a dataset TFDS cannot download are (imagenet2012: "
+    "ILSVRC2012_img_train.tar, ILSVRC2012_img_val.tar; default <tfds data dir>/downloads/manual)",
     "val_fraction": "held-out fraction of train when --data-dir has no val/",
     "image_size": "training crop size in pixels",
     "batch_size": "global batch over all devices and processes",

@@ -336,3 +336,16 @@ def test_a_diverging_run_ends_with_one_line(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(trainer, "fit", diverge)
     assert load_script("train.py").main(["--workdir", str(tmp_path)]) == 1
     assert capsys.readouterr().err.strip().endswith(f": error: {message}")
+
+
+def test_tfds_manual_dir_reaches_the_builder(tmp_path, capsys, monkeypatch):
+    """imagenet2012 cannot be downloaded: TFDS looks for its archives in --tfds-manual-dir."""
+    _refuse_to_compile(monkeypatch)
+    manual = tmp_path / "imagenet_archives"
+    args = [
+        "--arch", "resnet18", "--workdir", str(tmp_path / "w"), "--dataset", "imagenet2012",
+        "--tfds-data-dir", str(tmp_path / "tfds"), "--tfds-manual-dir", str(manual),
+    ]  # fmt: skip
+    line = _usage_error(args, capsys)
+    assert f"Manual directory {manual} does not exist or is empty" in line
+    assert "--tfds-manual-dir" in line
