@@ -9,8 +9,9 @@ Two kinds of source, one preprocessing:
 * TFDS datasets (``tfds.builder(name).download_and_prepare()``), read as encoded bytes.
 
 Decoding: JPEG bytes go through TensorFlow (training uses the fused ``decode_and_crop_jpeg``, so
-only the crop is decoded); anything else (PNG, GIF, BMP) is decoded by PIL and converted to RGB,
-exactly as torchvision's loader does. TensorFlow converts grayscale and CMYK JPEGs to RGB itself.
+only the crop is decoded); anything else (PNG, GIF, BMP, PPM/PGM, TIFF, WebP) is decoded by PIL
+and converted to RGB, exactly as torchvision's loader does. TensorFlow converts grayscale and CMYK
+JPEGs to RGB itself.
 
 Training transform: random-resized-crop (area 8-100 %, aspect ratio 3/4-4/3, 10 attempts, else
 the whole image), bilinear antialiased resize rounded to uint8 (as torchvision's PIL resize),
@@ -57,7 +58,10 @@ except RuntimeError as err:  # TF already initialised its devices in this proces
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
+# torchvision ImageFolder's extensions (plus .gif); everything but JPEG is decoded by PIL.
+IMAGE_EXTENSIONS = (
+    ".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif",
+)  # fmt: skip
 # Records held by the shuffle buffer of TFDS sources (files are shuffled too); a split that fits
 # gets a uniform permutation.
 TFDS_SHUFFLE_BUFFER = 10_000

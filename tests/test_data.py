@@ -194,6 +194,9 @@ def test_bad_and_unusual_files(tmp_path):
     image.convert("P").save(odd / "palette.png")
     image.convert("P").save(odd / "palette.bmp")
     image.save(odd / "plain.gif")
+    for name in ("plain.ppm", "plain.tif", "plain.TIFF", "plain.webp"):  # as ImageFolder reads
+        image.save(odd / name)
+    image.convert("L").save(odd / "gray.pgm")
     whole = (good / "ok0.JPG").read_bytes()
     (good / "truncated.jpg").write_bytes(whole[: len(whole) // 2])
     (good / "empty.jpg").write_bytes(b"")
@@ -203,14 +206,15 @@ def test_bad_and_unusual_files(tmp_path):
     with pytest.warns(data.BadImageWarning) as record:
         source = data.open_source(data_dir=tmp_path, val_fraction=0.2)
     message = str(record[0].message)
-    assert "skipped 3 unreadable image file(s) of 12" in message
+    assert "skipped 3 unreadable image file(s) of 17" in message
     for name in ("truncated.jpg", "empty.jpg", "notes.jpg"):
         assert name in message
     assert "the file is empty" in message and "not a known image format" in message
     assert {Path(p).name for p, _ in source.skipped} == {"truncated.jpg", "empty.jpg", "notes.jpg"}
-    assert source.num_train + source.num_eval == 9
+    assert source.num_train + source.num_eval == 14
 
-    for name in ("gray.jpg", "cmyk.jpeg", "rgba.png", "palette.png", "palette.bmp", "plain.gif"):
+    unusual = ["gray.jpg", "cmyk.jpeg", "rgba.png", "palette.png", "palette.bmp", "plain.gif"]
+    for name in [*unusual, "plain.ppm", "gray.pgm", "plain.tif", "plain.TIFF", "plain.webp"]:
         decoded = data.load_image(odd / name)
         with Image.open(odd / name) as pil:
             reference = np.asarray(pil.convert("RGB"), dtype=np.int32)
