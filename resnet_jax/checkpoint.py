@@ -112,37 +112,61 @@ def _num_classes(params: Mapping[str, Any]) -> int | None:
     return int(params["fc"]["bias"].shape[0])
 
 
-@functools.lru_cache(maxsize=32)
-def _expected_shapes(arch: str, num_classes: int | None) -> dict[str, tuple[int, ...]]:
-    """Flat {leaf path: shape} of the params and batch_stats of `arch` (cached: tracing it takes
-    about a second)."""
-    shapes = models.variable_shapes(models.get_model(arch, num_classes=num_classes))
-    return _flat_shapes(shapes)
-
-
 def _flat_shapes(variables: Mapping) -> dict[str, tuple[int, ...]]:
-    tree = {c: variables[c] for c in VARIABLE_COLLECTIONS}
+    """{leaf path: shape} of the params and batch_stats of a variables tree (a missing
+    collection has no leaves)."""
+    tree = {c: variables.get(c, {}) for c in VARIABLE_COLLECTIONS}
     leaves = jax.tree_util.tree_leaves_with_path(tree)
     return {jax.tree_util.keystr(k): tuple(np.shape(v)) for k, v in leaves}
 
 
-def _check_variables(arch: str, num_classes: int | None, variables: Mapping, where: str) -> None:
-    """Raise if `variables` does not have exactly the leaves and shapes of `arch`."""
-    want = _expected_shapes(arch, num_classes)
-    got = _flat_shapes(variables)
-    problems = [f"missing {k}" for k in want.keys() - got.keys()]
-    problems += [f"unexpected {k}" for k in got.keys() - want.keys()]
-    problems += [
-        f"{k}: shape {got[k]}, expected {want[k]}"
-        for k in want.keys() & got.keys()
-        if got[k] != want[k]
-    ]
-    if problems:
-        shown = "; ".join(sorted(problems)[:5])
-        more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
-        raise ValueError(
-            f"{where}: variables do not match {arch} with num_classes={num_classes}: {shown}{more}"
-        )
+@functools.lru_cache(maxsize=32)
+def _cached_model_shapes(model: models.ResNet) -> dict[str, tuple[int, ...]]:
+    """`_flat_shapes` of a (hashable) model's variables; tracing one takes about a second."""
+    return _flat_shapes(models.variable_shapes(model))
+
+
+def _model_shapes(model: models.ResNet) -> dict[str, tuple[int, ...]]:
+    """`_flat_shapes` of the variables `model` creates, cached for hashable models (those of
+    `models.get_model`; list-valued attributes make a hand-built one unhashable)."""
+    try:
+        hash(model)
+    except TypeError:
+        return _flat_shapes(models.variable_shapes(model))
+    return _cached_model_shapes(model)
+
+
+def _leaves(n: int) -> str:
+    return f"{n} leaf" if n == 1 else f"{n} leaves"
+
+
+def check_variables(
+    variables: Mapping, model: models.ResNet, where: str, *, what: str = "the model"
+) -> None:
+    """Raise ValueError unless `variables` has exactly the params and batch_stats leaves and
+    shapes of `model`; the message starts with `where`, calls the model `what` and names every
+    missing, unexpected and mis-shaped leaf. Dtypes are not compared."""
+    want, got = _model_shapes(model), _flat_shapes(variables)
+    missing = sorted(want.keys() - got.keys())
+    unexpected = sorted(got.keys() - want.keys())
+    misshaped = sorted(k for k in want.keys() & got.keys() if got[k] != want[k])
+    if not (missing or unexpected or misshaped):
+        return
+    lines = [f"{where}: variables do not match {what}:"]
+    if missing:
+        lines.append(f"  missing {_leaves(len(missing))}: " + ", ".join(missing))
+    if unexpected:
+        lines.append(f"  unexpected {_leaves(len(unexpected))}: " + ", ".join(unexpected))
+    lines += [f"  wrong shape for {k}: expected {want[k]}, found {got[k]}" for k in misshaped]
+    raise ValueError("\n".join(lines))
+
+
+def _check_arch_variables(
+    arch: str, num_classes: int | None, variables: Mapping, where: str
+) -> None:
+    """`check_variables` against `models.get_model(arch, num_classes=num_classes)`."""
+    model = models.get_model(arch, num_classes=num_classes)
+    check_variables(variables, model, where, what=f"{arch} with num_classes={num_classes}")
 
 
 def _check_class_names(
@@ -404,7 +428,7 @@ def save_model(
     tree = {c: unfreeze(variables[c]) for c in VARIABLE_COLLECTIONS}
     num_classes = _num_classes(tree["params"])
     _check_class_names(class_names, num_classes, f"save_model({path})")
-    _check_variables(arch, num_classes, tree, f"save_model({path})")
+    _check_arch_variables(arch, num_classes, tree, f"save_model({path})")
 
     meta = _jsonable(dict(metadata or {}), "metadata")
     fixed = {
@@ -503,7 +527,7 @@ def _load_model_dir(model_dir: Path, step: int | None) -> LoadedModel:
             f"{model_dir}: metadata num_classes={meta['num_classes']} but the classifier has "
             f"{num_classes} outputs"
         )
-    _check_variables(arch, num_classes, variables, str(model_dir))
+    _check_arch_variables(arch, num_classes, variables, str(model_dir))
     class_names = meta.get("class_names")
     _check_class_names(class_names, num_classes, str(model_dir / META_ITEM))
     return LoadedModel(arch, variables, class_names, meta, model_dir, step)

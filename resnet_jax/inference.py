@@ -95,28 +95,6 @@ def _as_image_list(images: ImageLike | Sequence[ImageLike]) -> list[ImageLike]:
     return list(images)
 
 
-def _flat_shapes(tree: Mapping) -> dict[str, tuple[int, ...]]:
-    """{leaf path: shape} of the params and batch_stats of a variables tree."""
-    leaves = jax.tree_util.tree_leaves_with_path(
-        {c: tree.get(c, {}) for c in checkpoint.VARIABLE_COLLECTIONS}
-    )
-    return {jax.tree_util.keystr(k): tuple(np.shape(v)) for k, v in leaves}
-
-
-def _check_variables(model: nn.Module, variables: Mapping) -> None:
-    """Raise naming the first differences unless `variables` has exactly `model`'s leaves."""
-    want, got = _flat_shapes(models.variable_shapes(model)), _flat_shapes(variables)
-    problems = [f"missing {k}" for k in sorted(want.keys() - got.keys())]
-    problems += [f"unexpected {k}" for k in sorted(got.keys() - want.keys())]
-    problems += [
-        f"{k}: shape {got[k]}, expected {want[k]}"
-        for k in sorted(want.keys() & got.keys())
-        if got[k] != want[k]
-    ]
-    if problems:
-        raise ValueError(f"variables do not match the model: {'; '.join(problems[:5])}")
-
-
 def _logits(model: nn.Module, variables: dict, images: jax.Array) -> jax.Array:
     """Eval-mode forward pass."""
     return model.apply(variables, images, train=False)
@@ -157,7 +135,7 @@ class Predictor:
         self.batch_size = _check_positive_int("batch_size", batch_size)
         self.class_names = [str(c) for c in class_names]
         self.model = model
-        _check_variables(model, variables)
+        checkpoint.check_variables(variables, model, "Predictor")
         self.variables = jax.device_put({c: variables[c] for c in checkpoint.VARIABLE_COLLECTIONS})
         try:
             hash(model)

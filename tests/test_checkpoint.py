@@ -323,7 +323,8 @@ def test_load_errors_name_the_path(tmp_path, variables):
         checkpoint.load(model_dir)
     meta_file.write_text(json.dumps({**meta, "arch": "resnet34"}))
     with pytest.raises(
-        ValueError, match=r"do not match resnet34 .*missing \['batch_stats'\]\['layer1_2'\]"
+        ValueError,
+        match=r"do not match resnet34 .*\n  missing \d+ leaves: .*\['batch_stats'\]\['layer1_2'\]",
     ):
         checkpoint.load(model_dir)
 
@@ -333,6 +334,24 @@ def test_load_errors_name_the_path(tmp_path, variables):
     with pytest.raises(FileNotFoundError, match=r"no checkpoint for step 2 .*steps: \[1\]"):
         checkpoint.load(workdir, step=2)
     assert checkpoint.load(workdir).step == 1  # no metrics anywhere: best falls back to latest
+
+
+def test_check_variables_names_every_problem(variables):
+    params = jax.tree.map(np.asarray, variables["params"])  # new dicts: the fixture stays intact
+    del params["bn1"]["scale"]
+    params["layer2_0"]["conv1"]["kernel"] = np.zeros((1, 1, 64, 128), np.float32)
+    params["extra"] = {"w": np.zeros(3)}
+    params["layer9_0"] = {"b": np.zeros(2)}
+    broken = {**variables, "params": params}
+    with pytest.raises(ValueError) as err:
+        checkpoint.save_model("unused", arch=ARCH, variables=broken)
+    assert str(err.value).splitlines() == [
+        "save_model(unused): variables do not match resnet18 with num_classes=5:",
+        "  missing 1 leaf: ['params']['bn1']['scale']",
+        "  unexpected 2 leaves: ['params']['extra']['w'], ['params']['layer9_0']['b']",
+        "  wrong shape for ['params']['layer2_0']['conv1']['kernel']: expected (3, 3, 64, 128), "
+        "found (1, 1, 64, 128)",
+    ]
 
 
 def test_save_model_validates_and_protects(tmp_path, variables):
@@ -351,7 +370,9 @@ def test_save_model_validates_and_protects(tmp_path, variables):
     assert (precious / "thesis.tex").read_text() == "do not delete"
 
     fresh = tmp_path / "fresh"
-    with pytest.raises(ValueError, match=r"do not match resnet34 .*missing"):
+    with pytest.raises(
+        ValueError, match=r"do not match resnet34 with num_classes=5:\n  missing 80 leaves"
+    ):
         checkpoint.save_model(fresh, arch="resnet34", variables=variables)
     with pytest.raises(ValueError, match="2 class_names for a model with 5 classes"):
         checkpoint.save_model(fresh, arch=ARCH, variables=variables, class_names=["a", "b"])

@@ -158,7 +158,11 @@ def test_errors_are_clear(model_dir, predictor, images, tmp_path):
         inference.Predictor(loaded.model(), loaded.variables, ["a", "b"], SIZE)
     with pytest.raises(ValueError, match="batch_size must be a positive integer"):
         inference.Predictor(loaded.model(), loaded.variables, CLASSES, SIZE, batch_size=0)
-    with pytest.raises(ValueError, match=r"missing \['params'\]\['fc'\]\['bias'\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"Predictor: variables do not match the model:\n  missing 1 leaf: "
+        r"\['params'\]\['fc'\]\['bias'\]$",
+    ):
         params = {k: v for k, v in loaded.variables["params"].items() if k != "fc"}
         params["fc"] = {"kernel": loaded.variables["params"]["fc"]["kernel"]}
         inference.Predictor(loaded.model(), {**loaded.variables, "params": params}, CLASSES, SIZE)
