@@ -68,6 +68,24 @@ def add_checkpoint_arguments(
     )
 
 
+def add_image_size_argument(
+    parser: argparse.ArgumentParser, *, default_text: str = "the size the checkpoint recorded"
+) -> None:
+    """`--image-size S`: the eval crop (None when not given: the caller applies `default_text`)."""
+    parser.add_argument(
+        "--image-size",
+        type=positive_int,
+        help=f"eval crop size in pixels (default: {default_text})",
+    )
+
+
+def add_batch_size_argument(
+    parser: argparse.ArgumentParser, *, default: int | None, help: str
+) -> None:
+    """`--batch-size N`, a positive integer; `help` says what a batch is in that script."""
+    parser.add_argument("--batch-size", type=positive_int, default=default, help=help)
+
+
 def step_selection(args: argparse.Namespace) -> dict:
     """The `step` and `which` keyword arguments of `checkpoint.load` from the parsed flags."""
     return {"step": args.step, "which": args.which or DEFAULT_WHICH}

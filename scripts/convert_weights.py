@@ -50,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     to_flax.add_argument(
         "--image-size",
-        type=int,
+        type=cli_args.positive_int,
         default=TORCHVISION_EVAL_SIZE,
         help="eval crop size to record for evaluate.py/predict.py (default: %(default)s)",
     )
@@ -91,8 +91,6 @@ def _summary(arch: str, variables: dict) -> str:
 
 def to_flax(args: argparse.Namespace) -> str:
     """Convert a torchvision file into a model directory; returns the report line."""
-    if args.image_size < 1:
-        raise ValueError(f"--image-size must be a positive integer, got {args.image_size}")
     variables = convert.from_torchvision(args.input, args.arch, num_classes=args.num_classes)
     num_classes = _num_classes(variables)
     if args.class_names is not None:

@@ -36,12 +36,10 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--dataset", help="TFDS dataset name")
     parser.add_argument("--split", help="TFDS split, e.g. validation or 'train[90%%:]'")
     parser.add_argument("--tfds-data-dir", help="where TFDS keeps its data")
-    parser.add_argument(
-        "--image-size", type=int, help="eval crop size (default: the checkpoint's training size)"
-    )
-    parser.add_argument(
-        "--batch-size",
-        type=int,
+    cli_args.add_image_size_argument(parser)
+    cli_args.add_batch_size_argument(
+        parser,
+        default=None,
         help="global batch, a multiple of the device count (default: 64 rounded up to one)",
     )
     parser.add_argument("--output-dir", type=Path, help="write metrics.json and confusion.png")

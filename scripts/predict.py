@@ -33,11 +33,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--arch", help=f"with --torchvision-weights: {', '.join(models.ARCHS)}")
     parser.add_argument("--top-k", type=int, default=5, help="classes shown per image")
-    parser.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
-    parser.add_argument(
-        "--image-size",
-        type=int,
-        help="eval crop size (default: the checkpoint's training size; 224 for torchvision)",
+    cli_args.add_batch_size_argument(
+        parser,
+        default=inference.DEFAULT_BATCH_SIZE,
+        help="images per forward pass (default: %(default)s)",
+    )
+    cli_args.add_image_size_argument(
+        parser, default_text="the size the checkpoint recorded; 224 for --torchvision-weights"
     )
     parser.add_argument(
         "--json",

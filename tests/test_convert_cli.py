@@ -71,7 +71,7 @@ def test_round_trip_through_the_cli(tmp_path, weights, capsys):
         (["--class-names", "{tmp}/bad.json"], "bad.json: not valid JSON"),
         (["--arch", "resnet5O"], "Did you mean 'resnet50'"),
         (["--arch", "resnet34"], "looks like a resnet18 state_dict, not resnet34"),
-        (["--image-size", "0"], "--image-size must be a positive integer, got 0"),
+        (["--image-size", "0"], "argument --image-size: must be a positive integer, got '0'"),
     ],
 )
 def test_bad_to_flax_arguments_are_usage_errors(tmp_path, weights, capsys, args, message):

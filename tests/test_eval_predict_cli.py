@@ -236,7 +236,21 @@ def test_open_eval_data_folder_layouts(work, tmp_path):
             ],  # fmt: skip
             "--step and --which apply to --checkpoint",
         ),
-        (PREDICT, ["--checkpoint", "{work}/model", "--step", "-1", "{work}/data"], "--step"),
+        (
+            PREDICT,
+            ["--checkpoint", "{work}/model", "--step", "-1", "{work}/data"],
+            "argument --step: must be a non-negative integer, got '-1'",
+        ),
+        (
+            PREDICT,
+            ["--checkpoint", "{work}/model", "--image-size", "0", "{work}/data"],
+            "argument --image-size: must be a positive integer, got '0'",
+        ),
+        (
+            EVALUATE,
+            ["--checkpoint", "{work}/model", "--data-dir", "{work}/data", "--batch-size", "0"],
+            "argument --batch-size: must be a positive integer, got '0'",
+        ),
         (EVALUATE, ["--checkpoint", "{work}/nowhere", "--data-dir", "{work}/data"], "nowhere"),
         (EVALUATE, ["--checkpoint", "{work}/model"], "records no training data"),
         (EVALUATE, ["--checkpoint", "{work}/model", "--data-dir", "{work}/odd"], "['cactus']"),
