@@ -369,7 +369,9 @@ def fit(cfg: TrainConfig) -> dict[str, Any]:
         "image_size": cfg.image_size,
         "steps_per_epoch": steps_per_epoch,
         "trainable": list(trainable),
-        "config": dataclasses.asdict(cfg),
+        # Resolved: evaluate.py reads the data from there, whatever its working directory.
+        "config": dataclasses.asdict(cfg)
+        | {"data_dir": None if cfg.data_dir is None else str(Path(cfg.data_dir).resolve())},
     }
     if saved_meta is not None:
         _check_resumable(saved_meta, metadata, workdir)

@@ -189,16 +189,19 @@ def _tiny_config(data_dir: Path | str, workdir: Path, **overrides) -> trainer.Tr
     return trainer.TrainConfig(**(options | overrides))
 
 
-def test_pmap_checkpoints_resume_and_load_like_shard_map(tiny_data, tmp_path):
+def test_pmap_checkpoints_resume_and_load_like_shard_map(tiny_data, tmp_path, monkeypatch):
     """--parallel pmap keeps one state copy per device; its checkpoints hold one copy (the
-    plain state's shapes), so a rerun resumes and checkpoint.load reads them."""
+    plain state's shapes), so a rerun resumes and checkpoint.load reads them. The run is started
+    with a relative --data-dir: the checkpoint records it resolved (for evaluate.py)."""
+    monkeypatch.chdir(tiny_data)
     workdir = tmp_path / "run"
-    final = trainer.fit(_tiny_config(tiny_data, workdir, parallel="pmap", max_steps=1))
+    final = trainer.fit(_tiny_config("train/..", workdir, parallel="pmap", max_steps=1))
     assert final["step"] == 1
-    resumed = trainer.fit(_tiny_config(tiny_data, workdir, parallel="pmap", max_steps=2))
+    resumed = trainer.fit(_tiny_config("train/..", workdir, parallel="pmap", max_steps=2))
     assert resumed["step"] == 2
     loaded = checkpoint.load(workdir, which="latest")
     assert loaded.step == 2 and loaded.variables["params"]["fc"]["kernel"].shape == (512, 2)
+    assert loaded.metadata["config"]["data_dir"] == str(tiny_data)
 
 
 def _refuse_to_compile(monkeypatch) -> None:
