@@ -124,8 +124,10 @@ def load_pretrained(path: str | Path, arch: str) -> dict:
 
 
 def merge_pretrained(fresh: Mapping[str, Any], pretrained: Mapping[str, Any]) -> dict:
-    """`fresh` variables with every pretrained leaf copied in; the head is replaced by the fresh
-    one when the class counts differ (logged), and dropped from a headless pretrained model."""
+    """`fresh` variables with every pretrained leaf copied in. The head follows `fresh`: a
+    pretrained head with another class count is replaced by the fresh one, headless pretrained
+    weights get the fresh head (both logged), and a headless `fresh` model drops the pretrained
+    head."""
     params = dict(pretrained["params"])
     new_fc, old_fc = fresh["params"].get("fc"), params.pop("fc", None)
     if new_fc is not None:
