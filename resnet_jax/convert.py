@@ -8,6 +8,7 @@ copied. torch is imported lazily so the rest of the package (and TensorFlow) nev
 from __future__ import annotations
 
 import functools
+import os
 import re
 from collections import OrderedDict
 from collections.abc import Collection, Mapping, Sequence
@@ -20,8 +21,10 @@ from numpy.typing import DTypeLike
 
 from resnet_jax import models
 
-TORCH_SUFFIXES = (".pth", ".pt")
+TORCH_SUFFIXES = (".pth", ".pt")  # torch.save / torch.load files
 SAFETENSORS_SUFFIX = ".safetensors"
+# Every weights file type this module reads and writes, compared case-insensitively.
+WEIGHTS_SUFFIXES = (*TORCH_SUFFIXES, SAFETENSORS_SUFFIX)
 WRAPPER_KEYS = ("state_dict", "model")
 # Key prefixes torch's own wrappers put before every key of the one module they wrap:
 # DataParallel/DistributedDataParallel (`module.`) and torch.compile (`_orig_mod.`).
@@ -377,6 +380,13 @@ def _read_file(path: Path) -> Mapping[str, Any]:
     return loaded
 
 
+def is_torch_weights_file(path: str | os.PathLike) -> bool:
+    """Whether `path` is named like a torchvision weights file this module reads (.pth, .pt,
+    .safetensors, in any case), e.g. to tell it from a resnet_jax checkpoint directory; the
+    file's existence and contents are not checked."""
+    return Path(path).suffix.lower() in WEIGHTS_SUFFIXES
+
+
 def _source_name(source: Any) -> str:
     """How error messages refer to a weights source."""
     return str(source) if isinstance(source, str | Path) else "the given state_dict"
@@ -485,7 +495,7 @@ def save_torchvision(state_dict: Mapping[str, Any], path: str | Path) -> Path:
     """Write a torch state_dict to `.pth`/`.pt` (torch.save) or `.safetensors`."""
     path = Path(path)
     suffix = path.suffix.lower()
-    if suffix not in (*TORCH_SUFFIXES, SAFETENSORS_SUFFIX):
+    if not is_torch_weights_file(path):
         raise ValueError(
             f"{path}: unknown weights file type {suffix!r}; use .pth, .pt or .safetensors"
         )

@@ -213,6 +213,19 @@ def test_file_round_trip(tmp_path, small_sd, suffix):
     _assert_trees_identical(convert.from_torchvision(str(path), "resnet18"), variables)
 
 
+def test_weights_file_suffixes_in_any_case(tmp_path, small_sd):
+    for name in ("w.pth", "W.PTH", "w.Pt", "w.safetensors", "dir/W.SafeTensors"):
+        assert convert.is_torch_weights_file(name) and convert.is_torch_weights_file(
+            tmp_path / name
+        )
+    for name in ("run", "w.ckpt", "w.pth.bak", "checkpoints/4", "w.bin"):
+        assert not convert.is_torch_weights_file(name), name
+    expected = convert.from_torchvision(small_sd, "resnet18")
+    for name in ("UPPER.PTH", "Mixed.SafeTensors"):
+        path = convert.save_torchvision(small_sd, tmp_path / name)
+        _assert_trees_identical(convert.from_torchvision(path, "resnet18"), expected)
+
+
 def test_files_written_by_torch_and_safetensors_directly(tmp_path, small_sd):
     import safetensors.torch
 
