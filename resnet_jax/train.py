@@ -387,18 +387,14 @@ def make_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
     return Mesh(np.asarray(devices), (BATCH_AXIS,))
 
 
-def _check_divisible(what: str, batch_size: int, num_devices: int) -> None:
-    """Raise naming both numbers unless `batch_size` splits evenly over `num_devices`."""
+def check_divisible(what: str, batch_size: int, num_devices: int) -> None:
+    """Raise naming `what` (the argument), the batch and the device count unless `batch_size`
+    splits evenly over `num_devices` (every device gets the same positive share)."""
     if batch_size <= 0 or batch_size % num_devices:
         raise ValueError(
             f"{what} {batch_size} is not divisible by the number of devices {num_devices}; "
             f"use a positive multiple of {num_devices}"
         )
-
-
-def check_global_batch(global_batch_size: int, num_devices: int) -> None:
-    """Raise a clear ValueError unless the global batch splits evenly over the devices."""
-    _check_divisible("global batch size", global_batch_size, num_devices)
 
 
 def _check_kind(kind: str) -> None:
@@ -483,7 +479,7 @@ def prepare_batch(batch: dict, mesh: Mesh, kind: str = "shard_map") -> dict:
     """
     _check_kind(kind)
     n = len(mesh.local_devices)
-    _check_divisible("process-local batch size", _leading_size(batch), n)
+    check_divisible("process-local batch size", _leading_size(batch), n)
     if kind == "shard_map":
         sharding = NamedSharding(mesh, P(BATCH_AXIS))
         return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), batch)

@@ -105,11 +105,10 @@ class TrainConfig:
             if not ok:
                 raise ConfigError(message)
         for name, size in (("--batch-size", self.batch_size), ("--eval-batch-size", self.eval_bs)):
-            if size <= 0 or size % num_devices:
-                raise ConfigError(
-                    f"{name} {size} is not divisible by the number of devices {num_devices} "
-                    f"({jax.process_count()} process(es)); use a multiple of {num_devices}"
-                )
+            try:
+                train.check_divisible(name, size, num_devices)
+            except ValueError as err:
+                raise ConfigError(str(err)) from err
 
     @property
     def trainable_list(self) -> list[str]:

@@ -309,9 +309,11 @@ def test_cross_entropy_label_smoothing_by_hand():
 
 
 def test_batch_not_divisible_by_devices(setup):
-    with pytest.raises(ValueError, match="global batch size 10 .* number of devices 4"):
-        T.check_global_batch(10, 4)
-    T.check_global_batch(12, 4)
+    with pytest.raises(ValueError, match="--batch-size 10 is not divisible by the number of dev"):
+        T.check_divisible("--batch-size", 10, 4)
+    with pytest.raises(ValueError, match="--batch-size 0 .*use a positive multiple of 4"):
+        T.check_divisible("--batch-size", 0, 4)
+    T.check_divisible("--batch-size", 12, 4)
     with pytest.raises(ValueError, match="batch size 6 .* number of devices 4"):
         T.prepare_batch(_batch(0, n=6), setup["mesh"])
     ragged = {"image": np.zeros((8, 2, 2, 3)), "label": np.zeros(4)}
