@@ -15,7 +15,7 @@ import signal
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import jax
 import jax.numpy as jnp
@@ -225,13 +225,35 @@ class EvalResult:
         }
 
 
+class EvalInterrupted(Exception):
+    """`evaluate` was abandoned: its `stop` callback returned a signal number."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"evaluation interrupted by {signal.Signals(signum).name}")
+        self.signum = signum
+
+
 def evaluate(
-    eval_step: Callable, variables: dict, batches: Iterator[dict], mesh, kind: str, num_classes: int
+    eval_step: Callable,
+    variables: dict,
+    batches: Iterator[dict],
+    mesh,
+    kind: str,
+    num_classes: int,
+    stop: Callable[[], int | None] | None = None,
 ) -> EvalResult:
-    """Run a parallelized eval step over padded, masked batches and total the results."""
+    """Run a parallelized eval step over padded, masked batches and total the results.
+
+    `stop` is called before every batch (on every process alike: it may be collective); when it
+    returns a signal number the evaluation is abandoned with `EvalInterrupted`, so a stop request
+    is not held up by a long evaluation.
+    """
     totals: dict[str, float] = {}
     confusion = np.zeros((num_classes, num_classes), np.int64)
     for batch in batches:
+        signum = None if stop is None else stop()
+        if signum is not None:
+            raise EvalInterrupted(signum)
         sums, predictions = eval_step(variables, train.prepare_batch(batch, mesh, kind))
         for key, value in train.fetch_state(sums, kind).items():
             totals[key] = totals.get(key, 0) + value.item()
@@ -255,7 +277,7 @@ def evaluate(
 
 
 class _StopRequest:
-    """Turns SIGINT/SIGTERM into a flag the loop checks after every step."""
+    """Turns SIGINT/SIGTERM into a flag the loop checks after every step and evaluation batch."""
 
     def __init__(self) -> None:
         self.signum: int | None = None
@@ -265,7 +287,10 @@ class _StopRequest:
 
     def _handle(self, signum: int, frame: Any) -> None:
         self.signum = signum
-        log.warning("received %s: checkpointing after this step", signal.Signals(signum).name)
+        log.warning(
+            "received %s: checkpointing after this step or evaluation batch",
+            signal.Signals(signum).name,
+        )
 
     def agreed(self) -> int | None:
         """The signal any process received, identical on every process, so all of them stop
@@ -459,7 +484,9 @@ def fit(cfg: TrainConfig) -> dict[str, Any]:
             num_workers=cfg.num_workers,
         )
         variables = {"params": state.params, "batch_stats": state.batch_stats}
-        result = evaluate(eval_step, variables, batches, mesh, cfg.parallel, num_classes)
+        result = evaluate(
+            eval_step, variables, batches, mesh, cfg.parallel, num_classes, stop=stop.agreed
+        )
         if writer:
             writer.write(step, {"epoch": epoch, **result.as_metrics()})
         log.info(
@@ -474,6 +501,12 @@ def fit(cfg: TrainConfig) -> dict[str, Any]:
         saved = train.fetch_state(state, "pmap") if cfg.parallel == "pmap" else state
         ckpt.save(step, saved, metadata=metadata, metrics=metrics, force=True)
 
+    def checkpoint_and_exit(signum: int) -> NoReturn:
+        save()  # no metrics: a rerun evaluates this step first if it ends an epoch (redo_eval)
+        ckpt.wait()
+        log.warning("checkpoint written at step %d; exiting", step)
+        raise SystemExit(128 + signum)
+
     # ---------------------------------------------------------------- loop
     writer = MetricsWriter(workdir, start_step, redo_eval=redo_eval) if is_main else None
     stop = _StopRequest()
@@ -485,7 +518,11 @@ def fit(cfg: TrainConfig) -> dict[str, Any]:
         if redo_eval:
             if step >= total_steps:
                 log.info("training already complete at step %d; evaluating", step)
-            result = run_eval((step - 1) // steps_per_epoch)
+            try:
+                result = run_eval((step - 1) // steps_per_epoch)
+            except EvalInterrupted as stopped:  # nothing new to save: the rerun evaluates again
+                log.warning("evaluation at step %d abandoned; exiting", step)
+                raise SystemExit(128 + stopped.signum) from None
         while step < total_steps:
             epoch, first_batch = divmod(step, steps_per_epoch)
             batches = data.train_batches(
@@ -521,16 +558,16 @@ def fit(cfg: TrainConfig) -> dict[str, Any]:
                     )
                 signum = stop.agreed()
                 if signum is not None:
-                    save()
-                    ckpt.wait()
-                    log.warning("checkpoint written at step %d; exiting", step)
-                    raise SystemExit(128 + signum)
+                    checkpoint_and_exit(signum)
                 end_of_epoch = step % steps_per_epoch == 0
                 if step >= total_steps or end_of_epoch:
                     break
                 if cfg.checkpoint_every is not None and step % cfg.checkpoint_every == 0:
                     save()
-            result = run_eval(epoch)
+            try:
+                result = run_eval(epoch)
+            except EvalInterrupted as stopped:
+                checkpoint_and_exit(stopped.signum)
             save({"val_accuracy": result.top1, **result.as_metrics()})
     finally:
         stop.restore()

@@ -5,7 +5,9 @@ evaluate and predict on the result), and argument errors.
 
 import dataclasses
 import json
+import os
 import shutil
+import signal
 import subprocess
 from pathlib import Path
 from typing import NamedTuple
@@ -352,3 +354,32 @@ def test_tfds_manual_dir_reaches_the_builder(tmp_path, capsys, monkeypatch):
     line = _usage_error(args, capsys)
     assert f"Manual directory {manual} does not exist or is empty" in line
     assert "--tfds-manual-dir" in line
+
+
+def test_sigterm_during_evaluation_checkpoints_without_waiting_for_it(
+    tiny_data, tmp_path, monkeypatch
+):
+    """A SIGTERM arriving while the final evaluation runs abandons it at the next batch: the
+    run checkpoints its last step (without eval metrics) and exits; the rerun evaluates it."""
+    from resnet_jax import data
+
+    eval_batches = data.eval_batches
+
+    def terminated_during_eval(*args, **kwargs):
+        for batch in eval_batches(*args, **kwargs):
+            os.kill(os.getpid(), signal.SIGTERM)
+            yield batch
+            pytest.fail("the evaluation went on after the signal")
+
+    workdir = tmp_path / "run"
+    config = _tiny_config(tiny_data, workdir, parallel="pmap", max_steps=1)
+    with monkeypatch.context() as patch, pytest.raises(SystemExit) as exit_info:
+        patch.setattr(data, "eval_batches", terminated_during_eval)
+        trainer.fit(config)
+    assert exit_info.value.code == 128 + signal.SIGTERM
+    with checkpoint.TrainCheckpointer(workdir) as ckpt:
+        assert ckpt.all_steps() == [1] and ckpt.metrics(1) is None
+    assert not [r for r in metrics_records(workdir) if "val_loss" in r]
+    final = trainer.fit(config)
+    assert final["step"] == 1 and 0 <= final["val_accuracy"] <= 1
+    assert [r["step"] for r in metrics_records(workdir) if "val_loss" in r] == [1]
