@@ -88,7 +88,7 @@ def _axes(ndim: int, axes_by_ndim: Mapping[int, tuple[int, ...]]) -> tuple[int, 
     return axes_by_ndim.get(ndim, tuple(range(ndim)))
 
 
-def _to_flax_layout(a: np.ndarray, dtype: np.dtype | None = None) -> np.ndarray:
+def _to_flax_layout(a: np.ndarray, dtype: DTypeLike | None = None) -> np.ndarray:
     """torch layout -> Flax layout in `dtype` (None: a's), as a C-contiguous copy (never a view
     of the caller's memory)."""
     return np.array(np.transpose(a, _axes(a.ndim, _FLAX_AXES)), dtype=dtype, order="C", copy=True)
@@ -468,12 +468,12 @@ def to_torchvision(variables: Mapping[str, Any], arch: str) -> OrderedDict[str, 
     """Flax `{"params", "batch_stats"}` -> torchvision state_dict (strict-loadable, same dtype).
 
     Every parameter and running statistic is copied bit for bit, so torch -> Flax -> torch gives
-    them back unchanged; each BatchNorm's `num_batches_tracked` is written as 0, because the Flax
-    variables hold no counter: `models.BatchNorm` updates its statistics with a momentum (0.9,
-    torch's default 0.1) and never counts batches, so after training here no count would
-    describe the statistics. torch only reads the counter with `momentum=None` (a cumulative
-    average): there a counter of 0 makes the next train-mode batch restart the average; set the
-    counters yourself to continue one.
+    them back unchanged (for a file that is not float32, with `from_torchvision(..., dtype=None)`);
+    each BatchNorm's `num_batches_tracked` is written as 0, because the Flax variables hold no
+    counter: `models.BatchNorm` updates its statistics with momentum 0.9 (torch's 0.1) and never
+    counts batches, so after training here no count would describe the statistics. torch only
+    reads the counter with `momentum=None` (a cumulative average): there a counter of 0 makes the
+    next train-mode batch restart the average; set the counters yourself to continue one.
     """
     import torch
 
