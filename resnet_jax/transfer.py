@@ -25,7 +25,6 @@ log = logging.getLogger("resnet_jax")
 
 FREEZE_MODES = ("none", "stages", "backbone")
 STAGES = ("stem", *models.STAGE_NAMES, "fc")
-TORCH_SUFFIXES = (".pth", ".pt", ".safetensors")
 
 
 def stage_of(top_level_name: str) -> str:
@@ -105,17 +104,17 @@ def check_head_trains(
 def load_pretrained(path: str | Path, arch: str) -> dict:
     """`{"params", "batch_stats"}` from a torchvision file or a resnet_jax checkpoint for `arch`.
 
-    torchvision files (.pth/.pt/.safetensors) go through `convert.from_torchvision`, which
-    imports torch: call this before anything imports tensorflow (resnet_jax.data).
+    torchvision files (.pth/.pt/.safetensors in any case, `convert.is_torch_weights_file`) go
+    through `convert.from_torchvision`, which imports torch: call this before anything imports
+    tensorflow (resnet_jax.data).
     """
+    from resnet_jax import checkpoint, convert
+
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"--pretrained {path}: no such file or directory")
-    if path.suffix in TORCH_SUFFIXES:
-        from resnet_jax import convert
-
+    if convert.is_torch_weights_file(path):
         return convert.from_torchvision(path, arch)
-    from resnet_jax import checkpoint
 
     loaded = checkpoint.load(path)
     if loaded.arch != arch:

@@ -159,3 +159,13 @@ def test_merge_replaces_a_head_with_another_class_count(start_variables, caplog)
     )
     same = transfer.merge_pretrained(ten, ten)
     np.testing.assert_array_equal(same["params"]["fc"]["kernel"], ten["params"]["fc"]["kernel"])
+
+
+def test_load_pretrained_reads_torchvision_files_in_any_case(tmp_path):
+    import torch  # conftest imported it before tensorflow
+    import torchvision
+
+    path = tmp_path / "RESNET18.PTH"
+    torch.save(torchvision.models.resnet18(num_classes=3).state_dict(), path)
+    loaded = transfer.load_pretrained(path, "resnet18")
+    assert loaded["params"]["fc"]["kernel"].shape == (512, 3)
