@@ -330,6 +330,9 @@ def test_resuming_with_other_settings_lists_them(tiny_data, tmp_path, monkeypatc
     )  # fmt: skip
     with pytest.raises(trainer.ConfigError, match="does not match the state template"):
         trainer.fit(allowed)
+    (workdir / "checkpoints" / "1" / "meta" / "metadata").write_text('{"arch": "resn')  # cut short
+    with pytest.raises(trainer.ConfigError, match=r"unreadable checkpoint metadata.*--workdir"):
+        trainer.fit(allowed)
 
 
 def test_a_diverging_run_ends_with_one_line(tmp_path, capsys, monkeypatch):
