@@ -528,20 +528,28 @@ def fit(cfg: TrainConfig) -> dict[str, Any]:
                 raise SystemExit(128 + stopped.signum) from None
         while step < total_steps:
             epoch, first_batch = divmod(step, steps_per_epoch)
-            batches = data.train_batches(
-                source,
-                batch_size=per_process_batch,
-                image_size=cfg.image_size,
-                seed=cfg.seed,
-                epoch=epoch,
-                start_batch=first_batch,
-                process_index=jax.process_index(),
-                process_count=jax.process_count(),
-                num_workers=cfg.num_workers,
+            batches = iter(
+                data.train_batches(
+                    source,
+                    batch_size=per_process_batch,
+                    image_size=cfg.image_size,
+                    seed=cfg.seed,
+                    epoch=epoch,
+                    start_batch=first_batch,
+                    process_index=jax.process_index(),
+                    process_count=jax.process_count(),
+                    num_workers=cfg.num_workers,
+                )
             )
             tick = time.perf_counter()
-            for batch in batches:
-                state, metrics = train_step(state, train.prepare_batch(batch, mesh, cfg.parallel))
+            inputs = _next_on_device(batches, mesh, cfg.parallel)
+            while inputs is not None:
+                state, metrics = train_step(state, inputs)
+                # The next batch is read and copied to the devices while this step runs (the
+                # step is dispatched asynchronously; reading its metrics waits for it), so an
+                # accelerator does not idle for the copy. Past the last step, one batch is
+                # read for nothing.
+                inputs = _next_on_device(batches, mesh, cfg.parallel)
                 metrics = train.fetch_state(metrics, cfg.parallel)
                 step += 1
                 now = time.perf_counter()
@@ -584,6 +592,12 @@ def fit(cfg: TrainConfig) -> dict[str, Any]:
     if writer and writer.path.exists():
         plot_curves(writer.path, workdir / "curves.png")
     return final
+
+
+def _next_on_device(batches: Iterator[dict], mesh: jax.sharding.Mesh, parallel: str) -> dict | None:
+    """The next training batch placed on the devices for the step, or None when none is left."""
+    batch = next(batches, None)
+    return None if batch is None else train.prepare_batch(batch, mesh, parallel)
 
 
 # Options a resumed run must share with the checkpoint's: they define the model, the data and

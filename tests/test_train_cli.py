@@ -206,6 +206,29 @@ def test_pmap_checkpoints_resume_and_load_like_shard_map(tiny_data, tmp_path, mo
     assert loaded.metadata["config"]["data_dir"] == str(tiny_data)
 
 
+def test_next_batch_reaches_the_devices_while_a_step_runs(tiny_data, tmp_path, monkeypatch):
+    """fit places batch k+1 on the devices before it waits for step k's metrics, so the copy
+    overlaps the (asynchronously dispatched) step instead of leaving the accelerator idle."""
+    events = []
+    prepare_batch, fetch_state = train.prepare_batch, train.fetch_state
+
+    def prepare(batch, *args, **kwargs):
+        events.append("put")
+        return prepare_batch(batch, *args, **kwargs)
+
+    def fetch(tree, *args, **kwargs):
+        if isinstance(tree, dict) and "loss" in tree:
+            events.append("metrics")
+        return fetch_state(tree, *args, **kwargs)
+
+    monkeypatch.setattr(train, "prepare_batch", prepare)
+    monkeypatch.setattr(train, "fetch_state", fetch)
+    final = trainer.fit(_tiny_config(tiny_data, tmp_path / "run"))
+    assert final["step"] == 3
+    training = events[: events.index("metrics") + 4]  # then the evaluation puts its batches
+    assert training == ["put", "put", "metrics", "put", "metrics", "metrics"], events
+
+
 def _refuse_to_compile(monkeypatch) -> None:
     """Make reaching model initialisation or step compilation fail the test."""
 
