@@ -79,6 +79,32 @@ def add_image_size_argument(
     )
 
 
+def add_resize_size_argument(parser: argparse.ArgumentParser) -> None:
+    """`--resize-size R`: the shorter side images are resized to before the --image-size center
+    crop (None when not given: the validation transform's image size * 256 / 224)."""
+    parser.add_argument(
+        "--resize-size",
+        type=positive_int,
+        help=(
+            "shorter side in pixels that images are resized to before the center crop, at least "
+            "--image-size (default: round(image size * 256 / 224), e.g. 256 for 224, as in "
+            "training's validation; torchvision's IMAGENET1K_V2 weights want 232 for 224)"
+        ),
+    )
+
+
+def check_resize_size(
+    parser: argparse.ArgumentParser, resize_size: int | None, image_size: int
+) -> None:
+    """Usage error naming both flags unless `resize_size` (None: the default) is at least the
+    eval crop `image_size` (given or the default), which is cut from the resized image."""
+    if resize_size is not None and resize_size < image_size:
+        parser.error(
+            f"--resize-size {resize_size} is smaller than the crop size {image_size} "
+            "(--image-size): the crop is cut from the resized image"
+        )
+
+
 def add_batch_size_argument(
     parser: argparse.ArgumentParser, *, default: int | None, help: str
 ) -> None:

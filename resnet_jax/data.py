@@ -16,8 +16,9 @@ JPEGs to RGB itself.
 Training transform: random-resized-crop (area 8-100 %, aspect ratio 3/4-4/3, 10 attempts, else
 the whole image), bilinear antialiased resize rounded to uint8 (as torchvision's PIL resize),
 random horizontal flip, ImageNet mean/std (applied per batch). Eval
-transform: resize the shorter side to ``round(image_size * 256 / 224)`` (bilinear, antialiased;
-longer side truncated like torchvision), center crop, same normalisation.
+transform: resize the shorter side to ``resize_size`` (default ``round(image_size * 256 / 224)``;
+torchvision's IMAGENET1K_V2 weights use 232 for 224) (bilinear, antialiased; longer side
+truncated like torchvision), center crop, same normalisation.
 
 Determinism: an epoch is a function of ``(seed, epoch)`` only. For image folders the example
 order is a stateless shuffle of the file indices, and every example's augmentation uses a key
@@ -218,15 +219,33 @@ def _train_transform(data: tf.Tensor, key: tf.Tensor, image_size: int) -> tf.Ten
     return tf.cast(tf.clip_by_value(tf.round(image), 0.0, 255.0), tf.uint8)
 
 
-def _eval_transform(image: tf.Tensor, image_size: int) -> tf.Tensor:
-    """uint8 [H, W, 3] -> resize shorter side, center crop, normalise: float32 [S, S, 3]."""
+def eval_resize_size(image_size: int, resize_size: int | None = None) -> int:
+    """The shorter side the eval transform resizes to before cropping `image_size`: `resize_size`,
+    or ``round(image_size * 256 / 224)`` when None (the ratio training validates with). Raises
+    naming the argument unless it is a positive integer at least `image_size` (the crop must fit).
+    """
+    _check_positive(image_size=image_size)
+    if resize_size is None:
+        return round(image_size * EVAL_RESIZE_RATIO)
+    _check_positive(resize_size=resize_size)
+    if resize_size < image_size:
+        raise ValueError(
+            f"resize_size {resize_size} is smaller than image_size {image_size}: the center crop "
+            "is cut from the resized image, so the resize must be at least the crop"
+        )
+    return int(resize_size)
+
+
+def _eval_transform(image: tf.Tensor, image_size: int, resize_size: int) -> tf.Tensor:
+    """uint8 [H, W, 3] -> shorter side resized to `resize_size`, center crop, normalise:
+    float32 [S, S, 3]."""
     shape = tf.shape(image)
     height, width = shape[0], shape[1]
-    short = round(image_size * EVAL_RESIZE_RATIO)
-    # torchvision's Resize(int): the shorter side becomes `short`, the longer one is truncated.
+    # torchvision's Resize(int): the shorter side becomes `resize_size`, the longer one is
+    # truncated.
     shorter = tf.minimum(height, width)
-    new_h = tf.where(height <= width, short, height * short // shorter)
-    new_w = tf.where(height <= width, width * short // shorter, short)
+    new_h = tf.where(height <= width, resize_size, height * resize_size // shorter)
+    new_w = tf.where(height <= width, width * resize_size // shorter, resize_size)
     image = tf.image.resize(image, tf.stack([new_h, new_w]), method="bilinear", antialias=True)
     # torchvision's CenterCrop: offsets round((size - crop) / 2), half to even.
     top = tf.cast(tf.round(tf.cast(new_h - image_size, tf.float64) / 2.0), tf.int32)
@@ -246,10 +265,11 @@ def _train_fn(image_size: int) -> Callable[[tf.Tensor, tf.Tensor], tf.Tensor]:
 
 
 @functools.cache
-def _eval_fn(image_size: int) -> Callable[[tf.Tensor], tf.Tensor]:
-    """`_eval_transform` traced once per image size, shared by `eval_batches` and prediction."""
+def _eval_fn(image_size: int, resize_size: int) -> Callable[[tf.Tensor], tf.Tensor]:
+    """`_eval_transform` traced once per (crop, resize) size, shared by `eval_batches` and
+    prediction."""
     return tf.function(
-        functools.partial(_eval_transform, image_size=image_size),
+        functools.partial(_eval_transform, image_size=image_size, resize_size=resize_size),
         input_signature=[tf.TensorSpec([None, None, 3], tf.uint8)],
         autograph=False,
     )
@@ -279,15 +299,18 @@ def load_image(path: str | os.PathLike) -> np.ndarray:
         raise ValueError(f"cannot decode image {path}: {err}") from err
 
 
-def preprocess_for_eval(image_uint8: np.ndarray, image_size: int) -> np.ndarray:
-    """The evaluation transform for one decoded image (e.g. from `load_image`), for prediction."""
+def preprocess_for_eval(
+    image_uint8: np.ndarray, image_size: int, *, resize_size: int | None = None
+) -> np.ndarray:
+    """The evaluation transform for one decoded image (e.g. from `load_image`), for prediction:
+    shorter side resized to `resize_size` (see `eval_resize_size`), center crop `image_size`."""
     image = np.asarray(image_uint8)
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] != 3:
         raise ValueError(
             f"expected a uint8 [H, W, 3] RGB image, got dtype {image.dtype} shape {image.shape}"
         )
-    _check_positive(image_size=image_size)
-    return _eval_fn(image_size)(tf.constant(image)).numpy()
+    resize_size = eval_resize_size(image_size, resize_size)
+    return _eval_fn(image_size, resize_size)(tf.constant(image)).numpy()
 
 
 # --------------------------------------------------------------------------------------------
@@ -707,18 +730,23 @@ def eval_batches(
     *,
     batch_size: int,
     image_size: int,
+    resize_size: int | None = None,
     process_index: int = 0,
     process_count: int = 1,
     num_workers: int | None = None,
 ) -> Iterator[dict[str, np.ndarray]]:
     """The eval split once over all processes, in order, as padded per-process batches.
 
+    Images: shorter side resized to `resize_size` (see `eval_resize_size`), center crop
+    `image_size`.
+
     Batches are {"image": f32 [B,S,S,3], "label": i32 [B], "mask": bool [B], "index": i32 [B]}:
     `mask` marks real examples (padding has zero images, label 0, index -1) and `index` is the
     example's position in the eval split. Every process yields `eval_steps(source, B * P)`
     batches, so collectives stay in step.
     """
-    _check_positive(batch_size=batch_size, image_size=image_size)
+    _check_positive(batch_size=batch_size)
+    resize_size = eval_resize_size(image_size, resize_size)
     _check_process(process_index, process_count)
     if source.num_eval == 0:
         raise ValueError(f"{source.origin} has no evaluation examples")
@@ -726,7 +754,7 @@ def eval_batches(
     split = source.eval_split
     records = _eval_records(split, eval_steps(source, global_batch) * global_batch)
     records = _shard_positions(records.enumerate(), batch_size, process_count, process_index)
-    load, transform = _loader(split), _eval_fn(image_size)
+    load, transform = _loader(split), _eval_fn(image_size, resize_size)
 
     @_plain
     def example(key: tf.Tensor, label: tf.Tensor, index: tf.Tensor, mask: tf.Tensor) -> dict:

@@ -7,6 +7,8 @@
 Images are preprocessed with `data.preprocess_for_eval` (the validation transform) at the
 checkpoint's training image size and run through a jitted forward pass in fixed-size batches (the
 last one zero-padded, its padding dropped), so one shape is compiled whatever the input count.
+The resize before the crop is `image_size * 256 / 224` unless `resize_size` is given
+(torchvision's IMAGENET1K_V2 weights were evaluated at 232 for a 224 crop).
 
 `evaluate_checkpoint` scores a checkpoint on an image folder or a TFDS split with the
 data-parallel eval step over every device.
@@ -108,9 +110,10 @@ class Predictor:
     """A classifier with its preprocessing: images in, class probabilities out.
 
     `model` is a `models.ResNet` with a head, `variables` its {"params", "batch_stats"},
-    `class_names` one label per output and `image_size` the eval crop size (the resize is
-    `image_size * 256 / 224`, as in training's validation transform). Inference runs on the
-    default device, `batch_size` images per compiled call.
+    `class_names` one label per output and `image_size` the eval crop size. `resize_size` is the
+    shorter side the image is resized to before the crop (None: `image_size * 256 / 224`, as in
+    training's validation transform; torchvision's IMAGENET1K_V2 weights want 232 for 224).
+    Inference runs on the default device, `batch_size` images per compiled call.
     """
 
     def __init__(
@@ -120,6 +123,7 @@ class Predictor:
         class_names: Sequence[str],
         image_size: int,
         *,
+        resize_size: int | None = None,
         batch_size: int = DEFAULT_BATCH_SIZE,
     ) -> None:
         """Validate the pieces against each other and put the variables on the device."""
@@ -132,6 +136,17 @@ class Predictor:
                 f"classes, got {class_names if isinstance(class_names, str) else len(class_names)}"
             )
         self.image_size = _check_positive_int("image_size", image_size)
+        # Checked here too (as in data.eval_resize_size) so a bad size fails at construction;
+        # data, which imports TensorFlow, is only imported once images are decoded.
+        self.resize_size = None
+        if resize_size is not None:
+            self.resize_size = _check_positive_int("resize_size", resize_size)
+            if self.resize_size < self.image_size:
+                raise ValueError(
+                    f"resize_size {resize_size} is smaller than image_size {image_size}: the "
+                    "center crop is cut from the resized image, so the resize must be at least "
+                    "the crop"
+                )
         self.batch_size = _check_positive_int("batch_size", batch_size)
         self.class_names = [str(c) for c in class_names]
         self.model = model
@@ -152,16 +167,36 @@ class Predictor:
         step: int | None = None,
         which: str = "best",
         image_size: int | None = None,
+        resize_size: int | None = None,
         batch_size: int = DEFAULT_BATCH_SIZE,
     ) -> Predictor:
         """Load with `checkpoint.load` (workdir, checkpoints dir, step dir or save_model dir);
         `image_size` defaults to the size recorded at training time."""
-        loaded = checkpoint.load(path, step=step, which=which)
+        return cls.from_loaded(
+            checkpoint.load(path, step=step, which=which),
+            image_size=image_size,
+            resize_size=resize_size,
+            batch_size=batch_size,
+        )
+
+    @classmethod
+    def from_loaded(
+        cls,
+        loaded: checkpoint.LoadedModel,
+        *,
+        image_size: int | None = None,
+        resize_size: int | None = None,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+    ) -> Predictor:
+        """A checkpoint already read with `checkpoint.load` (e.g. to resolve its image size
+        first with `image_size_of`); `image_size` defaults to the size recorded at training time.
+        """
         return cls(
             loaded.model(),
             loaded.variables,
             _class_names_of(loaded),
             image_size_of(loaded, image_size),
+            resize_size=resize_size,
             batch_size=batch_size,
         )
 
@@ -172,6 +207,7 @@ class Predictor:
         arch: str,
         *,
         image_size: int = 224,
+        resize_size: int | None = None,
         class_names: Sequence[str] | None = None,
         batch_size: int = DEFAULT_BATCH_SIZE,
     ) -> Predictor:
@@ -192,7 +228,14 @@ class Predictor:
                 )
             class_names = imagenet_class_names()
         model = models.get_model(arch, num_classes=num_classes)
-        return cls(model, variables, class_names, image_size, batch_size=batch_size)
+        return cls(
+            model,
+            variables,
+            class_names,
+            image_size,
+            resize_size=resize_size,
+            batch_size=batch_size,
+        )
 
     @property
     def num_classes(self) -> int:
@@ -210,7 +253,7 @@ class Predictor:
             rgb = np.asarray(image.convert("RGB"))
         else:
             rgb = _to_rgb(image, "image array")
-        return data.preprocess_for_eval(rgb, self.image_size)
+        return data.preprocess_for_eval(rgb, self.image_size, resize_size=self.resize_size)
 
     def _batches(self, images: list[ImageLike]) -> Iterator[np.ndarray]:
         """Logits for `batch_size` images at a time; the last batch is padded with zeros to the
@@ -419,11 +462,14 @@ def evaluate_checkpoint(
     *,
     image_size: int,
     batch_size: int,
+    resize_size: int | None = None,
     kind: str = "shard_map",
 ) -> Evaluation:
     """Score `loaded` on the eval split of `source` with the data-parallel eval step over every
     device: `batch_size` (global, a multiple of the device count) images per step, the last
-    batch padded and masked, every example counted exactly once. Classes are matched by name."""
+    batch padded and masked, every example counted exactly once. Classes are matched by name.
+    Images are resized to `resize_size` (see `data.eval_resize_size`) and cropped to
+    `image_size`."""
     from resnet_jax import data
 
     if loaded.num_classes is None:
@@ -448,6 +494,7 @@ def evaluate_checkpoint(
         source,
         batch_size=batch_size // jax.process_count(),
         image_size=image_size,
+        resize_size=resize_size,
         process_index=jax.process_index(),
         process_count=jax.process_count(),
     )

@@ -31,12 +31,13 @@ def build_parser() -> argparse.ArgumentParser:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     cli_args.add_checkpoint_arguments(parser)
-    data = parser.add_mutually_exclusive_group()
-    data.add_argument("--data-dir", type=Path, help="image folders (see above)")
-    data.add_argument("--dataset", help="TFDS dataset name")
+    data_source = parser.add_mutually_exclusive_group()
+    data_source.add_argument("--data-dir", type=Path, help="image folders (see above)")
+    data_source.add_argument("--dataset", help="TFDS dataset name")
     parser.add_argument("--split", help="TFDS split, e.g. validation or 'train[90%%:]'")
     parser.add_argument("--tfds-data-dir", help="where TFDS keeps its data")
     cli_args.add_image_size_argument(parser)
+    cli_args.add_resize_size_argument(parser)
     cli_args.add_batch_size_argument(
         parser,
         default=None,
@@ -97,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     if args.split is not None and args.data_dir is not None:
         parser.error("--split applies to --dataset (image folders use DIR/val)")
+    from resnet_jax import data  # TensorFlow: imported once a run needs it, not for --help
+
     devices = jax.device_count()
     batch_size = args.batch_size or -(-64 // devices) * devices
     # stdout carries only the report (TFDS prints its preparation progress there).
@@ -104,23 +107,30 @@ def main(argv: list[str] | None = None) -> int:
         try:
             loaded = checkpoint.load(args.checkpoint, **cli_args.step_selection(args))
             image_size = inference.image_size_of(loaded, args.image_size)
+            cli_args.check_resize_size(parser, args.resize_size, image_size)
+            resize_size = data.eval_resize_size(image_size, args.resize_size)
             source = inference.open_eval_data(**_data_args(args, loaded))
         except (OSError, ValueError, RuntimeError) as err:  # RuntimeError: TFDS preparation
             parser.error(str(err))
         try:
             evaluation = inference.evaluate_checkpoint(
-                loaded, source, image_size=image_size, batch_size=batch_size
+                loaded,
+                source,
+                image_size=image_size,
+                resize_size=resize_size,
+                batch_size=batch_size,
             )
         except ValueError as err:  # class names or batch size
             parser.error(str(err))
 
     step = f"step {loaded.step}, " if loaded.step is not None else ""
-    title = f"{loaded.path} ({step}{loaded.arch}, {image_size} px)"
+    title = f"{loaded.path} ({step}{loaded.arch}, resize {resize_size}, crop {image_size} px)"
     metrics = {
         "checkpoint": str(loaded.path),
         "step": loaded.step,
         "arch": loaded.arch,
         "image_size": image_size,
+        "resize_size": resize_size,
         **evaluation.to_json(),
     }
     if args.output_dir is not None:

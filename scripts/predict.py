@@ -17,7 +17,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from resnet_jax import cli_args, inference, models
+from resnet_jax import checkpoint, cli_args, inference, models
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli_args.add_image_size_argument(
         parser, default_text="the size the checkpoint recorded; 224 for --torchvision-weights"
     )
+    cli_args.add_resize_size_argument(parser)
     parser.add_argument(
         "--json",
         action="store_true",
@@ -56,19 +57,22 @@ def _predictor(args: argparse.Namespace, parser: argparse.ArgumentParser) -> inf
             parser.error("--torchvision-weights needs --arch")
         if args.step is not None or args.which is not None:
             parser.error("--step and --which apply to --checkpoint")
+        image_size = args.image_size or 224
+        cli_args.check_resize_size(parser, args.resize_size, image_size)
         return inference.Predictor.from_torchvision(
             args.torchvision_weights,
             args.arch,
-            image_size=args.image_size or 224,
+            image_size=image_size,
+            resize_size=args.resize_size,
             batch_size=args.batch_size,
         )
     if args.arch is not None:
         parser.error("--arch applies to --torchvision-weights (a checkpoint records its arch)")
-    return inference.Predictor.from_checkpoint(
-        args.checkpoint,
-        **cli_args.step_selection(args),
-        image_size=args.image_size,
-        batch_size=args.batch_size,
+    loaded = checkpoint.load(args.checkpoint, **cli_args.step_selection(args))
+    image_size = inference.image_size_of(loaded, args.image_size)
+    cli_args.check_resize_size(parser, args.resize_size, image_size)
+    return inference.Predictor.from_loaded(
+        loaded, image_size=image_size, resize_size=args.resize_size, batch_size=args.batch_size
     )
 
 

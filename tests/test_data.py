@@ -280,6 +280,30 @@ def test_preprocess_for_eval_matches_pil_resize_and_center_crop():
         data.preprocess_for_eval(image.astype(np.float32), 32)
 
 
+def test_resize_size_sets_the_shorter_side_before_the_crop(small):
+    # 60 x 90 with resize_size 32 = the crop: shorter side 32, longer int(90 * 32 / 60) = 48,
+    # crop rows 0 and columns 8; the default (resize 37) crops a different, smaller window.
+    image = np.asarray(gradient(60, 90, phase=1))
+    out = data.preprocess_for_eval(image, 32, resize_size=32)
+    resized = np.asarray(Image.fromarray(image).resize((48, 32), Image.BILINEAR), np.float32)
+    expected = (resized[:, 8:40] / 255.0 - data.IMAGENET_MEAN) / data.IMAGENET_STD
+    assert np.abs(out - expected).max() < 2.5 / 255 / min(data.IMAGENET_STD)
+    assert np.abs(out - data.preprocess_for_eval(image, 32)).max() > 0.1
+    assert data.eval_resize_size(224) == 256 and data.eval_resize_size(224, 232) == 232
+    # The pipeline applies the same resize as the single-image helper.
+    source = data.open_source(data_dir=small)
+    batch = next(data.eval_batches(source, batch_size=2, image_size=16, resize_size=20))
+    path = source.eval_split.paths[int(batch["index"][0])]
+    want = data.preprocess_for_eval(data.load_image(path), 16, resize_size=20)
+    np.testing.assert_allclose(batch["image"][0], want, atol=1e-6)
+    for bad, match in [(31, "resize_size 31 is smaller than image_size 32"),
+                       (0, "resize_size must be a positive integer")]:  # fmt: skip
+        with pytest.raises(ValueError, match=match):
+            data.preprocess_for_eval(image, 32, resize_size=bad)
+        with pytest.raises(ValueError, match=match):
+            data.eval_batches(source, batch_size=2, image_size=32, resize_size=bad)
+
+
 def test_argument_errors(small):
     source = data.open_source(data_dir=small)
     steps = data.steps_per_epoch(source, 4)

@@ -95,6 +95,33 @@ def test_predict_json_on_folders_with_gray_rgba_and_a_broken_file(
     )
 
 
+def test_resize_size_flag_reaches_predict_and_evaluate(work, predictor, capsys):
+    """--resize-size 32 (= the crop) gives the Predictor's numbers at that resize, which differ
+    from the default resize (37 for 32)."""
+    tight = inference.Predictor.from_checkpoint(work / "model", resize_size=SIZE, batch_size=4)
+    photos = sorted((work / "data" / "val").rglob("*.jpg"))[:2]
+    code = load_script(PREDICT).main(["--checkpoint", str(work / "model"), "--resize-size",
+                                      str(SIZE), "--json", *map(str, photos)])  # fmt: skip
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    got = [[p["probability"] for p in r["predictions"]] for r in json.loads(out)]
+    want = [[p for _, p in row] for row in tight.top_k(photos, k=5)]
+    np.testing.assert_allclose(got, want, rtol=1e-4)
+    assert not np.allclose(got, [[p for _, p in row] for row in predictor.top_k(photos, k=5)])
+
+    code = load_script(EVALUATE).main(["--checkpoint", str(work / "model"), "--data-dir",
+                                       str(work / "data"), "--resize-size", str(SIZE),
+                                       "--batch-size", "8", "--json"])  # fmt: skip
+    stdout, stderr = capsys.readouterr()
+    assert code == 0, stderr
+    metrics = json.loads(stdout)
+    assert metrics["resize_size"] == SIZE and metrics["image_size"] == SIZE
+    labels, probs = _expected(work, tight)
+    np.testing.assert_array_equal(metrics["confusion"], _confusion(labels, probs))
+    loss = -np.mean(np.log(probs[np.arange(len(labels)), labels]))
+    assert metrics["loss"] == pytest.approx(loss, rel=1e-4)
+
+
 def test_predict_torchvision_weights_gives_imagenet_classes(work, tmp_path):
     torch.manual_seed(0)
     net = torchvision.models.resnet18().eval()
@@ -144,6 +171,7 @@ def test_evaluate_folder_json_table_and_confusion_png(work, predictor, capsys):
 
     total = PER_CLASS * len(CLASSES)
     assert metrics["count"] == total and metrics["class_names"] == CLASSES
+    assert metrics["image_size"] == SIZE and metrics["resize_size"] == round(SIZE * 256 / 224)
     assert [row["images"] for row in metrics["per_class"]] == [PER_CLASS] * len(CLASSES)
     assert sum(row["images"] for row in metrics["per_class"]) == total
 
@@ -247,9 +275,46 @@ def test_open_eval_data_folder_layouts(work, tmp_path):
             "argument --image-size: must be a positive integer, got '0'",
         ),
         (
+            PREDICT,
+            ["--checkpoint", "{work}/model", "--resize-size", "31", "{work}/data"],
+            "--resize-size 31 is smaller than the crop size 32 (--image-size)",
+        ),
+        (
+            PREDICT,
+            [
+                "--torchvision-weights",
+                "{work}/w.pth",
+                "--arch",
+                "resnet18",
+                "--resize-size",
+                "200",
+                "{work}/data",
+            ],  # fmt: skip
+            "--resize-size 200 is smaller than the crop size 224 (--image-size)",
+        ),
+        (
             EVALUATE,
             ["--checkpoint", "{work}/model", "--data-dir", "{work}/data", "--batch-size", "0"],
             "argument --batch-size: must be a positive integer, got '0'",
+        ),
+        (
+            EVALUATE,
+            ["--checkpoint", "{work}/model", "--data-dir", "{work}/data", "--resize-size", "0"],
+            "argument --resize-size: must be a positive integer, got '0'",
+        ),
+        (
+            EVALUATE,
+            [
+                "--checkpoint",
+                "{work}/model",
+                "--data-dir",
+                "{work}/data",
+                "--image-size",
+                "48",
+                "--resize-size",
+                "40",
+            ],  # fmt: skip
+            "--resize-size 40 is smaller than the crop size 48 (--image-size)",
         ),
         (EVALUATE, ["--checkpoint", "{work}/nowhere", "--data-dir", "{work}/data"], "nowhere"),
         (EVALUATE, ["--checkpoint", "{work}/model"], "records no training data"),

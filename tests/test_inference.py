@@ -140,6 +140,22 @@ def test_loads_workdir_step_dir_and_overrides(model_dir, predictor, images, tmp_
     assert direct.top_k(images[0], k=3)[0][0][0] == ["a", "b", "c"][int(want[0].argmax())]
 
 
+def test_resize_size_reaches_preprocessing(model_dir, predictor, images):
+    loaded = checkpoint.load(model_dir)
+    tight = inference.Predictor.from_loaded(loaded, resize_size=SIZE, batch_size=4)
+    assert tight.image_size == SIZE and tight.resize_size == SIZE and predictor.resize_size is None
+    want = data.preprocess_for_eval(images[0], SIZE, resize_size=SIZE)
+    np.testing.assert_array_equal(tight.preprocess(images[0]), want)
+    assert np.abs(want - predictor.preprocess(images[0])).max() > 0.1
+    assert not np.allclose(tight.predict_proba(images[:2]), predictor.predict_proba(images[:2]))
+    same = inference.Predictor.from_checkpoint(model_dir, resize_size=SIZE, batch_size=4)
+    np.testing.assert_array_equal(same.preprocess(images[1]), tight.preprocess(images[1]))
+    with pytest.raises(ValueError, match=f"resize_size {SIZE - 1} is smaller than image_size"):
+        inference.Predictor.from_checkpoint(model_dir, resize_size=SIZE - 1)
+    with pytest.raises(ValueError, match="resize_size must be a positive integer, got 0"):
+        inference.Predictor(loaded.model(), loaded.variables, CLASSES, SIZE, resize_size=0)
+
+
 def test_errors_are_clear(model_dir, predictor, images, tmp_path):
     with pytest.raises(FileNotFoundError, match="nowhere"):
         inference.Predictor.from_checkpoint(tmp_path / "nowhere")
