@@ -318,6 +318,11 @@ class TrainCheckpointer:
         """The metrics saved with `step`, or None."""
         return self._manager.metrics(step)
 
+    def metadata(self, step: int) -> dict:
+        """The metadata saved with `step` (arch, config, class names, ...), read without
+        restoring the state; ValueError naming the file if it is missing or unreadable."""
+        return _read_meta(self.directory / str(step))
+
     def restore(self, state_template: Any, step: int | None = None) -> tuple[Any, dict] | None:
         """Restore `(state, metadata)` at `step` (default latest) into the structure, dtypes and
         shardings of `state_template` (arrays or ShapeDtypeStructs); None if no checkpoint."""

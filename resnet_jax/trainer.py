@@ -335,7 +335,7 @@ def fit(cfg: TrainConfig) -> dict[str, Any]:
     saved_meta = None
     if latest is not None:  # resuming: refuse another run's settings before reading any data
         try:
-            saved_meta = checkpoint._read_meta(ckpt.directory / str(latest))
+            saved_meta = ckpt.metadata(latest)
         except ValueError as err:
             raise ConfigError(f"{err}; use another --workdir") from err
         _check_same_settings(saved_meta.get("config"), cfg, ckpt.directory / str(latest))

@@ -120,6 +120,9 @@ def test_round_trip_is_exact_and_keeps_shardings(tmp_path):
     _assert_trees_equal(restored, expected)
     assert jax.tree.map(lambda x: x.sharding, restored) == shardings
     assert restored_meta == {**_meta(epoch=2), "config": {"lr": 0.5, "tags": ["a", "b"]}}
+    assert reopened.metadata(7) == restored_meta  # without restoring the state
+    with pytest.raises(ValueError, match=r"/8/.*unreadable checkpoint metadata"):
+        reopened.metadata(8)
     with pytest.raises(FileNotFoundError, match=r"step 8 .*steps: \[7\]"):
         reopened.restore(abstract, step=8)
     wrong = {"params": abstract.params}
