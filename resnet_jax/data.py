@@ -351,8 +351,9 @@ def _list_class_folders(split_dir: Path) -> list[str]:
     return names
 
 
-def _list_images(folder: Path) -> list[str]:
-    """Image files (by extension, case-insensitive) anywhere under `folder`, sorted."""
+def list_images(folder: str | os.PathLike) -> list[str]:
+    """Image files (by extension, case-insensitive) anywhere under `folder`, sorted, a folder's
+    own files before its subfolders': what the image-folder sources and prediction read."""
     found = []
     for root, dirs, files in os.walk(folder, followlinks=True):
         dirs.sort()
@@ -368,7 +369,7 @@ def _scan_split(split_dir: Path, class_names: Sequence[str]) -> dict[str, list[s
     """Image files of every class folder of `split_dir` (error naming an empty one)."""
     files = {}
     for name in class_names:
-        files[name] = _list_images(split_dir / name)
+        files[name] = list_images(split_dir / name)
         if not files[name]:
             raise ValueError(
                 f"class folder {split_dir / name} has no images "
@@ -427,6 +428,27 @@ def _file_split(by_class: dict[str, list[str]], class_names: Sequence[str]) -> F
     pairs = [(p, index[name]) for name, paths in by_class.items() for p in paths]
     pairs.sort(key=lambda pair: (pair[1], pair[0]))
     return FileSplit(tuple(p for p, _ in pairs), tuple(label for _, label in pairs))
+
+
+def open_class_folders(root: str | os.PathLike) -> DataSource:
+    """Every image of `root/<class>/...` as the eval split of a source (no training split), for
+    evaluating on a folder of class folders: listed and vetted like the training folders
+    (unreadable files skipped with a `BadImageWarning`), classes in sorted order."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"data directory {root} does not exist")
+    names = _list_class_folders(root)
+    files, skipped = _drop_unreadable({root: _scan_split(root, names)})
+    split = _file_split(files[root], names)
+    return DataSource(
+        class_names=names,
+        num_train=0,
+        num_eval=len(split),
+        train_split=FileSplit((), ()),
+        eval_split=split,
+        origin=f"image folders {root}",
+        skipped=skipped,
+    )
 
 
 def _hold_out(
@@ -533,10 +555,7 @@ def _open_tfds(
         train_name, eval_name = f"train[:{percent}%]", f"train[{percent}%:]"
     else:
         train_name, eval_name = "train", held_out
-    train_split, eval_split = (
-        TfdsSplit(builder, split, _tfds_split_size(builder, split))
-        for split in (train_name, eval_name)
-    )
+    train_split, eval_split = (tfds_split(builder, split) for split in (train_name, eval_name))
     return DataSource(
         class_names=list(label.names),
         num_train=train_split.size,
@@ -547,13 +566,14 @@ def _open_tfds(
     )
 
 
-def _tfds_split_size(builder: Any, split: str) -> int:
-    """Number of examples of a TFDS split (its dataset's known cardinality)."""
+def tfds_split(builder: Any, split: str) -> TfdsSplit:
+    """`split` (a name or slice such as 'train[:80%]') of a prepared TFDS `builder`, sized by
+    its known cardinality; an unknown split raises from TFDS (ValueError or KeyError)."""
     ds = builder.as_dataset(split=split, decoders={"image": tfds.decode.SkipDecoding()})
     size = int(ds.cardinality())
     if size < 0:
         raise ValueError(f"TFDS split {builder.name}/{split} has no known size")
-    return size
+    return TfdsSplit(builder, split, size)
 
 
 # --------------------------------------------------------------------------------------------

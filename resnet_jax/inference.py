@@ -364,25 +364,6 @@ class Evaluation:
         }
 
 
-def _open_class_folders(root: Path) -> DataSource:
-    """Every image of `root/<class>/...` as the eval split of a source (unreadable files skipped
-    with a warning), using the training pipeline's listing and vetting."""
-    from resnet_jax import data
-
-    names = data._list_class_folders(root)
-    files, skipped = data._drop_unreadable({root: data._scan_split(root, names)})
-    split = data._file_split(files[root], names)
-    return data.DataSource(
-        class_names=names,
-        num_train=0,
-        num_eval=len(split),
-        train_split=data.FileSplit((), ()),
-        eval_split=split,
-        origin=f"image folders {root}",
-        skipped=skipped,
-    )
-
-
 def open_eval_data(
     *,
     data_dir: str | os.PathLike | None = None,
@@ -410,10 +391,10 @@ def open_eval_data(
         if not root.is_dir():
             raise FileNotFoundError(f"data directory {root} does not exist")
         if (root / "val").is_dir():
-            return _open_class_folders(root / "val")
+            return data.open_class_folders(root / "val")
         if (root / "train").is_dir():
             return data.open_source(data_dir=root, val_fraction=val_fraction, seed=seed)
-        return _open_class_folders(root)
+        return data.open_class_folders(root)
     source = data.open_source(
         dataset=dataset, tfds_data_dir=tfds_data_dir, val_fraction=val_fraction, seed=seed
     )
@@ -421,13 +402,13 @@ def open_eval_data(
         return source
     builder = source.eval_split.builder
     try:
-        size = data._tfds_split_size(builder, split)
+        eval_split = data.tfds_split(builder, split)
     except (ValueError, KeyError) as err:
         raise ValueError(f"TFDS dataset {dataset!r}, split {split!r}: {err}") from err
     return dataclasses.replace(
         source,
-        num_eval=size,
-        eval_split=data.TfdsSplit(builder, split, size),
+        num_eval=eval_split.size,
+        eval_split=eval_split,
         origin=f"TFDS {builder.info.full_name} in {builder.data_dir} ({split})",
     )
 

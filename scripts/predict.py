@@ -83,7 +83,7 @@ def find_images(inputs: list[Path]) -> list[Path]:
     found = []
     for path in inputs:
         if path.is_dir():
-            images = [Path(p) for p in data._list_images(path)]
+            images = [Path(p) for p in data.list_images(path)]
             if not images:
                 raise ValueError(
                     f"folder {path} has no image files ({', '.join(data.IMAGE_EXTENSIONS)})"

@@ -237,6 +237,35 @@ def test_class_with_only_bad_files_is_an_error(tmp_path):
         data.open_source(data_dir=tmp_path)
 
 
+def test_open_class_folders_and_list_images(small, tmp_path):
+    """A folder of class folders is a source with only an eval split, listed and vetted like
+    training folders; `list_images` walks a folder, its own files before its subfolders'."""
+    root = small / "train"
+    source = data.open_class_folders(root)
+    assert source.class_names == ["cat", "dog", "emu"] and source.num_train == 0
+    assert source.num_eval == 21 and source.eval_split.labels == (0,) * 8 + (1,) * 7 + (2,) * 6
+    assert source.eval_split.paths[:2] == (
+        str(root / "cat" / "00.jpg"),
+        str(root / "cat" / "01.jpg"),
+    )
+    assert source.origin == f"image folders {root}" and source.skipped == ()
+    assert data.list_images(root / "cat") == [str(root / "cat" / f"{i:02d}.jpg") for i in range(8)]
+
+    (tmp_path / "a" / "deep").mkdir(parents=True)
+    for name in ("a/deep/x.PNG", "a/z.jpg", "a/notes.txt", "a/b.webp"):
+        (tmp_path / name).write_bytes(b"")
+    assert data.list_images(tmp_path) == [str(tmp_path / n) for n in ("a/b.webp", "a/z.jpg",
+                                                                      "a/deep/x.PNG")]  # fmt: skip
+    (tmp_path / "a" / "deep" / "x.PNG").write_bytes(b"\x89PNG garbage")
+    gradient(20, 20).save(tmp_path / "a" / "deep" / "y.png")
+    with pytest.warns(data.BadImageWarning, match="x.PNG"):
+        vetted = data.open_class_folders(tmp_path / "a")
+    assert vetted.class_names == ["deep"] and vetted.num_eval == 1
+    assert [Path(p).name for p, _ in vetted.skipped] == ["x.PNG"]
+    with pytest.raises(FileNotFoundError, match=str(tmp_path / "missing")):
+        data.open_class_folders(tmp_path / "missing")
+
+
 def test_folder_errors_name_the_path(tmp_path):
     with pytest.raises(FileNotFoundError, match=str(tmp_path / "missing")):
         data.open_source(data_dir=tmp_path / "missing")
