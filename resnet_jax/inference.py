@@ -462,10 +462,7 @@ def evaluate_checkpoint(
         )
     mapping = label_map(source.class_names, loaded.class_names)
     mesh = train.make_mesh()
-    if batch_size < 1 or batch_size % mesh.size:
-        raise ValueError(
-            f"batch size {batch_size} must be a positive multiple of the {mesh.size} devices"
-        )
+    train.check_divisible("batch_size", batch_size, mesh.size)
     model = loaded.model(axis_name=train.BATCH_AXIS)
     step = train.parallelize(
         train.make_eval_step(model), mesh, kind=kind, donate=False, out_specs=train.EVAL_OUT_SPECS

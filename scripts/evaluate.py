@@ -22,7 +22,7 @@ from pathlib import Path
 
 import jax
 
-from resnet_jax import checkpoint, cli_args, inference
+from resnet_jax import checkpoint, cli_args, inference, train
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -102,6 +102,10 @@ def main(argv: list[str] | None = None) -> int:
 
     devices = jax.device_count()
     batch_size = args.batch_size or -(-64 // devices) * devices
+    try:  # before anything is loaded; evaluate_checkpoint would only name batch_size
+        train.check_divisible("--batch-size", batch_size, devices)
+    except ValueError as err:
+        parser.error(str(err))
     # stdout carries only the report (TFDS prints its preparation progress there).
     with contextlib.redirect_stdout(sys.stderr):
         try:
@@ -120,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
                 resize_size=resize_size,
                 batch_size=batch_size,
             )
-        except ValueError as err:  # class names or batch size
+        except ValueError as err:  # class names
             parser.error(str(err))
 
     step = f"step {loaded.step}, " if loaded.step is not None else ""

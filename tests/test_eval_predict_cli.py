@@ -243,6 +243,15 @@ def test_open_eval_data_folder_layouts(work, tmp_path):
         inference.open_eval_data()
 
 
+def test_evaluate_checkpoint_batch_must_split_over_devices(work):
+    loaded, source = (
+        checkpoint.load(work / "model"),
+        inference.open_eval_data(data_dir=work / "data"),
+    )
+    with pytest.raises(ValueError, match="^batch_size 6 is not divisible by the number of dev"):
+        inference.evaluate_checkpoint(loaded, source, image_size=SIZE, batch_size=6)
+
+
 @pytest.mark.parametrize(
     ("script", "args", "message"),
     [
@@ -322,7 +331,8 @@ def test_open_eval_data_folder_layouts(work, tmp_path):
         (
             EVALUATE,
             ["--checkpoint", "{work}/model", "--data-dir", "{work}/data", "--batch-size", "6"],
-            "batch size 6 must be a positive multiple of the 4 devices",
+            "--batch-size 6 is not divisible by the number of devices 4; use a positive "
+            "multiple of 4",
         ),
         (
             EVALUATE,
