@@ -7,7 +7,11 @@ import tempfile
 from pathlib import Path
 
 import pytest
-import torch  # noqa: F401  # torch must load before tensorflow in a process (else it segfaults)
+
+# torch, and torchvision (which loads more of torch), must be imported before tensorflow in a
+# process, else it segfaults; test modules get tensorflow through resnet_jax.data.
+import torch  # noqa: F401
+import torchvision  # noqa: F401
 
 # Optimisation level 0 compiles several times faster; the tests' models are tiny, so the slower
 # code costs less than the compile time it saves.
