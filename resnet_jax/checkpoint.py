@@ -538,10 +538,30 @@ def _load_model_dir(model_dir: Path, step: int | None) -> LoadedModel:
     return LoadedModel(arch, variables, class_names, meta, model_dir, step)
 
 
+class _OpenedReadOnlyNotice(logging.Filter):
+    """Drops orbax's warning "Given directory is read only" for a manager opened with
+    read_only=True: loading opens it so on purpose, and the line reads like a problem with the
+    user's directory."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Given directory is read only")
+
+
+def _read_only_manager(root: Path) -> ocp.CheckpointManager:
+    """A CheckpointManager over `root` that never writes, creates or deletes anything."""
+    options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0)
+    notice = _OpenedReadOnlyNotice()
+    absl_logger = logging.getLogger("absl")  # orbax logs through absl, i.e. this logger
+    absl_logger.addFilter(notice)
+    try:
+        return ocp.CheckpointManager(root.absolute(), options=options)
+    finally:
+        absl_logger.removeFilter(notice)
+
+
 def _pick_step(root: Path, step: int | None, which: str) -> int:
     """The step to load from checkpoint directory `root`: `step`, else best or latest."""
-    options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0)
-    with ocp.CheckpointManager(root.absolute(), options=options) as manager:
+    with _read_only_manager(root) as manager:
         steps = sorted(manager.all_steps())
         if not steps:
             raise FileNotFoundError(
