@@ -176,6 +176,53 @@ def test_eval_step_sums_ignore_padding(setup, kind):
     assert predictions.shape == (GLOBAL_BATCH,)
 
 
+def _uint8_batch(seed: int, n: int = GLOBAL_BATCH) -> dict:
+    """A batch of random uint8 pixels, as `data.train_batches(normalize=False)` yields."""
+    rng = np.random.default_rng(seed)
+    return {
+        "image": rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8),
+        "label": rng.integers(0, NUM_CLASSES, n).astype(np.int32),
+    }
+
+
+def test_normalize_images_by_hand():
+    pixels = np.array([[0, 128, 255], [255, 0, 7]], np.uint8)
+    want = (pixels / 255.0 - np.array(T.IMAGENET_MEAN)) / np.array(T.IMAGENET_STD)
+    got = T.normalize_images(pixels)
+    assert got.dtype == jnp.float32
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="expects uint8 images, got dtype float32"):
+        T.normalize_images(pixels.astype(np.float32))
+
+
+@pytest.mark.parametrize("kind", ["single", "shard_map"])
+def test_uint8_batch_is_normalised_on_device(setup, kind):
+    pixels = [_uint8_batch(6), _uint8_batch(7)]
+    normalised = [{**b, "image": np.asarray(T.normalize_images(b["image"]))} for b in pixels]
+    want_state, want_metrics = _run(setup, kind, normalised)
+    got_state, got_metrics = _run(setup, kind, pixels)
+    close = functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-6)
+    for part in ("params", "batch_stats", "opt_state"):
+        jax.tree.map(close, getattr(got_state, part), getattr(want_state, part))
+    jax.tree.map(close, got_metrics, want_metrics)
+    assert got_metrics["loss"] > 0 and got_metrics["nonfinite"] == 0
+
+    model = tiny()
+    variables = {"params": want_state.params, "batch_stats": want_state.batch_stats}
+    eval_step = jax.jit(T.make_eval_step(model, axis_name=None))
+    jax.tree.map(close, eval_step(variables, pixels[0]), eval_step(variables, normalised[0]))
+
+
+def test_image_dtype_neither_uint8_nor_float_is_an_error(setup):
+    ints = {**_batch(0), "image": np.zeros((GLOBAL_BATCH, 32, 32, 3), np.int32)}
+    with pytest.raises(ValueError, match=r"uint8 .* or floating .*got dtype int32"):
+        setup["steps"]["single"](setup["state"], ints)
+    state = setup["state"]
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    with pytest.raises(ValueError, match="got dtype int32"):
+        T.make_eval_step(tiny(), axis_name=None)(variables, ints)
+
+
 def test_bfloat16_step_keeps_float32_params_and_loss():
     model = tiny(dtype=jnp.bfloat16)
     tx = T.create_optimizer(schedule=0.01)
