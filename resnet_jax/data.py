@@ -15,7 +15,8 @@ JPEGs to RGB itself.
 
 Training transform: random-resized-crop (area 8-100 %, aspect ratio 3/4-4/3, 10 attempts, else
 the whole image), bilinear antialiased resize rounded to uint8 (as torchvision's PIL resize),
-random horizontal flip, ImageNet mean/std (applied per batch). Eval
+random horizontal flip, ImageNet mean/std (applied per batch; ``normalize=False`` leaves the
+uint8 pixels for `normalize_images` to normalise on the devices, as training does). Eval
 transform: resize the shorter side to ``resize_size`` (default ``round(image_size * 256 / 224)``;
 torchvision's IMAGENET1K_V2 weights use 232 for 224) (bilinear, antialiased; longer side
 truncated like torchvision), center crop, same normalisation.
@@ -52,13 +53,17 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from PIL import Image
 
+# The ImageNet statistics and their on-device (JAX) normalisation live in `train`, which the
+# steps use without TensorFlow; re-exported here for pipeline users.
+from resnet_jax.train import IMAGENET_MEAN as IMAGENET_MEAN
+from resnet_jax.train import IMAGENET_STD as IMAGENET_STD
+from resnet_jax.train import normalize_images as normalize_images
+
 try:  # the input pipeline runs on the host; leave accelerator memory to JAX
     tf.config.set_visible_devices([], "GPU")
 except RuntimeError as err:  # TF already initialised its devices in this process
     warnings.warn(f"could not hide GPUs from TensorFlow: {err}", RuntimeWarning, stacklevel=1)
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 # torchvision ImageFolder's extensions (plus .gif); everything but JPEG is decoded by PIL.
 IMAGE_EXTENSIONS = (
     ".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif",
@@ -688,8 +693,14 @@ def train_batches(
     process_index: int = 0,
     process_count: int = 1,
     num_workers: int | None = None,
+    normalize: bool = True,
 ) -> Iterator[dict[str, np.ndarray]]:
     """One epoch of this process's augmented batches {"image": f32 [B,S,S,3], "label": i32 [B]}.
+
+    `normalize=False` yields the same pixels as uint8 [B,S,S,3] before the ImageNet
+    normalisation (`normalize_images` of them equals the normalised batch within float32
+    rounding): a quarter of the bytes to copy to the devices and no host CPU spent on it, for
+    steps that normalise on the device (`train.make_train_step` accepts uint8).
 
     `batch_size` is per process; global batch g holds positions [g*B*P, (g+1)*B*P) of the
     epoch's order and process i takes its i-th slice of B. Deterministic in (seed, epoch);
@@ -728,7 +739,8 @@ def train_batches(
 
     ds = records.map(example, num_parallel_calls=AUTOTUNE, deterministic=True)
     ds = ds.batch(batch_size, drop_remainder=True)
-    ds = ds.map(_plain(lambda batch: {**batch, "image": _normalize(batch["image"])}))
+    if normalize:
+        ds = ds.map(_plain(lambda batch: {**batch, "image": _normalize(batch["image"])}))
     return ds.prefetch(AUTOTUNE).with_options(_pipeline_options(num_workers)).as_numpy_iterator()
 
 
@@ -764,6 +776,9 @@ def eval_batches(
     `mask` marks real examples (padding has zero images, label 0, index -1) and `index` is the
     example's position in the eval split. Every process yields `eval_steps(source, B * P)`
     batches, so collectives stay in step.
+
+    Unlike training there is no uint8 option: the resized crop is normalised as float without
+    rounding to uint8 first, so a uint8 form would change the images (by up to half a level).
     """
     _check_positive(batch_size=batch_size)
     resize_size = eval_resize_size(image_size, resize_size)

@@ -138,6 +138,21 @@ def test_resume_equals_tail_of_full_epoch(small):
         )
 
 
+def test_unnormalized_train_batches_are_the_same_pixels_as_uint8(small):
+    source = data.open_source(data_dir=small)
+    args = dict(batch_size=4, image_size=32, seed=5, epoch=1)
+    normalised = list(data.train_batches(source, **args))
+    pixels = list(data.train_batches(source, normalize=False, **args))
+    assert len(pixels) == len(normalised) > 1
+    for raw, want in zip(pixels, normalised, strict=True):
+        assert raw.keys() == want.keys()
+        assert raw["image"].dtype == np.uint8 and raw["image"].shape == (4, 32, 32, 3)
+        np.testing.assert_array_equal(raw["label"], want["label"])
+        got = np.asarray(data.normalize_images(raw["image"]))
+        assert got.dtype == np.float32
+        np.testing.assert_allclose(got, want["image"], rtol=0, atol=1e-6)
+
+
 def test_process_shards_partition_global_batches(small):
     source = data.open_source(data_dir=small)
     args = dict(image_size=16, seed=5, epoch=0)
