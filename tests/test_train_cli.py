@@ -208,12 +208,14 @@ def test_pmap_checkpoints_resume_and_load_like_shard_map(tiny_data, tmp_path, mo
 
 def test_next_batch_reaches_the_devices_while_a_step_runs(tiny_data, tmp_path, monkeypatch):
     """fit places batch k+1 on the devices before it waits for step k's metrics, so the copy
-    overlaps the (asynchronously dispatched) step instead of leaving the accelerator idle."""
-    events = []
+    overlaps the (asynchronously dispatched) step instead of leaving the accelerator idle.
+    Training batches travel as uint8 (the step normalises them), evaluation's as float32."""
+    events, image_dtypes = [], []
     prepare_batch, fetch_state = train.prepare_batch, train.fetch_state
 
     def prepare(batch, *args, **kwargs):
         events.append("put")
+        image_dtypes.append(str(batch["image"].dtype))
         return prepare_batch(batch, *args, **kwargs)
 
     def fetch(tree, *args, **kwargs):
@@ -227,6 +229,7 @@ def test_next_batch_reaches_the_devices_while_a_step_runs(tiny_data, tmp_path, m
     assert final["step"] == 3
     training = events[: events.index("metrics") + 4]  # then the evaluation puts its batches
     assert training == ["put", "put", "metrics", "put", "metrics", "metrics"], events
+    assert image_dtypes[:3] == ["uint8"] * 3 and set(image_dtypes[3:]) == {"float32"}
 
 
 def _refuse_to_compile(monkeypatch) -> None:
