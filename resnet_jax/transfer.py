@@ -56,12 +56,9 @@ def frozen_bn(trainable: Sequence[str]) -> tuple[str, ...]:
 
 
 def trainable_mask(params: Mapping[str, Any], trainable: Sequence[str]) -> dict:
-    """A Python bool per param, True in the `trainable` stages: `train.make_train_step`'s
-    `trainable`, so frozen stages are not differentiated at all."""
-    return {
-        top: jax.tree.map(functools.partial(lambda keep, _: keep, stage_of(top) in trainable), sub)
-        for top, sub in params.items()
-    }
+    """A Python bool per param, True in the `trainable` stages (`param_labels` other than
+    "frozen"): `train.make_train_step`'s `trainable`, so frozen stages are not differentiated."""
+    return jax.tree.map(lambda label: label != "frozen", param_labels(params, trainable))
 
 
 def param_labels(params: Mapping[str, Any], trainable: Sequence[str]) -> dict:
