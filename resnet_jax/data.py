@@ -53,11 +53,13 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from PIL import Image
 
-# The ImageNet statistics and their on-device (JAX) normalisation live in `train`, which the
-# steps use without TensorFlow; re-exported here for pipeline users.
-from resnet_jax.train import IMAGENET_MEAN as IMAGENET_MEAN
-from resnet_jax.train import IMAGENET_STD as IMAGENET_STD
-from resnet_jax.train import normalize_images as normalize_images
+# The TensorFlow-free pieces (ImageNet statistics, their on-device normalisation, the eval
+# resize size) live in `preprocessing`; re-exported here for pipeline users.
+from resnet_jax.preprocessing import IMAGENET_MEAN as IMAGENET_MEAN
+from resnet_jax.preprocessing import IMAGENET_STD as IMAGENET_STD
+from resnet_jax.preprocessing import check_positive_int
+from resnet_jax.preprocessing import eval_resize_size as eval_resize_size
+from resnet_jax.preprocessing import normalize_images as normalize_images
 
 try:  # the input pipeline runs on the host; leave accelerator memory to JAX
     tf.config.set_visible_devices([], "GPU")
@@ -75,7 +77,6 @@ TFDS_SHUFFLE_BUFFER = 10_000
 CROP_AREA_RANGE = (0.08, 1.0)
 CROP_ASPECT_RANGE = (3.0 / 4.0, 4.0 / 3.0)
 CROP_ATTEMPTS = 10
-EVAL_RESIZE_RATIO = 256 / 224
 
 AUTOTUNE = tf.data.AUTOTUNE
 _JPEG_MAGIC = b"\xff\xd8\xff"
@@ -222,23 +223,6 @@ def _train_transform(data: tf.Tensor, key: tf.Tensor, image_size: int) -> tf.Ten
     image = tf.image.resize(image, [image_size, image_size], method="bilinear", antialias=True)
     image = tf.image.stateless_random_flip_left_right(image, flip_key)
     return tf.cast(tf.clip_by_value(tf.round(image), 0.0, 255.0), tf.uint8)
-
-
-def eval_resize_size(image_size: int, resize_size: int | None = None) -> int:
-    """The shorter side the eval transform resizes to before cropping `image_size`: `resize_size`,
-    or ``round(image_size * 256 / 224)`` when None (the ratio training validates with). Raises
-    naming the argument unless it is a positive integer at least `image_size` (the crop must fit).
-    """
-    _check_positive(image_size=image_size)
-    if resize_size is None:
-        return round(image_size * EVAL_RESIZE_RATIO)
-    _check_positive(resize_size=resize_size)
-    if resize_size < image_size:
-        raise ValueError(
-            f"resize_size {resize_size} is smaller than image_size {image_size}: the center crop "
-            "is cut from the resized image, so the resize must be at least the crop"
-        )
-    return int(resize_size)
 
 
 def _eval_transform(image: tf.Tensor, image_size: int, resize_size: int) -> tf.Tensor:
@@ -585,13 +569,6 @@ def tfds_split(builder: Any, split: str) -> TfdsSplit:
 # Batches
 
 
-def _check_positive(**values: int) -> None:
-    """Raises naming the argument if an integer argument is not positive."""
-    for name, value in values.items():
-        if not isinstance(value, (int, np.integer)) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
-
-
 def _check_seed(seed: int) -> None:
     """Seeds feed numpy's SeedSequence: non-negative integers."""
     if not isinstance(seed, (int, np.integer)) or seed < 0:
@@ -600,14 +577,14 @@ def _check_seed(seed: int) -> None:
 
 def _check_process(process_index: int, process_count: int) -> None:
     """Validates a (process_index, process_count) pair."""
-    _check_positive(process_count=process_count)
+    check_positive_int("process_count", process_count)
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index must be in [0, {process_count}), got {process_index}")
 
 
 def steps_per_epoch(source: DataSource, global_batch_size: int) -> int:
     """Full global batches in one training epoch (the remainder is dropped)."""
-    _check_positive(global_batch_size=global_batch_size)
+    check_positive_int("global_batch_size", global_batch_size)
     steps = source.num_train // global_batch_size
     if steps == 0:
         raise ValueError(
@@ -619,7 +596,7 @@ def steps_per_epoch(source: DataSource, global_batch_size: int) -> int:
 
 def eval_steps(source: DataSource, global_batch_size: int) -> int:
     """Global batches covering the eval split once (the last one padded)."""
-    _check_positive(global_batch_size=global_batch_size)
+    check_positive_int("global_batch_size", global_batch_size)
     return math.ceil(source.num_eval / global_batch_size)
 
 
@@ -633,7 +610,7 @@ def _pipeline_options(num_workers: int | None) -> tf.data.Options:
     options = tf.data.Options()
     options.deterministic = True
     if num_workers is not None:
-        _check_positive(num_workers=num_workers)
+        check_positive_int("num_workers", num_workers)
         options.threading.private_threadpool_size = num_workers
         options.threading.max_intra_op_parallelism = 1
     return options
@@ -707,7 +684,8 @@ def train_batches(
     `start_batch=k` yields global batches k, k+1, ... exactly as a full epoch would.
     `num_workers` bounds the decoding threads (default: tf.data's autotuning).
     """
-    _check_positive(batch_size=batch_size, image_size=image_size)
+    check_positive_int("batch_size", batch_size)
+    check_positive_int("image_size", image_size)
     _check_seed(seed)
     _check_process(process_index, process_count)
     if epoch < 0:
@@ -780,7 +758,7 @@ def eval_batches(
     Unlike training there is no uint8 option: the resized crop is normalised as float without
     rounding to uint8 first, so a uint8 form would change the images (by up to half a level).
     """
-    _check_positive(batch_size=batch_size)
+    check_positive_int("batch_size", batch_size)
     resize_size = eval_resize_size(image_size, resize_size)
     _check_process(process_index, process_count)
     if source.num_eval == 0:

@@ -34,6 +34,7 @@ import numpy as np
 from PIL import Image
 
 from resnet_jax import checkpoint, models, train, trainer
+from resnet_jax.preprocessing import check_positive_int, eval_resize_size
 
 if TYPE_CHECKING:
     from resnet_jax.data import DataSource
@@ -48,13 +49,6 @@ ImageLike = str | os.PathLike | np.ndarray | Image.Image
 def imagenet_class_names() -> list[str]:
     """The 1000 ImageNet class names in torchvision's index order (for its pretrained weights)."""
     return json.loads(IMAGENET_CLASSES_FILE.read_text())
-
-
-def _check_positive_int(name: str, value: Any) -> int:
-    """`value` as an int, or a ValueError naming `name` unless it is a positive integer."""
-    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return int(value)
 
 
 def _to_rgb(image: np.ndarray, where: str) -> np.ndarray:
@@ -112,8 +106,9 @@ class Predictor:
     `model` is a `models.ResNet` with a head, `variables` its {"params", "batch_stats"},
     `class_names` one label per output and `image_size` the eval crop size. `resize_size` is the
     shorter side the image is resized to before the crop (None: `image_size * 256 / 224`, as in
-    training's validation transform; torchvision's IMAGENET1K_V2 weights want 232 for 224).
-    Inference runs on the default device, `batch_size` images per compiled call.
+    training's validation transform; torchvision's IMAGENET1K_V2 weights want 232 for 224); the
+    `resize_size` attribute holds the size used. Inference runs on the default device,
+    `batch_size` images per compiled call.
     """
 
     def __init__(
@@ -135,19 +130,10 @@ class Predictor:
                 f"class_names must list one name per class: the model has {num_classes} "
                 f"classes, got {class_names if isinstance(class_names, str) else len(class_names)}"
             )
-        self.image_size = _check_positive_int("image_size", image_size)
-        # Checked here too (as in data.eval_resize_size) so a bad size fails at construction;
-        # data, which imports TensorFlow, is only imported once images are decoded.
-        self.resize_size = None
-        if resize_size is not None:
-            self.resize_size = _check_positive_int("resize_size", resize_size)
-            if self.resize_size < self.image_size:
-                raise ValueError(
-                    f"resize_size {resize_size} is smaller than image_size {image_size}: the "
-                    "center crop is cut from the resized image, so the resize must be at least "
-                    "the crop"
-                )
-        self.batch_size = _check_positive_int("batch_size", batch_size)
+        self.image_size = check_positive_int("image_size", image_size)
+        # Checked at construction: data (TensorFlow) is only imported once images are decoded.
+        self.resize_size = eval_resize_size(self.image_size, resize_size)
+        self.batch_size = check_positive_int("batch_size", batch_size)
         self.class_names = [str(c) for c in class_names]
         self.model = model
         checkpoint.check_variables(variables, model, "Predictor")
@@ -291,7 +277,7 @@ class Predictor:
     ) -> list[list[tuple[str, float]]]:
         """Per image, the `k` most probable (class name, probability), most probable first
         (ties by class index)."""
-        k = _check_positive_int("k", k)
+        k = check_positive_int("k", k)
         if k > self.num_classes:
             raise ValueError(f"k={k} exceeds the model's {self.num_classes} classes")
         probs = self.predict_proba(images)
@@ -314,13 +300,13 @@ def _class_names_of(loaded: checkpoint.LoadedModel) -> list[str]:
 def image_size_of(loaded: checkpoint.LoadedModel, override: int | None) -> int:
     """`override`, else the training image size recorded in the checkpoint metadata."""
     if override is not None:
-        return _check_positive_int("image_size", override)
+        return check_positive_int("image_size", override)
     size = loaded.metadata.get("image_size")
     if size is None:
         raise ValueError(
             f"{loaded.path}: checkpoint metadata has no image_size; pass the size to use"
         )
-    return _check_positive_int(f"{loaded.path}: metadata image_size", size)
+    return check_positive_int(f"{loaded.path}: metadata image_size", size)
 
 
 # --------------------------------------------------------------------------------------------
@@ -449,7 +435,7 @@ def evaluate_checkpoint(
     """Score `loaded` on the eval split of `source` with the data-parallel eval step over every
     device: `batch_size` (global, a multiple of the device count) images per step, the last
     batch padded and masked, every example counted exactly once. Classes are matched by name.
-    Images are resized to `resize_size` (see `data.eval_resize_size`) and cropped to
+    Images are resized to `resize_size` (see `preprocessing.eval_resize_size`) and cropped to
     `image_size`."""
     from resnet_jax import data
 

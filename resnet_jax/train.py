@@ -21,11 +21,9 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from resnet_jax.preprocessing import normalize_images
+
 BATCH_AXIS = "batch"
-# torchvision's ImageNet statistics (per RGB channel, on [0, 1] pixels). They live here, not in
-# `data` (which re-exports them), so the steps can normalise uint8 batches without TensorFlow.
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 OPTIMIZERS = ("sgd", "adamw")
 PARAM_LABELS = ("train", "frozen", "head")
 PARALLEL_KINDS = ("shard_map", "pmap")
@@ -205,22 +203,6 @@ def cross_entropy_loss(
     return (losses * mask).sum() / jnp.maximum(mask.sum(), 1.0)
 
 
-def normalize_images(images: jax.Array) -> jax.Array:
-    """uint8 [..., 3] images -> float32 ``(x / 255 - IMAGENET_MEAN) / IMAGENET_STD``.
-
-    The same float32 operations, in the same order, as the tf.data pipeline's normalisation
-    (`data.train_batches(normalize=True)`), so the two agree within float32 rounding. Runs on
-    the devices: the input pipeline can then send uint8 (a quarter of the bytes) and spend no
-    host CPU on it. Raises ValueError naming the dtype unless `images` are uint8.
-    """
-    images = jnp.asarray(images)
-    if images.dtype != jnp.uint8:
-        raise ValueError(f"normalize_images expects uint8 images, got dtype {images.dtype}")
-    scaled = images.astype(jnp.float32) / 255.0
-    mean = jnp.asarray(IMAGENET_MEAN, jnp.float32)
-    return (scaled - mean) / jnp.asarray(IMAGENET_STD, jnp.float32)
-
-
 def _model_input(images: jax.Array) -> jax.Array:
     """A batch's images as the model takes them: uint8 is normalised here (float32), floating
     images are taken as already normalised. The model casts to its compute dtype itself."""
@@ -291,10 +273,10 @@ def make_train_step(
     optimizer that gives them no update (`create_optimizer(param_labels=...)`, "frozen"), which
     receives zero gradients for them.
 
-    `batch["image"]` may be uint8 pixels, normalised on the device with `normalize_images`
-    (float32, then cast by the model to its compute dtype), so the host sends a quarter of the
-    bytes and does no normalisation; floating images are taken as already normalised. Any
-    other dtype raises ValueError naming it (when the step is traced).
+    `batch["image"]` may be uint8 pixels, normalised on the device with
+    `preprocessing.normalize_images` (float32, then cast by the model to its compute dtype), so
+    the host sends a quarter of the bytes and does no normalisation; floating images are taken
+    as already normalised. Any other dtype raises ValueError naming it (when the step is traced).
     """
     num_classes = _check_model(model, axis_name)
 
@@ -388,7 +370,7 @@ def make_eval_step(
     counting only examples with a true `mask` (padding). `predictions` are the per-example
     top-1 classes (int32, padding included) for confusion matrices. Parallelize it with
     `out_specs=EVAL_OUT_SPECS`. `batch["image"]` is uint8 (normalised on the device with
-    `normalize_images`) or floating (already normalised), as in `make_train_step`.
+    `preprocessing.normalize_images`) or floating (already normalised), as in `make_train_step`.
     """
     num_classes = _check_model(model, axis_name)
     k = min(5, num_classes)

@@ -143,7 +143,8 @@ def test_loads_workdir_step_dir_and_overrides(model_dir, predictor, images, tmp_
 def test_resize_size_reaches_preprocessing(model_dir, predictor, images):
     loaded = checkpoint.load(model_dir)
     tight = inference.Predictor.from_loaded(loaded, resize_size=SIZE, batch_size=4)
-    assert tight.image_size == SIZE and tight.resize_size == SIZE and predictor.resize_size is None
+    assert tight.image_size == SIZE and tight.resize_size == SIZE
+    assert predictor.resize_size == round(SIZE * 256 / 224)
     want = data.preprocess_for_eval(images[0], SIZE, resize_size=SIZE)
     np.testing.assert_array_equal(tight.preprocess(images[0]), want)
     assert np.abs(want - predictor.preprocess(images[0])).max() > 0.1

@@ -11,6 +11,7 @@ import pytest
 
 from resnet_jax import models
 from resnet_jax import train as T
+from resnet_jax.preprocessing import normalize_images
 
 NUM_CLASSES = 5
 GLOBAL_BATCH = 8
@@ -185,20 +186,10 @@ def _uint8_batch(seed: int, n: int = GLOBAL_BATCH) -> dict:
     }
 
 
-def test_normalize_images_by_hand():
-    pixels = np.array([[0, 128, 255], [255, 0, 7]], np.uint8)
-    want = (pixels / 255.0 - np.array(T.IMAGENET_MEAN)) / np.array(T.IMAGENET_STD)
-    got = T.normalize_images(pixels)
-    assert got.dtype == jnp.float32
-    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
-    with pytest.raises(ValueError, match="expects uint8 images, got dtype float32"):
-        T.normalize_images(pixels.astype(np.float32))
-
-
 @pytest.mark.parametrize("kind", ["single", "shard_map"])
 def test_uint8_batch_is_normalised_on_device(setup, kind):
     pixels = [_uint8_batch(6), _uint8_batch(7)]
-    normalised = [{**b, "image": np.asarray(T.normalize_images(b["image"]))} for b in pixels]
+    normalised = [{**b, "image": np.asarray(normalize_images(b["image"]))} for b in pixels]
     want_state, want_metrics = _run(setup, kind, normalised)
     got_state, got_metrics = _run(setup, kind, pixels)
     close = functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-6)
