@@ -55,11 +55,13 @@ def build_parser() -> argparse.ArgumentParser:
     for field in dataclasses.fields(trainer.TrainConfig):
         kind = next(t for t in typing.get_args(hints[field.name]) or (hints[field.name],))
         default = getattr(defaults, field.name)
+        # None means "not set": the help text says what happens then.
+        shown = "" if default is None else f" (default: {default})"
         parser.add_argument(
             "--" + field.name.replace("_", "-"),
             type=kind,
             default=default,
-            help=f"{HELP[field.name]} (default: {default})",
+            help=HELP[field.name] + shown,
         )
     group = parser.add_argument_group("multi-process (jax.distributed)")
     group.add_argument("--coordinator-address", help="host:port of process 0")
