@@ -68,6 +68,7 @@ class TrainConfig:
             models.check_arch(self.arch)
         except ValueError as err:
             raise ConfigError(f"--arch: {err}") from err
+        default_warmup = self.warmup_epochs == type(self)().warmup_epochs
         checks = [
             (self.image_size >= 32, f"--image-size must be >= 32, got {self.image_size}"),
             (self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}"),
@@ -83,7 +84,8 @@ class TrainConfig:
             (self.lr > 0, f"--lr must be > 0, got {self.lr}"),
             (
                 0 <= self.warmup_epochs <= self.epochs,
-                f"--warmup-epochs {self.warmup_epochs} must be in [0, --epochs {self.epochs}]",
+                f"--warmup-epochs {self.warmup_epochs} must be in [0, --epochs {self.epochs}]"
+                + (" (that is its default: give a shorter warmup)" if default_warmup else ""),
             ),
             (self.weight_decay >= 0, "--weight-decay must be >= 0"),
             (0 <= self.label_smoothing < 1, "--label-smoothing must be in [0, 1)"),

@@ -142,7 +142,11 @@ def test_finetune_from_torchvision_file_on_flowers(finetuned_run, flowers_dir, c
         (["--batch-size", "6"], "--batch-size 6 is not divisible by the number of devices 4"),
         (
             ["--epochs", "2", "--warmup-epochs", "3"],
-            "--warmup-epochs 3.0 must be in [0, --epochs 2]",
+            "--warmup-epochs 3.0 must be in [0, --epochs 2]\n",
+        ),
+        (
+            ["--epochs", "2"],
+            "--warmup-epochs 5.0 must be in [0, --epochs 2] (that is its default: give a shorter",
         ),
         (["--data-dir", "/nonexistent/flowers"], "/nonexistent/flowers"),
         (["--num-processes", "2"], "go together"),
