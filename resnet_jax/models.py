@@ -92,8 +92,34 @@ def _pad(kernel_size: int) -> tuple[tuple[int, int], tuple[int, int]]:
     return ((p, p), (p, p))
 
 
+def block_layers(
+    train: bool,
+    *,
+    dtype: Dtype = jnp.float32,
+    param_dtype: Dtype = jnp.float32,
+    axis_name: str | None = None,
+    conv: ModuleDef = Conv,
+) -> dict[str, ModuleDef]:
+    """The `conv` and `norm` a block is built with, as `ResNet` builds them: bias-free convs with
+    torchvision's init, and `BatchNorm` on batch statistics when `train` (else running ones).
+    For the blocks in other networks: ``BasicBlock(planes=64, **block_layers(train=True))``."""
+    return {
+        "conv": functools.partial(
+            conv, use_bias=False, dtype=dtype, param_dtype=param_dtype, kernel_init=conv_kernel_init
+        ),
+        "norm": functools.partial(
+            BatchNorm,
+            use_running_average=not train,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            axis_name=axis_name,
+        ),
+    }
+
+
 class ResidualBlock(nn.Module):
-    """Fields shared by both torchvision blocks; `downsample` adds the 1x1 conv + BN shortcut."""
+    """Fields shared by both torchvision blocks; `downsample` adds the 1x1 conv + BN shortcut.
+    `conv` and `norm` are module factories: `block_layers(train)` gives ResNet's."""
 
     planes: int
     conv: ModuleDef
@@ -220,27 +246,21 @@ class ResNet(nn.Module):
         unknown = frozen - {"stem", *STAGE_NAMES}
         if unknown:
             raise ValueError(f"frozen_bn: unknown names {sorted(unknown)}; use stem, layer1..4")
-        conv = functools.partial(
-            self.conv,
-            use_bias=False,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            kernel_init=conv_kernel_init,
-        )
 
-        def norm_for(stage: str) -> ModuleDef:
-            return functools.partial(
-                BatchNorm,
-                use_running_average=not train or stage in frozen,
+        def layers_for(stage: str) -> dict[str, ModuleDef]:
+            return block_layers(
+                train and stage not in frozen,
                 dtype=self.dtype,
                 param_dtype=self.param_dtype,
                 axis_name=self.axis_name,
+                conv=self.conv,
             )
 
         features = {}
         x = x.astype(self.dtype)
-        x = conv(64, (7, 7), (2, 2), padding=_pad(7), name="conv1")(x)
-        x = nn.relu(norm_for("stem")(name="bn1")(x))
+        stem = layers_for("stem")
+        x = stem["conv"](64, (7, 7), (2, 2), padding=_pad(7), name="conv1")(x)
+        x = nn.relu(stem["norm"](name="bn1")(x))
         features["act1"] = x
         x = ops.max_pool(x, 3, 2, 1)
         features["stem"] = x
@@ -253,8 +273,7 @@ class ResNet(nn.Module):
                 out_channels = planes * self.block_cls.expansion
                 x = self.block_cls(
                     planes=planes,
-                    conv=conv,
-                    norm=norm_for(stage),
+                    **layers_for(stage),
                     strides=strides,
                     downsample=strides != 1 or in_channels != out_channels,
                     groups=self.groups,

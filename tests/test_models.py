@@ -148,6 +148,36 @@ def test_fully_frozen_bn_normalises_with_running_statistics(basic_vars):
     assert not np.allclose(unfrozen_logits, train_logits, atol=1e-3)
 
 
+@pytest.mark.parametrize("train", [False, True])
+def test_block_on_its_own_computes_what_it_does_inside_resnet(bottleneck_vars, train):
+    """A Bottleneck built outside ResNet with `block_layers` (ResNet's conv and norm) and the
+    net's layer2_0 variables maps the net's layer1 features to its layer2 features, and in
+    training updates the BatchNorm statistics alike."""
+    model = tiny_bottleneck(num_classes=7)
+    x = jax.random.normal(jax.random.key(4), (2, 32, 32, 3))
+    run = functools.partial(model.apply, train=train, return_features=True, mutable=["batch_stats"])
+    feats, updates = jax.jit(run)(bottleneck_vars, x)
+    block = models.Bottleneck(
+        planes=128, strides=2, downsample=True, **models.block_layers(train=train)
+    )
+    own = {c: bottleneck_vars[c]["layer2_0"] for c in ("params", "batch_stats")}
+    out, own_updates = jax.jit(functools.partial(block.apply, mutable=["batch_stats"]))(
+        own, feats["layer1"]
+    )
+    np.testing.assert_allclose(out, feats["layer2"], rtol=1e-5, atol=1e-5)
+    if train:
+        jax.tree.map(
+            functools.partial(np.testing.assert_allclose, rtol=1e-6, atol=1e-6),
+            own_updates["batch_stats"],
+            updates["batch_stats"]["layer2_0"],
+        )
+        assert not np.allclose(
+            own_updates["batch_stats"]["bn1"]["mean"], own["batch_stats"]["bn1"]["mean"]
+        )
+    else:  # running statistics: read, left as they were
+        jax.tree.map(np.testing.assert_array_equal, own_updates["batch_stats"], own["batch_stats"])
+
+
 @pytest.mark.parametrize("sizes", [(2, 2, 2), (2, 2, 2, 2, 2), (2, 0, 2, 2), (2, 2.0, 2, 2)])
 def test_bad_stage_sizes_are_named(sizes):
     model = models.ResNet(stage_sizes=sizes, block_cls=models.BasicBlock)
