@@ -2,8 +2,10 @@
 
 Both decode the flower JPEGs, random-resized-crop to 224, flip, scale to [0, 1], normalise with
 ImageNet mean/std and batch 64, with the same number of workers (threads for tf.data, processes for
-the DataLoader). Runs alternate between the two; each run starts a fresh pipeline, discards its
-first batch (start-up) and times the next `--batches`. Prints a markdown table of medians.
+the DataLoader). With `--uint8` both stop before scaling and normalising and yield the uint8
+pixels, as `scripts/train.py` feeds its steps (they normalise on the devices). Runs alternate
+between the two; each run starts a fresh pipeline, discards its first batch (start-up) and times
+the next `--batches`. Prints a markdown table of medians.
 
     python benchmarks/bench_input.py [--data-dir ../shared/data/flower_photos] [--workers 2]
 """
@@ -50,6 +52,7 @@ def run_tf(source: data.DataSource, args: argparse.Namespace, epoch: int) -> flo
         seed=0,
         epoch=epoch,
         num_workers=args.workers,
+        normalize=not args.uint8,
     )
     return images_per_second(batches, args.batches, args.batch_size)
 
@@ -76,21 +79,24 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--batches", type=int, default=20, help="timed batches per run")
     parser.add_argument("--rounds", type=int, default=3, help="runs of each pipeline")
+    parser.add_argument(
+        "--uint8", action="store_true", help="uint8 pixels out, no normalisation (as training)"
+    )
     args = parser.parse_args()
 
     start = time.perf_counter()
     source = data.open_source(data_dir=args.data_dir)
     open_s = time.perf_counter() - start
+    augment = [transforms.RandomResizedCrop(args.image_size), transforms.RandomHorizontalFlip()]
+    if args.uint8:
+        to_batch = [transforms.PILToTensor()]
+    else:
+        to_batch = [
+            transforms.ToTensor(),
+            transforms.Normalize(data.IMAGENET_MEAN, data.IMAGENET_STD),
+        ]
     folder = datasets.ImageFolder(
-        str(args.data_dir / "train"),
-        transform=transforms.Compose(
-            [
-                transforms.RandomResizedCrop(args.image_size),
-                transforms.RandomHorizontalFlip(),
-                transforms.ToTensor(),
-                transforms.Normalize(data.IMAGENET_MEAN, data.IMAGENET_STD),
-            ]
-        ),
+        str(args.data_dir / "train"), transform=transforms.Compose(augment + to_batch)
     )
     results: dict[str, list[float]] = {
         "tf.data (resnet_jax.data)": [],
@@ -104,7 +110,8 @@ def main() -> None:
     print(f"`{command}`\n")
     print(
         f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at the end; "
-        f"batch {args.batch_size}, {args.image_size} px, {args.workers} workers, "
+        f"batch {args.batch_size}, {args.image_size} px, "
+        f"{'uint8' if args.uint8 else 'normalised float32'} output, {args.workers} workers, "
         f"{args.batches} timed batches x {args.rounds} alternating runs; "
         f"open_source (file scan + vetting {source.num_train + source.num_eval} files) took "
         f"{open_s:.1f} s\n"
