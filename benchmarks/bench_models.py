@@ -12,7 +12,9 @@ process that holds for torch as well. Run with RESNET_JAX_RETAIN_HOST_MEMORY=0 t
 with glibc's default behaviour. "page faults/step" shows the difference; "peak RSS" is the RSS
 growth during a phase, so memory retained from earlier phases does not show in it. It also
 sends XLA:CPU's convolutions to Eigen (`resnet_jax.xla_cpu`); `jax-Conv-ynn` compiles the same
-model with XLA's default YNNPACK convolutions, to compare the two in one run.
+model with XLA's default YNNPACK convolutions, to compare the two in one run. On a GPU the note
+column adds device memory: for JAX the step's footprint from XLA's memory analysis (arguments +
+outputs - donated buffers + temporaries), for torch the CUDA peak over the timed steps.
 
 Example: python benchmarks/bench_models.py --archs resnet50 --batch-sizes 8 --output BENCHMARKS.md
 """
@@ -85,6 +87,8 @@ class Runner:
     page_faults: list[int] = field(default_factory=list)
     peak_mb: float = 0.0
     note: str = ""
+    # GPU only: reads the device memory high-water mark when the row is written.
+    device_memory: Callable[[], str] | None = None
 
     def run(self, steps: int) -> None:
         """Time `steps` calls and record the phase's RSS growth above its starting RSS."""
@@ -137,6 +141,14 @@ def _jax_runner(impl: str, arch: str, batch: int, size: int, mode: str, dtype: s
     mem = compiled.memory_analysis()
     if mem is not None:
         runner.note = f"XLA temp {mem.temp_size_in_bytes / 2**20:.0f} MB"
+        if jax.default_backend() == "gpu":  # the step's whole device footprint, as torch's peak
+            total = (
+                mem.argument_size_in_bytes
+                + mem.output_size_in_bytes
+                - mem.alias_size_in_bytes
+                + mem.temp_size_in_bytes
+            )
+            runner.note += f", args+outputs+temp {total / 2**20:.0f} MB"
     step()  # first execution (allocations) outside the timed rounds
     return runner
 
@@ -175,7 +187,13 @@ def _torch_runner(arch: str, batch: int, size: int, mode: str, dtype: str, devic
 
     t0 = time.perf_counter()
     step()
-    return Runner("torch", step, compile_s=time.perf_counter() - t0, note="first step")
+    runner = Runner("torch", step, compile_s=time.perf_counter() - t0, note="first step")
+    if device == "cuda":  # the timed steps' peak (cuDNN's autotuning in the first step excluded)
+        torch.cuda.reset_peak_memory_stats()
+        runner.device_memory = lambda: (
+            f"CUDA peak {torch.cuda.max_memory_allocated() / 2**20:.0f} MB"
+        )
+    return runner
 
 
 def bench_case(args: argparse.Namespace, arch: str, batch: int, mode: str, dtype: str) -> list:
@@ -199,10 +217,11 @@ def _row(arch: str, batch: int, mode: str, dtype: str, runner: Runner, torch_ms:
     cpu_ms = statistics.median(runner.cpu_times) * 1e3
     spread = f"{min(runner.times) * 1e3:.0f}-{max(runner.times) * 1e3:.0f}"
     ratio = f"{ms / torch_ms:.2f}" if torch_ms else "-"
+    note = runner.note + (f", {runner.device_memory()}" if runner.device_memory else "")
     return (
         f"| {arch} | {batch} | {mode} | {dtype} | {runner.impl} | {ms:.0f} | {spread} | "
         f"{cpu_ms:.0f} | {batch / ms * 1e3:.1f} | {ratio} | {runner.compile_s:.1f} | "
-        f"{statistics.median(runner.page_faults):.0f} | {runner.peak_mb:.0f} | {runner.note} |"
+        f"{statistics.median(runner.page_faults):.0f} | {runner.peak_mb:.0f} | {note} |"
     )
 
 
@@ -284,6 +303,7 @@ def main(argv: list[str] | None = None) -> str:
                     for r in runners:
                         lines.append(_row(arch, batch, mode, dtype, r, torch_ms))
                         print(lines[-1], flush=True)
+                    del runners  # free this case's models before the next is built
     command = shlex.join(["python", *sys.argv]) if argv is None else shlex.join(argv)
     report = "\n".join(
         [
