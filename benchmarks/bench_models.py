@@ -14,7 +14,9 @@ growth during a phase, so memory retained from earlier phases does not show in i
 sends XLA:CPU's convolutions to Eigen (`resnet_jax.xla_cpu`); `jax-Conv-ynn` compiles the same
 model with XLA's default YNNPACK convolutions, to compare the two in one run. On a GPU the note
 column adds device memory: for JAX the step's footprint from XLA's memory analysis (arguments +
-outputs - donated buffers + temporaries), for torch the CUDA peak over the timed steps.
+outputs - donated buffers + temporaries), for torch the CUDA peak over the timed steps. A case
+that raises (e.g. out of memory) gets a "failed" row naming the error, the other cases still run,
+and the script exits non-zero after writing the report.
 
 Example: python benchmarks/bench_models.py --archs resnet50 --batch-sizes 8 --output BENCHMARKS.md
 """
@@ -225,6 +227,14 @@ def _row(arch: str, batch: int, mode: str, dtype: str, runner: Runner, torch_ms:
     )
 
 
+def _failed_row(arch: str, batch: int, mode: str, dtype: str, err: Exception) -> str:
+    """A table row for a case that raised (the first line of the error in the note column)."""
+    message = (str(err).splitlines() or [""])[0][:300].replace("|", "/")
+    blanks = " - |" * 8  # median ms ... peak RSS MB
+    note = f"{type(err).__name__}: {message}"
+    return f"| {arch} | {batch} | {mode} | {dtype} | failed |{blanks} {note} |"
+
+
 def _cpus() -> int:
     """CPUs this process may run on (respects taskset/cgroups affinity, like XLA:CPU does)."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
@@ -291,11 +301,18 @@ def main(argv: list[str] | None = None) -> str:
         "| vs torch | compile/first s | page faults/step | peak RSS MB | note |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    failed: list[str] = []
     for arch in archs:
         for batch in batches:
             for mode in modes:
                 for dtype in dtypes:
-                    runners = bench_case(args, arch, batch, mode, dtype)
+                    try:
+                        runners = bench_case(args, arch, batch, mode, dtype)
+                    except Exception as err:  # e.g. out of memory: report it, run the rest
+                        failed.append(f"{arch} batch {batch} {mode} {dtype}")
+                        lines.append(_failed_row(arch, batch, mode, dtype, err))
+                        print(lines[-1], flush=True)
+                        continue
                     torch_ms = next(
                         (statistics.median(r.times) * 1e3 for r in runners if r.impl == "torch"),
                         0.0,
@@ -321,6 +338,8 @@ def main(argv: list[str] | None = None) -> str:
     if args.output:
         with args.output.open("a") as f:
             f.write(report + "\n")
+    if failed:
+        raise SystemExit(f"bench_models: {len(failed)} case(s) failed: {'; '.join(failed)}")
     return report
 
 
