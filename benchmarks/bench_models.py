@@ -317,10 +317,11 @@ def main(argv: list[str] | None = None) -> str:
                         (statistics.median(r.times) * 1e3 for r in runners if r.impl == "torch"),
                         0.0,
                     )
-                    for r in runners:
-                        lines.append(_row(arch, batch, mode, dtype, r, torch_ms))
-                        print(lines[-1], flush=True)
+                    rows = [_row(arch, batch, mode, dtype, r, torch_ms) for r in runners]
                     del runners  # free this case's models before the next is built
+                    for row in rows:
+                        lines.append(row)
+                        print(row, flush=True)
     command = shlex.join(["python", *sys.argv]) if argv is None else shlex.join(argv)
     report = "\n".join(
         [

@@ -68,7 +68,8 @@ class TrainConfig:
             models.check_arch(self.arch)
         except ValueError as err:
             raise ConfigError(f"--arch: {err}") from err
-        default_warmup = self.warmup_epochs == type(self)().warmup_epochs
+        field_defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        default_warmup = self.warmup_epochs == field_defaults["warmup_epochs"]
         checks = [
             (self.image_size >= 32, f"--image-size must be >= 32, got {self.image_size}"),
             (self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}"),

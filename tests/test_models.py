@@ -154,13 +154,18 @@ def test_block_on_its_own_computes_what_it_does_inside_resnet(bottleneck_vars, t
     net's layer2_0 variables maps the net's layer1 features to its layer2 features, and in
     training updates the BatchNorm statistics alike."""
     model = tiny_bottleneck(num_classes=7)
+    # The fixture's zero_init_residual zeroes bn3's scale, which would leave only the shortcut.
+    block_params = bottleneck_vars["params"]["layer2_0"]
+    bn3 = {**block_params["bn3"], "scale": jnp.full_like(block_params["bn3"]["scale"], 0.5)}
+    params = {**bottleneck_vars["params"], "layer2_0": {**block_params, "bn3": bn3}}
+    variables = {**bottleneck_vars, "params": params}
     x = jax.random.normal(jax.random.key(4), (2, 32, 32, 3))
     run = functools.partial(model.apply, train=train, return_features=True, mutable=["batch_stats"])
-    feats, updates = jax.jit(run)(bottleneck_vars, x)
+    feats, updates = jax.jit(run)(variables, x)
     block = models.Bottleneck(
         planes=128, strides=2, downsample=True, **models.block_layers(train=train)
     )
-    own = {c: bottleneck_vars[c]["layer2_0"] for c in ("params", "batch_stats")}
+    own = {c: variables[c]["layer2_0"] for c in ("params", "batch_stats")}
     out, own_updates = jax.jit(functools.partial(block.apply, mutable=["batch_stats"]))(
         own, feats["layer1"]
     )
