@@ -186,7 +186,9 @@ def _uint8_batch(seed: int, n: int = GLOBAL_BATCH) -> dict:
     }
 
 
-@pytest.mark.parametrize("kind", ["single", "shard_map"])
+# shard_map only with the slow tests: the normalisation is the same traced function inside it,
+# and every fit test in test_train_cli.py trains on uint8 batches under shard_map.
+@pytest.mark.parametrize("kind", ["single", pytest.param("shard_map", marks=pytest.mark.slow)])
 def test_uint8_batch_is_normalised_on_device(setup, kind):
     pixels = [_uint8_batch(6), _uint8_batch(7)]
     normalised = [{**b, "image": np.asarray(normalize_images(b["image"]))} for b in pixels]

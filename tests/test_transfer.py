@@ -46,7 +46,13 @@ def start_variables():
         # scripts/train.py (every leaf of layer4's params and statistics and of the head moved,
         # the rest bit-identical).
         pytest.param("stages", ["layer4", "fc"], {"layer4", "fc"}, marks=pytest.mark.slow),
-        ("none", None, {"stem", "layer1", "layer2", "layer3", "layer4", "fc"}),
+        # Slow only: training everything is what every other training test does.
+        pytest.param(
+            "none",
+            None,
+            {"stem", "layer1", "layer2", "layer3", "layer4", "fc"},
+            marks=pytest.mark.slow,
+        ),
     ],
 )
 def test_freeze_modes_update_exactly_the_trainable_stages(
