@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The issue-5 GPU comparison as one prepared run (about 5-8 minutes on one H200): resnet50 at
 # batch 256, train step and inference, JAX bf16/fp32 vs PyTorch AMP + channels_last (images/s,
-# ratios, compile time, device memory), written as a markdown table to ${OUT:-.}/gpu_benchmark.md. Run from the repository root on a machine
-# whose python3 (or $PYTHON) has jax (with its CUDA plugin), flax, optax, torch and torchvision:
+# ratios, compile time, device memory), written as a markdown table to
+# ${OUT:-.}/gpu_benchmark.md. Run from the repository root on a machine whose python3 (or
+# $PYTHON) has jax (with its CUDA plugin), flax, optax, torch and torchvision:
 #   bash benchmarks/gpu_benchmark.sh
 # Extra arguments go to bench_models.py and override these (a small dry run on CPU:
 #   bash benchmarks/gpu_benchmark.sh --archs resnet18 --batch-sizes 2 --image-size 64 --rounds 1)

@@ -268,12 +268,13 @@ class ResNet(nn.Module):
         in_channels = 64
         for i, (stage, num_blocks) in enumerate(zip(STAGE_NAMES, sizes, strict=True)):
             planes = 64 * 2**i
+            layers = layers_for(stage)
             for j in range(num_blocks):
                 strides = 2 if i > 0 and j == 0 else 1
                 out_channels = planes * self.block_cls.expansion
                 x = self.block_cls(
                     planes=planes,
-                    **layers_for(stage),
+                    **layers,
                     strides=strides,
                     downsample=strides != 1 or in_channels != out_channels,
                     groups=self.groups,

@@ -68,8 +68,7 @@ class TrainConfig:
             models.check_arch(self.arch)
         except ValueError as err:
             raise ConfigError(f"--arch: {err}") from err
-        field_defaults = {f.name: f.default for f in dataclasses.fields(self)}
-        default_warmup = self.warmup_epochs == field_defaults["warmup_epochs"]
+        default_warmup = self.warmup_epochs == TrainConfig.warmup_epochs  # the field's default
         checks = [
             (self.image_size >= 32, f"--image-size must be >= 32, got {self.image_size}"),
             (self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}"),
