@@ -8,9 +8,17 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from resnet_jax import xla_cpu
 
 TESTS_DIR = Path(__file__).resolve().parent
+# What importing resnet_jax does to XLA:CPU, for the jaxlibs it does it for; older ones are left
+# alone (test_older_jaxlib_is_left_alone), and their XLA may not run convolutions on YNNPACK.
+checked_jaxlib = pytest.mark.skipif(
+    xla_cpu.jaxlib_version() < xla_cpu.MIN_JAXLIB,
+    reason=f"jaxlib older than {xla_cpu.MIN_JAXLIB}: resnet_jax leaves XLA's kernels alone",
+)
 
 
 def ynnpack_kernels(compiler_options: dict | None = None) -> dict[str, bool]:
@@ -58,6 +66,7 @@ def _probe(setting: str, xla_flags: str, jax_started_first: bool = False) -> dic
     return json.loads(proc.stdout.splitlines()[-1])
 
 
+@checked_jaxlib
 def test_import_sends_convolutions_to_eigen_and_keeps_user_flags():
     devices = "--xla_force_host_platform_device_count=2"
     on = _probe("1", devices)  # the default where no GPU/TPU plugin is installed
@@ -81,6 +90,7 @@ def test_users_own_ynn_setting_wins():
     }
 
 
+@checked_jaxlib
 def test_flag_set_too_late_is_not_believed():
     """Imported after JAX started: the flag is in XLA_FLAGS but XLA has read them already, so
     convolutions stay on YNNPACK and conv.Conv must trace for YNNPACK."""
@@ -93,6 +103,7 @@ def test_flag_set_too_late_is_not_believed():
     }
 
 
+@checked_jaxlib
 def test_compiler_options_match_the_flag():
     """Per jit, `COMPILER_OPTIONS` gives what `FLAG` gives a whole process, and
     `YNN_DEFAULT_COMPILER_OPTIONS` what XLA does without it."""
