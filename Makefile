@@ -1,6 +1,8 @@
 # Every target creates the virtual environment it needs.
 PYTHON ?= python3
 VENV ?= .venv
+# the oldest dependency versions pyproject.toml allows (tests/oldest_versions.txt)
+OLDEST_VENV ?= .venv-oldest
 PY := $(VENV)/bin/python
 DATA_DIR ?= ../shared/data/flower_photos
 ARCH ?= resnet50
@@ -8,7 +10,7 @@ TRAIN_ARGS ?=
 # pytest processes; each test module runs whole in one of them (its fixtures are built once)
 TEST_WORKERS ?= 2
 
-.PHONY: venv train train-offline test test-all lint format clean
+.PHONY: venv train train-offline test test-all test-oldest lint format clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,9 +36,20 @@ test: lint
 test-all: lint
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadscope
 
+# made afresh when the requirements change: pip would keep packages a newer resolution replaces
+$(OLDEST_VENV)/.installed: pyproject.toml tests/oldest_versions.txt
+	rm -rf $(OLDEST_VENV)
+	$(PYTHON) -m venv $(OLDEST_VENV)
+	$(OLDEST_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(OLDEST_VENV)/bin/python -m pip install --quiet -e '.[test]' -c tests/oldest_versions.txt
+	touch $@
+
+test-oldest: $(OLDEST_VENV)/.installed
+	$(OLDEST_VENV)/bin/python -m pytest -m "not slow" -q -n $(TEST_WORKERS) --dist loadscope
+
 format: venv
 	$(PY) -m ruff format .
 	$(PY) -m ruff check --fix .
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) $(OLDEST_VENV) .pytest_cache
