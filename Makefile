@@ -9,6 +9,7 @@ ARCH ?= resnet50
 TRAIN_ARGS ?=
 # pytest processes; each test module runs whole in one of them (its fixtures are built once)
 TEST_WORKERS ?= 2
+PYTEST_FAST := -m "not slow" -q -n $(TEST_WORKERS) --dist loadscope
 
 .PHONY: venv train train-offline test test-all test-oldest lint format clean
 
@@ -31,7 +32,7 @@ lint: venv
 	$(PY) -m ruff format --check .
 
 test: lint
-	$(PY) -m pytest -m "not slow" -q -n $(TEST_WORKERS) --dist loadscope
+	$(PY) -m pytest $(PYTEST_FAST)
 
 test-all: lint
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadscope
@@ -45,7 +46,7 @@ $(OLDEST_VENV)/.installed: pyproject.toml tests/oldest_versions.txt
 	touch $@
 
 test-oldest: $(OLDEST_VENV)/.installed
-	$(OLDEST_VENV)/bin/python -m pytest -m "not slow" -q -n $(TEST_WORKERS) --dist loadscope
+	$(OLDEST_VENV)/bin/python -m pytest $(PYTEST_FAST)
 
 format: venv
 	$(PY) -m ruff format .
