@@ -9,7 +9,8 @@ ARCH ?= resnet50
 TRAIN_ARGS ?=
 # pytest processes; each test module runs whole in one of them (its fixtures are built once)
 TEST_WORKERS ?= 2
-PYTEST_FAST := -m "not slow" -q -n $(TEST_WORKERS) --dist loadscope
+PYTEST_OPTS := -q -n $(TEST_WORKERS) --dist loadscope
+PYTEST_FAST := -m "not slow" $(PYTEST_OPTS)
 
 .PHONY: venv train train-offline test test-all test-oldest lint format clean
 
@@ -35,7 +36,7 @@ test: lint
 	$(PY) -m pytest $(PYTEST_FAST)
 
 test-all: lint
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadscope
+	$(PY) -m pytest $(PYTEST_OPTS)
 
 # made afresh when the requirements change: pip would keep packages a newer resolution replaces
 $(OLDEST_VENV)/.installed: pyproject.toml tests/oldest_versions.txt
