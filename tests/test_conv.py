@@ -1,11 +1,14 @@
 """`resnet_jax.conv.Conv` is a drop-in for `nn.Conv`: same parameters, values and gradients.
 
-Its CPU formulations (1x1 as matmul, weight gradient by im2col + matmul) are checked against
-flax's `nn.Conv` in float32 and, with x64 enabled, to float64 round-off, with XLA:CPU's
-convolutions on Eigen (the default, `resnet_jax.xla_cpu`) and on YNNPACK, which pick different
-formulations; other platforms must lower to plain convolutions (checked by exporting for
-CUDA/TPU, which needs no GPU).
+Its CPU formulations (1x1 as matmul, weight gradient by im2col or per-tap matmuls, grouped
+convolutions with few channels per group as dense ones) are checked against flax's `nn.Conv` in
+float32 and, with x64 enabled, to float64 round-off, with XLA:CPU's convolutions on Eigen (the
+default, `resnet_jax.xla_cpu`) and on YNNPACK, which pick different formulations; other
+platforms must lower to plain convolutions (checked by exporting for CUDA/TPU, which needs no
+GPU).
 """
+
+import re
 
 import flax.linen as nn
 import jax
@@ -19,9 +22,10 @@ from resnet_jax.conv import Conv, conv2d
 
 P0, P1, P3 = ((0, 0), (0, 0)), ((1, 1), (1, 1)), ((3, 3), (3, 3))
 # kernel, stride, padding, groups, spatial size, in channels, features, use_bias. On CPU the
-# sizes pick every formulation: 1x1 matmul; im2col for outputs of <= 64 pixels; XLA's own conv
-# when grouped; otherwise XLA's own conv with Eigen convolutions, and with YNNPACK's XLA conv +
-# per-tap matmul dW (>= 16 channels) or + im2col dW (fewer).
+# sizes pick every formulation: 1x1 matmul; im2col for outputs of <= 64 pixels; otherwise XLA's
+# own conv with Eigen convolutions, and with YNNPACK's XLA conv + per-tap matmul dW (>= 16
+# channels) or + im2col dW (fewer); grouped: per-tap matmul dW batched over the groups, with
+# XLA's grouped conv or, with <= 4 input channels per group, a dense block-diagonal one.
 CASES = [
     (1, 1, P0, 1, 9, 8, 16, False),
     (1, 2, P0, 1, 9, 8, 16, False),  # strided 1x1 (downsample), odd size
@@ -35,8 +39,13 @@ CASES = [
     (3, 2, "VALID", 1, 10, 4, 8, False),
     (3, 2, P1, 32, 5, 64, 64, False),  # ResNeXt-style grouped conv
     (1, 1, "SAME", 2, 5, 8, 8, True),  # grouped 1x1
+    (3, 1, P1, 2, 9, 16, 16, False),  # 8 channels per group: XLA's grouped conv
+    (3, 2, P1, 4, 11, 16, 16, True),  # 4 channels per group, strided: dense conv
+    (3, 1, P1, 4, 9, 8, 16, False),  # 2 channels in and 4 out per group: dense conv
 ]
 IDS = [f"k{c[0]}s{c[1]}g{c[3]}h{c[4]}{'b' if c[7] else ''}-{c[2]}" for c in CASES]
+# the cases checked to float64 round-off and with forward mode: one of each formulation
+EXACT = (1, 3, 4, 7, 12, 13)
 
 
 @pytest.fixture(params=["eigen", "ynn"])
@@ -111,9 +120,7 @@ def test_matches_nn_conv_float32(case, cpu_convs):
     _assert_close(g, g_ref, 2e-5)  # (d params, d x)
 
 
-@pytest.mark.parametrize(
-    "case", [CASES[i] for i in (1, 3, 4, 7)], ids=[IDS[i] for i in (1, 3, 4, 7)]
-)
+@pytest.mark.parametrize("case", [CASES[i] for i in EXACT], ids=[IDS[i] for i in EXACT])
 def test_matches_nn_conv_float64(case, cpu_convs):
     with jax.enable_x64(True):
         (y_ref, g_ref), (y, g) = _compare(*_pair(case, jnp.float64))
@@ -122,9 +129,7 @@ def test_matches_nn_conv_float64(case, cpu_convs):
         _assert_close(g, g_ref, 1e-13)
 
 
-@pytest.mark.parametrize(
-    "case", [CASES[i] for i in (1, 3, 4, 7)], ids=[IDS[i] for i in (1, 3, 4, 7)]
-)
+@pytest.mark.parametrize("case", [CASES[i] for i in EXACT], ids=[IDS[i] for i in EXACT])
 def test_forward_mode_and_hessian_vector_products_match(case, cpu_convs):
     """Forward-mode AD works (no custom_vjp) and jvp-of-grad equals nn.Conv's."""
     ref, ours, x = _pair(case, jnp.float32)
@@ -178,6 +183,32 @@ def test_fast_formulation_only_on_cpu(kernel, size, xla_convs, cpu_convs):
         other = _lowered(grads, platform, *shapes)
         assert "stablehlo.dot_general" not in other
         assert other.count("stablehlo.convolution") == 2  # XLA's/cuDNN's dx and dW
+
+
+@pytest.mark.parametrize(
+    ("in_channels", "groups", "cpu_dx_groups"),
+    [(16, 2, 2), (8, 4, 1)],
+    ids=["8 channels per group: grouped dx", "2 channels per group: dense dx"],
+)
+def test_grouped_weight_gradient_is_matmuls_only_on_cpu(in_channels, groups, cpu_dx_groups):
+    """XLA:CPU's grouped weight gradient (a batch-grouped convolution) is never emitted there,
+    and with few channels per group the input gradient is a dense convolution; other platforms
+    keep XLA's/cuDNN's own grouped forward, dx and dW convolutions."""
+
+    def grads(x, w):
+        return jax.grad(lambda x, w: conv2d(x, w, (1, 1), P1, groups).sum(), (0, 1))(x, w)
+
+    shapes = ((2, 9, 9, in_channels), (3, 3, in_channels // groups, 16))
+    cpu = _lowered(grads, "cpu", *shapes)
+    assert "stablehlo.dot_general" in cpu
+    assert cpu.count("stablehlo.convolution") == 1  # dx; the forward is not needed
+    assert re.search(r"batch_group_count = (?!1\b)", cpu) is None
+    assert f"feature_group_count = {cpu_dx_groups}" in cpu
+    for platform in ("cuda", "tpu"):
+        other = _lowered(grads, platform, *shapes)
+        assert "stablehlo.dot_general" not in other
+        assert other.count("stablehlo.convolution") == 2
+        assert f"batch_group_count = {groups}" in other
 
 
 def test_small_resnet_grads_match_nn_conv():
