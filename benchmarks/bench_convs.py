@@ -1,10 +1,15 @@
-"""XLA:CPU's convolution kernels, YNNPACK (XLA's default) vs Eigen, on ResNet-50's kxk shapes.
+"""XLA:CPU convolutions on ResNet shapes: kernel libraries, and ResNeXt's grouped convolutions.
 
-Times the forward convolution and its input gradient (what `resnet_jax.conv.Conv` leaves to
-XLA's convolution; its weight gradients and 1x1 convolutions are matmuls) for each distinct
-kxk convolution of ResNet-50 at 224 px, compiled once with each kernel library through
-per-jit compiler options, alternating, medians. `resnet_jax.xla_cpu` picks Eigen by default.
+Default: YNNPACK (XLA's default) vs Eigen (what `resnet_jax.xla_cpu` picks), the forward
+convolution and its input gradient for each distinct kxk convolution of ResNet-50 at 224 px,
+compiled once with each kernel library through per-jit compiler options.
 
+`--grouped`: ResNeXt-50 (32x4d)'s grouped 3x3 convolutions, XLA's grouped convolution and its
+own gradients vs `resnet_jax.conv.conv2d` (a matmul weight gradient batched over the groups; a
+dense block-diagonal forward and input gradient with <= 4 channels per group), both on the
+process's kernels (Eigen once `resnet_jax` is imported).
+
+Variants alternate call by call; medians.
 Example: python benchmarks/bench_convs.py --batch-size 8 --rounds 7
 """
 
@@ -13,12 +18,13 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-from resnet_jax import xla_cpu
+from resnet_jax import conv, xla_cpu
 
 # (input size, in channels, out channels, kernel, stride) of ResNet-50's kxk convolutions
 SHAPES = [
@@ -31,54 +37,113 @@ SHAPES = [
     (14, 512, 512, 3, 2),
     (7, 512, 512, 3, 1),
 ]
+# (input size, channels, stride) of ResNeXt-50 32x4d's grouped 3x3 convolutions
+GROUPED_SHAPES = [
+    (56, 128, 1),
+    (56, 256, 2),
+    (28, 256, 1),
+    (28, 512, 2),
+    (14, 512, 1),
+    (14, 1024, 2),
+    (7, 1024, 1),
+]
+GROUPS = 32
 KERNELS = {"YNNPACK": xla_cpu.YNN_DEFAULT_COMPILER_OPTIONS, "Eigen": xla_cpu.COMPILER_OPTIONS}
 
 
-def _functions(stride: int, pad: int) -> dict:
-    """The forward convolution and its input gradient, as functions of (x, w)."""
+def _passes(convolve: Callable, weight_grad: bool) -> dict[str, Callable]:
+    """The convolution, its input gradient and optionally its weight gradient, of (x, w)."""
 
-    def forward(x, w):
-        return lax.conv_general_dilated(
-            x, w, (stride,) * 2, ((pad, pad),) * 2, dimension_numbers=("NHWC", "HWIO", "NHWC")
-        )
+    def grad(argnum: int) -> Callable:
+        def pass_(x, w):
+            y, vjp = jax.vjp(convolve, x, w)
+            return vjp(jnp.ones_like(y))[argnum]
 
-    def input_grad(x, w):
-        y, vjp = jax.vjp(lambda x: forward(x, w), x)
-        return vjp(jnp.ones_like(y))[0]
+        return pass_
 
-    return {"forward": forward, "input grad": input_grad}
+    passes = {"forward": convolve, "input grad": grad(0)}
+    if weight_grad:
+        passes["weight grad"] = grad(1)
+    return passes
+
+
+def _medians_ms(compiled: dict[str, Callable], x, w, rounds: int) -> list[float]:
+    """Median wall time (ms) of each compiled variant, called alternately; one warm-up round."""
+    times = {name: [] for name in compiled}
+    for _ in range(rounds + 1):
+        for name, fn in compiled.items():
+            start = time.perf_counter()
+            jax.block_until_ready(fn(x, w))
+            times[name].append(time.perf_counter() - start)
+    return [statistics.median(t[1:]) * 1e3 for t in times.values()]
+
+
+def kernel_libraries(batch: int, rounds: int) -> None:
+    """YNNPACK vs Eigen on ResNet-50's kxk convolutions."""
+    print("| input | channels | kernel/stride | pass | YNNPACK ms | Eigen ms | Eigen/YNNPACK |")
+    print("|---|---|---|---|---|---|---|")
+    key = jax.random.key(0)
+    for size, cin, cout, k, stride in SHAPES:
+        x = jax.random.normal(key, (batch, size, size, cin))
+        w = jax.random.normal(key, (k, k, cin, cout)) * 0.05
+        pad = ((k // 2, k // 2),) * 2
+
+        def convolve(x, w, stride=stride, pad=pad):
+            return lax.conv_general_dilated(
+                x, w, (stride,) * 2, pad, dimension_numbers=conv.DIMENSION_NUMBERS
+            )
+
+        for name, fn in _passes(convolve, weight_grad=False).items():
+            compiled = {
+                lib: jax.jit(fn, compiler_options=opts).lower(x, w).compile()
+                for lib, opts in KERNELS.items()
+            }
+            ynn, eigen = _medians_ms(compiled, x, w, rounds)
+            print(
+                f"| {size}x{size} | {cin}->{cout} | {k}x{k}/{stride} | {name} | {ynn:.1f} | "
+                f"{eigen:.1f} | {eigen / ynn:.2f} |",
+                flush=True,
+            )
+
+
+def grouped(batch: int, rounds: int) -> None:
+    """XLA's grouped convolution and gradients vs `conv.conv2d` on ResNeXt-50's shapes."""
+    print("| input | channels/groups | stride | pass | XLA ms | resnet_jax ms | XLA/resnet_jax |")
+    print("|---|---|---|---|---|---|---|")
+    key = jax.random.key(0)
+    pad = ((1, 1), (1, 1))
+    for size, channels, stride in GROUPED_SHAPES:
+        x = jax.random.normal(key, (batch, size, size, channels))
+        w = jax.random.normal(key, (3, 3, channels // GROUPS, channels)) * 0.05
+        strides = (stride, stride)
+        variants = {
+            "XLA": lambda x, w, s=strides: lax.conv_general_dilated(
+                x, w, s, pad, dimension_numbers=conv.DIMENSION_NUMBERS, feature_group_count=GROUPS
+            ),
+            "resnet_jax": lambda x, w, s=strides: conv.conv2d(x, w, s, pad, GROUPS),
+        }
+        passes = {name: _passes(fn, weight_grad=True) for name, fn in variants.items()}
+        for pass_name in passes["XLA"]:
+            compiled = {
+                name: jax.jit(p[pass_name]).lower(x, w).compile() for name, p in passes.items()
+            }
+            xla_ms, ours_ms = _medians_ms(compiled, x, w, rounds)
+            print(
+                f"| {size}x{size} | {channels}/{GROUPS} | {stride} | {pass_name} | {xla_ms:.1f} | "
+                f"{ours_ms:.1f} | {xla_ms / ours_ms:.1f} |",
+                flush=True,
+            )
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--rounds", type=int, default=7, help="alternating timed calls per variant")
+    p.add_argument("--grouped", action="store_true", help="ResNeXt-50's grouped convolutions")
     args = p.parse_args(argv)
 
     print(f"batch {args.batch_size}, jax {jax.__version__}, {jax.devices()[0].device_kind}")
-    print("| input | channels | kernel/stride | pass | YNNPACK ms | Eigen ms | Eigen/YNNPACK |")
-    print("|---|---|---|---|---|---|---|")
-    key = jax.random.key(0)
-    for size, cin, cout, k, stride in SHAPES:
-        x = jax.random.normal(key, (args.batch_size, size, size, cin))
-        w = jax.random.normal(key, (k, k, cin, cout)) * 0.05
-        for name, fn in _functions(stride, k // 2).items():
-            compiled = {
-                lib: jax.jit(fn, compiler_options=opts).lower(x, w).compile()
-                for lib, opts in KERNELS.items()
-            }
-            times = {lib: [] for lib in KERNELS}
-            for _ in range(args.rounds + 1):  # the first round warms up
-                for lib, c in compiled.items():
-                    start = time.perf_counter()
-                    c(x, w).block_until_ready()
-                    times[lib].append(time.perf_counter() - start)
-            ynn, eigen = (statistics.median(times[lib][1:]) * 1e3 for lib in KERNELS)
-            print(
-                f"| {size}x{size} | {cin}->{cout} | {k}x{k}/{stride} | {name} | {ynn:.1f} | "
-                f"{eigen:.1f} | {eigen / ynn:.2f} |",
-                flush=True,
-            )
+    (grouped if args.grouped else kernel_libraries)(args.batch_size, args.rounds)
 
 
 if __name__ == "__main__":
