@@ -6,7 +6,7 @@ XLA's convolution; when XLA:CPU runs convolutions on YNNPACK (not the default on
 is imported, see `resnet_jax.xla_cpu`), whose weight-gradient convolution is slow, their weight
 gradient becomes per-tap matmuls. Grouped convolutions (ResNeXt) get per-tap matmuls batched
 over the groups as weight gradient on either kernel library (XLA:CPU's own, a batch-grouped
-convolution, is 50-250x slower: a ResNeXt-50 train step took 90 s instead of 3.3 s for torch);
+convolution, is 80-220x slower: a ResNeXt-50 train step took 90 s instead of 3.3 s for torch);
 their forward and input gradient are XLA's grouped convolution or, with <= 4 input channels per
 group, a dense one with the block-diagonal kernel. GPU/TPU keep XLA's native convolution
 (cuDNN on GPU): the choice is made with `lax.platform_dependent` when the computation is
@@ -158,7 +158,7 @@ def _cpu_formulation(
     """The CPU-specific implementation for this convolution, or None to keep XLA's."""
     if groups != 1:
         # Grouped (ResNeXt): never XLA's weight gradient, a batch-grouped convolution that
-        # XLA:CPU runs 50-250x slower than per-tap matmuls; with few input channels per group
+        # XLA:CPU runs 80-220x slower than per-tap matmuls; with few input channels per group
         # the forward and input gradient run as a dense convolution, 2-3x faster than grouped.
         few = w_shape[2] <= DENSE_MAX_GROUP_CHANNELS
         forward = _grouped_as_dense if few else _lax_conv
