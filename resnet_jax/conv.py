@@ -97,7 +97,7 @@ def _grouped_as_dense(
     x: jax.Array, w: jax.Array, strides: tuple[int, int], padding: Pads, groups: int
 ) -> jax.Array:
     """A grouped convolution as XLA's dense one with the block-diagonal kernel: `groups` times
-    the arithmetic, yet 2-3x faster on XLA:CPU with few channels per group."""
+    the arithmetic, yet about 2x faster on XLA:CPU with few channels per group."""
     kh, kw, cin_per_group, k = w.shape
     blocks = w.reshape(kh, kw, cin_per_group, groups, k // groups)
     eye = jnp.eye(groups, dtype=w.dtype)
@@ -159,7 +159,7 @@ def _cpu_formulation(
     if groups != 1:
         # Grouped (ResNeXt): never XLA's weight gradient, a batch-grouped convolution that
         # XLA:CPU runs 80-220x slower than per-tap matmuls; with few input channels per group
-        # the forward and input gradient run as a dense convolution, 2-3x faster than grouped.
+        # the forward and input gradient run as a dense convolution, about 2x faster than grouped.
         few = w_shape[2] <= DENSE_MAX_GROUP_CHANNELS
         forward = _grouped_as_dense if few else _lax_conv
         return functools.partial(_conv_matmul_weight_grad, groups=groups, forward=forward)
