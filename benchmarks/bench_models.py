@@ -46,7 +46,7 @@ import jax
 import jax.numpy as jnp
 from sgd_step import LR, MOMENTUM, random_batch, sgd_train_step
 
-from resnet_jax import host_memory, models, xla_cpu
+from resnet_jax import cpu_fusion, host_memory, models, xla_cpu
 from resnet_jax.conv import Conv
 
 IMPLS = ("torch", "jax-nn.Conv", "jax-Conv", "jax-Conv-ynn")
@@ -246,7 +246,7 @@ def environment() -> str:
         k: os.environ[k]
         for k in os.environ
         if k in ("XLA_FLAGS", "XLA_PYTHON_CLIENT_MEM_FRACTION", "OMP_NUM_THREADS", "GLIBC_TUNABLES")
-        or k in (host_memory.ENV_VAR, xla_cpu.ENV_VAR)
+        or k in (host_memory.ENV_VAR, xla_cpu.ENV_VAR, cpu_fusion.ENV_VAR)
         or k.startswith("MALLOC_")
     }
     return (
@@ -257,6 +257,8 @@ def environment() -> str:
         f"core by default; freed host memory retained for reuse (resnet_jax.host_memory): "
         f"{'yes' if host_memory.retaining() else 'no'}; convolutions on Eigen, not YNNPACK "
         f"(resnet_jax.xla_cpu): {'yes' if xla_cpu.eigen_convolutions() else 'no'}; "
+        f"fusion without copies (resnet_jax.cpu_fusion): "
+        f"{'yes' if cpu_fusion.in_effect() else 'no'}; "
         f"env {env or '{}'}"
     )
 

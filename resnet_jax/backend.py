@@ -1,8 +1,8 @@
 """Which JAX backend this process will compute on, decided without importing JAX or starting it.
 
-The CPU tunings applied when `resnet_jax` is imported (`host_memory`, `xla_cpu`) and the choice of
-cross-process collectives (`distributed`) must be made before JAX starts a backend, so they
-cannot ask JAX; they all ask here.
+The CPU tunings applied when `resnet_jax` is imported (`host_memory`, `xla_cpu`, `cpu_fusion`) and
+the choice of cross-process collectives (`distributed`) must be made before JAX starts a backend,
+so they cannot ask JAX; they all ask here.
 """
 
 from __future__ import annotations

@@ -1,12 +1,14 @@
 """`resnet_jax.backend`: which backend JAX will use, asked before JAX starts, and the CPU-tuning
-switches that depend on it (`host_memory`, `xla_cpu`)."""
+switches that depend on it (`host_memory`, `xla_cpu`, `cpu_fusion`)."""
 
 import subprocess
 import sys
 
 import pytest
 
-from resnet_jax import backend, host_memory, xla_cpu
+from resnet_jax import backend, cpu_fusion, host_memory, xla_cpu
+
+CPU_TUNINGS = [host_memory, xla_cpu, cpu_fusion]  # what importing resnet_jax applies
 
 
 @pytest.mark.parametrize(
@@ -48,21 +50,21 @@ def test_installed_plugins_are_found():
         ("No", (), False),
     ],
 )
-@pytest.mark.parametrize("module", [host_memory, xla_cpu], ids=["host_memory", "xla_cpu"])
+@pytest.mark.parametrize("module", CPU_TUNINGS, ids=lambda m: m.__name__.split(".")[-1])
 def test_cpu_tunings_wanted_by_environment_and_plugins(monkeypatch, module, value, plugins, wanted):
-    """Both CPU tunings applied at import share `backend.cpu_only_switch`."""
+    """The CPU tunings applied at import share `backend.cpu_only_switch`."""
     if value is None:
         monkeypatch.delenv(module.ENV_VAR, raising=False)
     else:
         monkeypatch.setenv(module.ENV_VAR, value)
     monkeypatch.delenv("JAX_PLATFORMS", raising=False)
     monkeypatch.setattr(backend, "accelerator_plugins", lambda: plugins)
-    if module is xla_cpu:  # the switch alone, whichever jaxlib is installed
+    if module is not host_memory:  # the switch alone, whichever jaxlib is installed
         monkeypatch.setattr(xla_cpu, "jaxlib_version", lambda: xla_cpu.MIN_JAXLIB)
     assert module.wanted() is wanted
 
 
-@pytest.mark.parametrize("module", [host_memory, xla_cpu], ids=["host_memory", "xla_cpu"])
+@pytest.mark.parametrize("module", CPU_TUNINGS, ids=lambda m: m.__name__.split(".")[-1])
 def test_bad_environment_value_is_named(monkeypatch, module):
     monkeypatch.setenv(module.ENV_VAR, "maybe")
     with pytest.raises(ValueError, match=f"{module.ENV_VAR}='maybe': expected 1 or 0"):
@@ -83,7 +85,7 @@ def test_import_after_jax_started_warns(late):
     if late:
         assert proc.returncode != 0
         assert "imported after JAX started its backends" in proc.stderr
-        for module in (host_memory, xla_cpu):  # each setting this process applies is named
+        for module in CPU_TUNINGS:  # each setting this process applies is named
             assert (f"{module.ENV_VAR}=0" in proc.stderr) is module.wanted()
     else:
         assert proc.returncode == 0, proc.stderr

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from resnet_jax import xla_cpu
+from resnet_jax import cpu_fusion, xla_cpu
 
 TESTS_DIR = Path(__file__).resolve().parent
 # What importing resnet_jax does to XLA:CPU, for the jaxlibs it does it for; older ones are left
@@ -58,6 +58,7 @@ START_JAX = "import jax; jax.numpy.ones(1).block_until_ready()"
 def _probe(setting: str, xla_flags: str, jax_started_first: bool = False) -> dict:
     env = dict(os.environ, XLA_FLAGS=xla_flags, JAX_PLATFORMS="cpu")
     env[xla_cpu.ENV_VAR] = setting
+    env[cpu_fusion.ENV_VAR] = "0"  # its flag is not the subject here (tests/test_cpu_fusion.py)
     code = PROBE.format(start_jax=START_JAX if jax_started_first else "", tests_dir=str(TESTS_DIR))
     proc = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120

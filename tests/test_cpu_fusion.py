@@ -1,0 +1,95 @@
+"""`resnet_jax.cpu_fusion`: importing resnet_jax stops XLA:CPU from copying each block's residual
+additions into the fusions of all later blocks (each case in a fresh process: XLA reads its flags
+once)."""
+
+import json
+import os
+import subprocess
+import sys
+
+from resnet_jax import cpu_fusion, xla_cpu
+
+BLOCKS = 6
+
+# In a fresh process (optionally after JAX's first computation), after importing resnet_jax:
+# XLA_FLAGS, what `in_effect` says, and the most blocks of a 6-block ResNet stage whose operations
+# one fusion of the compiled train step holds (the copies make the last fusions hold all blocks).
+PROBE = """
+import json, os, re
+{start_jax}
+import flax.linen as nn
+import jax, jax.numpy as jnp
+import resnet_jax
+from resnet_jax import cpu_fusion, models
+
+class Stage(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        for i in range({blocks}):
+            layers = models.block_layers(train=True)
+            x = models.Bottleneck(planes=4, **layers, name=f"block{{i}}")(x)
+        return x
+
+stage, x = Stage(), jnp.ones((2, 8, 8, 16))
+variables = stage.init(jax.random.PRNGKey(0), x)
+
+def loss(params, x):
+    y, _ = stage.apply({{**variables, "params": params}}, x, mutable=["batch_stats"])
+    return jnp.mean(y * y)
+
+hlo = jax.jit(jax.value_and_grad(loss)).lower(variables["params"], x).compile().as_text()
+fused = [c for c in re.split(r"\\n(?=\\S)", hlo) if "fused" in c.split(" ", 1)[0]]
+blocks = max(len(set(re.findall(r'op_name="[^"]*/(block\\d+)/', c))) for c in fused)
+flags = os.environ.get("XLA_FLAGS", "")
+print(json.dumps(dict(xla_flags=flags, in_effect=cpu_fusion.in_effect(), blocks_per_fusion=blocks)))
+"""
+START_JAX = "import jax; jax.numpy.ones(1).block_until_ready()"
+
+
+def _probe(setting: str, xla_flags: str, jax_started_first: bool = False) -> dict:
+    env = dict(os.environ, XLA_FLAGS=xla_flags, JAX_PLATFORMS="cpu")
+    env[cpu_fusion.ENV_VAR] = setting
+    code = PROBE.format(start_jax=START_JAX if jax_started_first else "", blocks=BLOCKS)
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=180
+    )
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout.splitlines()[-1])
+
+
+def test_import_stops_copies_across_blocks_and_keeps_user_flags():
+    # A backend option of the user's own: XLA accumulates repeated --xla_backend_extra_options.
+    users = "--xla_force_host_platform_device_count=2 --xla_backend_extra_options=xla_cpu_unused"
+    on = _probe("1", users)  # the default where no GPU/TPU plugin is installed
+    assert on["xla_flags"].startswith(users) and cpu_fusion.FLAG in on["xla_flags"].split()
+    assert on["in_effect"] is True
+    assert on["blocks_per_fusion"] <= 3  # a block's end, the next block, the one after it
+
+    off = _probe("0", users)
+    assert off["xla_flags"].startswith(users) and cpu_fusion.OPTION not in off["xla_flags"]
+    assert off["in_effect"] is False
+    assert off["blocks_per_fusion"] == BLOCKS  # XLA's default: the chain reaches back to block 0
+
+
+def test_users_own_option_is_left_alone():
+    users = f"--xla_backend_extra_options=xla_cpu_unused,{cpu_fusion.OPTION}"
+    result = _probe("1", users)
+    assert result["xla_flags"].startswith(users)
+    assert result["xla_flags"].count(cpu_fusion.OPTION) == 1
+    assert result["in_effect"] is True
+
+
+def test_option_set_too_late_is_not_in_effect():
+    """Imported after JAX started: the option is in XLA_FLAGS, but XLA has read them already."""
+    late = _probe("1", "", jax_started_first=True)
+    assert cpu_fusion.FLAG in late["xla_flags"].split()
+    assert late["in_effect"] is False
+    assert late["blocks_per_fusion"] == BLOCKS
+
+
+def test_older_jaxlib_is_left_alone(monkeypatch):
+    monkeypatch.setenv(cpu_fusion.ENV_VAR, "1")
+    monkeypatch.setattr(xla_cpu, "jaxlib_version", lambda: (0, 9, 0))
+    assert cpu_fusion.wanted() is False
+    monkeypatch.setattr(xla_cpu, "jaxlib_version", lambda: xla_cpu.MIN_JAXLIB)
+    assert cpu_fusion.wanted() is True
