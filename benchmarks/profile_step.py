@@ -22,7 +22,7 @@ import flax.linen as nn
 import jax
 from sgd_step import random_batch, sgd_train_step
 
-from resnet_jax import models
+from resnet_jax import cpu_fusion, models
 from resnet_jax.conv import Conv
 
 CONVS = {"Conv": Conv, "nn.Conv": nn.Conv}
@@ -137,6 +137,11 @@ def main(argv: list[str] | None = None) -> None:
         f"options={dict(args.compiler_option)}: step median {statistics.median(times):.3f} s, "
         f"min {min(times):.3f} s over {args.steps}; traced ops total {sum(totals.values()):.0f} ms"
         " (XLA:CPU runs independent ops concurrently, so the total can exceed the step's time)"
+    )
+    print(
+        f"The most residual blocks one fusion holds operations of: "
+        f"{cpu_fusion.most_blocks_per_fusion(hlo)} (fusion without copies, resnet_jax.cpu_fusion: "
+        f"{'yes' if cpu_fusion.in_effect() else 'no'})"
     )
     print("| ms | category (direction, layer kind, primitive) |\n|---|---|")
     for name, ms in totals.most_common(args.top):

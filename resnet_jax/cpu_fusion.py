@@ -7,10 +7,11 @@ reaches back through that block's addition to its input, the previous block's ou
 The k-th block of a stage then recomputes the additions of all blocks before it, in the forward
 pass and again in the backward pass: work and memory traffic grow with the square of a stage's
 depth. In resnet152's layer3 (36 blocks) one fusion held 36 additions, and on the 2-core
-development machine its inference took 1.42x torch's time (0.88x without the copies), its train
-step 1.36x (1.01x); resnet50's stages are shorter, yet its train step gains too (BENCHMARKS.md,
-"Where the time goes", item 12). XLA:CPU's backend option `xla_cpu_use_multi_output_fusion`
-turns the copying off (and fuses sibling loops into multi-output fusions instead).
+development machine its train step took 1.40x torch's time (0.98x without the copies), its
+inference 1.19x (0.77x); resnet50's stages have at most 6 blocks: inference 0.85x -> 0.76x, the
+train step unchanged within the noise (BENCHMARKS.md, "Where the time goes", item 12). XLA:CPU's
+backend option `xla_cpu_use_multi_output_fusion` turns the copying off (and fuses sibling loops
+into multi-output fusions instead).
 
 As with `xla_cpu`, importing `resnet_jax` adds the option to `XLA_FLAGS` (by default only where JAX
 will compute on CPU, see `backend.cpu_expected`; RESNET_JAX_MULTI_OUTPUT_FUSION=1 or 0 decides),
@@ -76,8 +77,22 @@ def in_effect() -> bool:
     return max_fused_additions(jax.jit(_residual_chain).lower(x, w).compile().as_text()) <= 1
 
 
+def _fused_computations(optimized_hlo: str) -> list[str]:
+    """The fused computations of an optimised HLO module's text."""
+    computations = re.split(r"\n(?=\S)", optimized_hlo)
+    return [c for c in computations if "fused" in c.split(" ", 1)[0]]
+
+
 def max_fused_additions(optimized_hlo: str) -> int:
     """The most `add` instructions in one fused computation of an optimised HLO module's text."""
-    computations = re.split(r"\n(?=\S)", optimized_hlo)
-    fused = [c for c in computations if "fused" in c.split(" ", 1)[0]]
+    fused = _fused_computations(optimized_hlo)
     return max((len(re.findall(r" add\(", c)) for c in fused), default=0)
+
+
+def most_blocks_per_fusion(optimized_hlo: str, block_name: str = r"layer\d_\d+") -> int:
+    """The most residual blocks whose operations one fused computation holds, told apart by the
+    module names (`block_name`, a regex; ResNet's are layer1_0 ...) in XLA's op_name metadata.
+    Without copies a fusion spans a block's end and the next block's start; with them, up to a
+    whole stage."""
+    block = re.compile(rf'op_name="[^"]*/({block_name})/')
+    return max((len(set(block.findall(c))) for c in _fused_computations(optimized_hlo)), default=0)

@@ -15,7 +15,7 @@ BLOCKS = 6
 # XLA_FLAGS, what `in_effect` says, and the most blocks of a 6-block ResNet stage whose operations
 # one fusion of the compiled train step holds (the copies make the last fusions hold all blocks).
 PROBE = """
-import json, os, re
+import json, os
 {start_jax}
 import flax.linen as nn
 import jax, jax.numpy as jnp
@@ -38,8 +38,7 @@ def loss(params, x):
     return jnp.mean(y * y)
 
 hlo = jax.jit(jax.value_and_grad(loss)).lower(variables["params"], x).compile().as_text()
-fused = [c for c in re.split(r"\\n(?=\\S)", hlo) if "fused" in c.split(" ", 1)[0]]
-blocks = max(len(set(re.findall(r'op_name="[^"]*/(block\\d+)/', c))) for c in fused)
+blocks = cpu_fusion.most_blocks_per_fusion(hlo, block_name=r"block\\d+")
 flags = os.environ.get("XLA_FLAGS", "")
 print(json.dumps(dict(xla_flags=flags, in_effect=cpu_fusion.in_effect(), blocks_per_fusion=blocks)))
 """
