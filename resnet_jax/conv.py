@@ -7,8 +7,8 @@ is imported, see `resnet_jax.xla_cpu`), whose weight-gradient convolution is slo
 gradient becomes per-tap matmuls. Grouped convolutions (ResNeXt) get per-tap matmuls batched
 over the groups as weight gradient on either kernel library (XLA:CPU's own, a batch-grouped
 convolution, is 80-220x slower: a ResNeXt-50 train step took 90 s instead of 3.3 s for torch);
-their forward and input gradient are XLA's grouped convolution or, with <= 4 input channels per
-group, a dense one with the block-diagonal kernel. GPU/TPU keep XLA's native convolution
+their forward and input gradient are XLA's grouped convolution with adjacent groups merged into
+groups of 32 input channels (block-diagonal kernels). GPU/TPU keep XLA's native convolution
 (cuDNN on GPU): the choice is made with `lax.platform_dependent` when the computation is
 lowered, so it works under `jit`; the Eigen/YNNPACK choice is asked of the CPU backend when the
 function is traced (`xla_cpu.eigen_convolutions`).
@@ -35,8 +35,8 @@ DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
 PER_TAP_MIN_CHANNELS = 16
 # Outputs with at most this many pixels per image are computed as one im2col matmul.
 SMALL_OUTPUT_PIXELS = 64
-# Grouped convolutions with at most this many input channels per group run as dense ones.
-DENSE_MAX_GROUP_CHANNELS = 4
+# Grouped convolutions merge adjacent groups into groups of up to this many input channels.
+MERGED_GROUP_CHANNELS = 32
 
 default_kernel_init = nn.initializers.lecun_normal()
 
@@ -93,16 +93,29 @@ def _matmul_conv(
     return y.reshape(*taps[0].shape[:3], k)
 
 
-def _grouped_as_dense(
+def _merge_factor(cin_per_group: int, groups: int) -> int:
+    """How many adjacent groups `_merged_groups_conv` merges into one: the most (a divisor of
+    `groups`) whose input channels stay within `MERGED_GROUP_CHANNELS`, at least 1."""
+    fits = (f for f in range(1, groups + 1) if groups % f == 0)
+    return max((f for f in fits if f * cin_per_group <= MERGED_GROUP_CHANNELS), default=1)
+
+
+def _merged_groups_conv(
     x: jax.Array, w: jax.Array, strides: tuple[int, int], padding: Pads, groups: int
 ) -> jax.Array:
-    """A grouped convolution as XLA's dense one with the block-diagonal kernel: `groups` times
-    the arithmetic, yet about 2x faster on XLA:CPU with few channels per group."""
+    """A grouped convolution as XLA's with every `_merge_factor` adjacent groups merged into one
+    whose kernel is block-diagonal: that many times the arithmetic, yet faster on XLA:CPU, whose
+    grouped convolution is slow with few channels per group (1.1-3.7x faster on ResNeXt-50's
+    shapes with 4-16 channels per group, `benchmarks/bench_convs.py --grouped`)."""
     kh, kw, cin_per_group, k = w.shape
-    blocks = w.reshape(kh, kw, cin_per_group, groups, k // groups)
-    eye = jnp.eye(groups, dtype=w.dtype)
-    dense = jnp.einsum("hwcgo,gf->hwfcgo", blocks, eye).reshape(kh, kw, groups * cin_per_group, k)
-    return _lax_conv(x, dense, strides, padding, 1)
+    merge = _merge_factor(cin_per_group, groups)
+    if merge == 1:
+        return _lax_conv(x, w, strides, padding, groups)
+    merged = groups // merge
+    blocks = w.reshape(kh, kw, cin_per_group, merged, merge, k // groups)
+    eye = jnp.eye(merge, dtype=w.dtype)
+    kernel = jnp.einsum("hwcsgo,gm->hwmcsgo", blocks, eye)
+    return _lax_conv(x, kernel.reshape(kh, kw, merge * cin_per_group, k), strides, padding, merged)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3, 4, 5))
@@ -114,7 +127,7 @@ def _conv_matmul_weight_grad(
     groups: int,
     forward: Callable = _lax_conv,
 ) -> jax.Array:
-    """`forward` (XLA's convolution, or `_grouped_as_dense`); differentiated so that its weight
+    """`forward` (XLA's convolution, or `_merged_groups_conv`); differentiated so that its weight
     gradient is made of matmuls.
 
     The tangent is `forward(dx, w)` (whose transpose is the input-gradient convolution) plus
@@ -158,11 +171,11 @@ def _cpu_formulation(
     """The CPU-specific implementation for this convolution, or None to keep XLA's."""
     if groups != 1:
         # Grouped (ResNeXt): never XLA's weight gradient, a batch-grouped convolution that
-        # XLA:CPU runs 80-220x slower than per-tap matmuls; with few input channels per group
-        # the forward and input gradient run as a dense convolution, about 2x faster than grouped.
-        few = w_shape[2] <= DENSE_MAX_GROUP_CHANNELS
-        forward = _grouped_as_dense if few else _lax_conv
-        return functools.partial(_conv_matmul_weight_grad, groups=groups, forward=forward)
+        # XLA:CPU runs 80-220x slower than per-tap matmuls; the forward and input gradient
+        # merge groups with few channels, faster than XLA's grouped convolution.
+        return functools.partial(
+            _conv_matmul_weight_grad, groups=groups, forward=_merged_groups_conv
+        )
     if tuple(w_shape[:2]) == (1, 1):
         return _matmul_conv1x1
     (kh, kw), (sh, sw) = w_shape[:2], strides
@@ -184,7 +197,7 @@ def conv2d(
 ) -> jax.Array:
     """NHWC x HWIO convolution equal to `lax.conv_general_dilated`, with CPU-fast gradients.
 
-    On CPU: grouped -> XLA's (grouped or dense) convolution with a matmul weight gradient;
+    On CPU: grouped -> XLA's convolution on merged groups with a matmul weight gradient;
     1x1 -> matmul; small outputs -> im2col matmul; otherwise XLA's convolution (with a matmul
     weight gradient if XLA:CPU's convolutions are on YNNPACK). Other platforms:
     `lax.conv_general_dilated` and its own gradients.

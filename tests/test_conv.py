@@ -1,7 +1,7 @@
 """`resnet_jax.conv.Conv` is a drop-in for `nn.Conv`: same parameters, values and gradients.
 
 Its CPU formulations (1x1 as matmul, weight gradient by im2col or per-tap matmuls, grouped
-convolutions with few channels per group as dense ones) are checked against flax's `nn.Conv` in
+convolutions with adjacent groups merged) are checked against flax's `nn.Conv` in
 float32 and, with x64 enabled, to float64 round-off, with XLA:CPU's convolutions on Eigen (the
 default, `resnet_jax.xla_cpu`) and on YNNPACK, which pick different formulations; other
 platforms must lower to plain convolutions (checked by exporting for CUDA/TPU, which needs no
@@ -25,7 +25,7 @@ P0, P1, P3 = ((0, 0), (0, 0)), ((1, 1), (1, 1)), ((3, 3), (3, 3))
 # sizes pick every formulation: 1x1 matmul; im2col for outputs of <= 64 pixels; otherwise XLA's
 # own conv with Eigen convolutions, and with YNNPACK's XLA conv + per-tap matmul dW (>= 16
 # channels) or + im2col dW (fewer); grouped: per-tap matmul dW batched over the groups, with
-# XLA's grouped conv or, with <= 4 input channels per group, a dense block-diagonal one.
+# XLA's grouped conv on groups merged up to 32 input channels (block-diagonal kernels).
 CASES = [
     (1, 1, P0, 1, 9, 8, 16, False),
     (1, 2, P0, 1, 9, 8, 16, False),  # strided 1x1 (downsample), odd size
@@ -37,15 +37,16 @@ CASES = [
     (3, 2, P1, 1, 9, 16, 16, False),  # 5x5 output: im2col convolution
     (3, 1, P1, 1, 2, 16, 8, False),  # 2x2 output
     (3, 2, "VALID", 1, 10, 4, 8, False),
-    (3, 2, P1, 32, 5, 64, 64, False),  # ResNeXt-style grouped conv
+    (3, 2, P1, 32, 5, 64, 64, False),  # ResNeXt-style: 2 channels per group, merged into 2
     (1, 1, "SAME", 2, 5, 8, 8, True),  # grouped 1x1
-    (3, 1, P1, 2, 9, 16, 16, False),  # 8 channels per group: XLA's grouped conv
-    (3, 2, P1, 4, 11, 16, 16, True),  # 4 channels per group, strided: dense conv
-    (3, 1, P1, 4, 9, 8, 16, False),  # 2 channels in and 4 out per group: dense conv
+    (3, 1, P1, 2, 9, 16, 16, False),  # 8 channels per group, merged into one (dense)
+    (3, 2, P1, 4, 11, 16, 16, True),  # 4 channels per group, strided: merged into one
+    (3, 1, P1, 4, 9, 8, 16, False),  # 2 channels in and 4 out per group: merged into one
+    (3, 1, P1, 2, 9, 64, 32, False),  # 32 channels per group: XLA's grouped conv as it is
 ]
 IDS = [f"k{c[0]}s{c[1]}g{c[3]}h{c[4]}{'b' if c[7] else ''}-{c[2]}" for c in CASES]
 # the cases checked to float64 round-off and with forward mode: one of each formulation
-EXACT = (1, 3, 4, 7, 12, 13)
+EXACT = (1, 3, 4, 7, 10, 13, 15)
 
 
 @pytest.fixture(params=["eigen", "ynn"])
@@ -187,12 +188,12 @@ def test_fast_formulation_only_on_cpu(kernel, size, xla_convs, cpu_convs):
 
 @pytest.mark.parametrize(
     ("in_channels", "groups", "cpu_dx_groups"),
-    [(16, 2, 2), (8, 4, 1)],
-    ids=["8 channels per group: grouped dx", "2 channels per group: dense dx"],
+    [(64, 2, 2), (128, 16, 4), (8, 4, 1)],
+    ids=["32 channels per group: as is", "8 per group: merged by 4", "2 per group: merged into 1"],
 )
 def test_grouped_weight_gradient_is_matmuls_only_on_cpu(in_channels, groups, cpu_dx_groups):
     """XLA:CPU's grouped weight gradient (a batch-grouped convolution) is never emitted there,
-    and with few channels per group the input gradient is a dense convolution; other platforms
+    and with few channels per group the input gradient merges groups; other platforms
     keep XLA's/cuDNN's own grouped forward, dx and dW convolutions."""
 
     def grads(x, w):
