@@ -5,9 +5,12 @@ convolution and its input gradient for each distinct kxk convolution of ResNet-5
 compiled once with each kernel library through per-jit compiler options.
 
 `--grouped`: ResNeXt-50 (32x4d)'s grouped 3x3 convolutions, XLA's grouped convolution and its
-own gradients vs `resnet_jax.conv.conv2d` (a matmul weight gradient batched over the groups; a
-dense block-diagonal forward and input gradient with <= 4 channels per group), both on the
-process's kernels (Eigen once `resnet_jax` is imported).
+own gradients vs `resnet_jax.conv.conv2d` (a matmul weight gradient batched over the groups; the
+forward and input gradient with adjacent groups merged into groups of 32 input channels,
+block-diagonal kernels), both on the process's kernels (Eigen once `resnet_jax` is imported).
+`--merge-sweep`: the same shapes' forward and input gradient with groups merged up to 4 (i.e. not
+merged), 8, ..., 128 input channels per merged group, the sweep that chose
+`conv.MERGED_GROUP_CHANNELS`.
 
 Variants alternate call by call; medians.
 Example: python benchmarks/bench_convs.py --batch-size 8 --rounds 7
@@ -19,6 +22,7 @@ import argparse
 import statistics
 import time
 from collections.abc import Callable
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -135,15 +139,53 @@ def grouped(batch: int, rounds: int) -> None:
             )
 
 
+def merge_sweep(batch: int, rounds: int) -> None:
+    """`conv._merged_groups_conv`'s forward and input gradient on ResNeXt-50's grouped shapes,
+    for several `conv.MERGED_GROUP_CHANNELS` (read when the convolution is traced)."""
+    targets = (4, 8, 16, 32, 64, 128)
+    print(
+        "| input | channels/groups | stride | pass | "
+        + " | ".join(f"merged to {t} ms" for t in targets)
+        + " |"
+    )
+    print("|---|---|---|---|" + "---|" * len(targets))
+    key = jax.random.key(0)
+    pad = ((1, 1), (1, 1))
+    for size, channels, stride in GROUPED_SHAPES:
+        x = jax.random.normal(key, (batch, size, size, channels))
+        w = jax.random.normal(key, (3, 3, channels // GROUPS, channels)) * 0.05
+        passes = _passes(
+            lambda x, w, s=(stride, stride): conv._merged_groups_conv(x, w, s, pad, GROUPS),
+            weight_grad=False,
+        )
+        for pass_name, fn in passes.items():
+            compiled = {}
+            for target in targets:  # a fresh function each time: jit caches traces by function
+                with mock.patch.object(conv, "MERGED_GROUP_CHANNELS", target):
+                    compiled[target] = jax.jit(lambda x, w, f=fn: f(x, w)).lower(x, w).compile()
+            medians = _medians_ms(compiled, x, w, rounds)
+            print(
+                f"| {size}x{size} | {channels}/{GROUPS} | {stride} | {pass_name} | "
+                + " | ".join(f"{ms:.1f}" for ms in medians)
+                + " |",
+                flush=True,
+            )
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--rounds", type=int, default=7, help="alternating timed calls per variant")
-    p.add_argument("--grouped", action="store_true", help="ResNeXt-50's grouped convolutions")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--grouped", action="store_true", help="ResNeXt-50's grouped convolutions")
+    mode.add_argument(
+        "--merge-sweep", action="store_true", help="merged groups of several sizes (ResNeXt-50)"
+    )
     args = p.parse_args(argv)
 
     print(f"batch {args.batch_size}, jax {jax.__version__}, {jax.devices()[0].device_kind}")
-    (grouped if args.grouped else kernel_libraries)(args.batch_size, args.rounds)
+    bench = grouped if args.grouped else merge_sweep if args.merge_sweep else kernel_libraries
+    bench(args.batch_size, args.rounds)
 
 
 if __name__ == "__main__":
