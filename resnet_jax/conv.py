@@ -96,8 +96,8 @@ def _matmul_conv(
 def _merge_factor(cin_per_group: int, groups: int) -> int:
     """How many adjacent groups `_merged_groups_conv` merges into one: the most (a divisor of
     `groups`) whose input channels stay within `MERGED_GROUP_CHANNELS`, at least 1."""
-    fits = (f for f in range(1, groups + 1) if groups % f == 0)
-    return max((f for f in fits if f * cin_per_group <= MERGED_GROUP_CHANNELS), default=1)
+    divisors = (f for f in range(1, groups + 1) if groups % f == 0)
+    return max((f for f in divisors if f * cin_per_group <= MERGED_GROUP_CHANNELS), default=1)
 
 
 def _merged_groups_conv(
