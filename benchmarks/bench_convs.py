@@ -21,7 +21,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from unittest import mock
 
 import jax
@@ -110,15 +110,21 @@ def kernel_libraries(batch: int, rounds: int) -> None:
             )
 
 
+def _grouped_operands(batch: int) -> Iterator[tuple]:
+    """(size, channels, stride, x, w) for each of ResNeXt-50's grouped shapes, random data."""
+    key = jax.random.key(0)
+    for size, channels, stride in GROUPED_SHAPES:
+        x = jax.random.normal(key, (batch, size, size, channels))
+        w = jax.random.normal(key, (3, 3, channels // GROUPS, channels)) * 0.05
+        yield size, channels, stride, x, w
+
+
 def grouped(batch: int, rounds: int) -> None:
     """XLA's grouped convolution and gradients vs `conv.conv2d` on ResNeXt-50's shapes."""
     print("| input | channels/groups | stride | pass | XLA ms | resnet_jax ms | XLA/resnet_jax |")
     print("|---|---|---|---|---|---|---|")
-    key = jax.random.key(0)
     pad = ((1, 1), (1, 1))
-    for size, channels, stride in GROUPED_SHAPES:
-        x = jax.random.normal(key, (batch, size, size, channels))
-        w = jax.random.normal(key, (3, 3, channels // GROUPS, channels)) * 0.05
+    for size, channels, stride, x, w in _grouped_operands(batch):
         strides = (stride, stride)
         variants = {
             "XLA": lambda x, w, s=strides: lax.conv_general_dilated(
@@ -149,11 +155,8 @@ def merge_sweep(batch: int, rounds: int) -> None:
         + " |"
     )
     print("|---|---|---|---|" + "---|" * len(targets))
-    key = jax.random.key(0)
     pad = ((1, 1), (1, 1))
-    for size, channels, stride in GROUPED_SHAPES:
-        x = jax.random.normal(key, (batch, size, size, channels))
-        w = jax.random.normal(key, (3, 3, channels // GROUPS, channels)) * 0.05
+    for size, channels, stride, x, w in _grouped_operands(batch):
         passes = _passes(
             lambda x, w, s=(stride, stride): conv._merged_groups_conv(x, w, s, pad, GROUPS),
             weight_grad=False,
