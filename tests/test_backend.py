@@ -64,6 +64,18 @@ def test_cpu_tunings_wanted_by_environment_and_plugins(monkeypatch, module, valu
     assert module.wanted() is wanted
 
 
+@pytest.mark.parametrize("module", [xla_cpu, cpu_fusion], ids=["xla_cpu", "cpu_fusion"])
+def test_older_jaxlib_is_left_alone(monkeypatch, module):
+    """XLA aborts on flags it does not know: no flag for a jaxlib older than the one checked."""
+    monkeypatch.setenv(module.ENV_VAR, "1")
+    monkeypatch.setattr(xla_cpu, "jaxlib_version", lambda: (0, 9, 0))
+    assert module.wanted() is False
+    monkeypatch.setattr(xla_cpu, "jaxlib_version", lambda: xla_cpu.MIN_JAXLIB)
+    assert module.wanted() is True
+    monkeypatch.undo()
+    assert len(xla_cpu.jaxlib_version()) == 3  # the installed version parses
+
+
 @pytest.mark.parametrize("module", CPU_TUNINGS, ids=lambda m: m.__name__.split(".")[-1])
 def test_bad_environment_value_is_named(monkeypatch, module):
     monkeypatch.setenv(module.ENV_VAR, "maybe")

@@ -7,7 +7,7 @@ import os
 import subprocess
 import sys
 
-from resnet_jax import cpu_fusion, xla_cpu
+from resnet_jax import cpu_fusion
 
 BLOCKS = 6
 
@@ -84,11 +84,3 @@ def test_option_set_too_late_is_not_in_effect():
     assert cpu_fusion.FLAG in late["xla_flags"].split()
     assert late["in_effect"] is False
     assert late["blocks_per_fusion"] == BLOCKS
-
-
-def test_older_jaxlib_is_left_alone(monkeypatch):
-    monkeypatch.setenv(cpu_fusion.ENV_VAR, "1")
-    monkeypatch.setattr(xla_cpu, "jaxlib_version", lambda: (0, 9, 0))
-    assert cpu_fusion.wanted() is False
-    monkeypatch.setattr(xla_cpu, "jaxlib_version", lambda: xla_cpu.MIN_JAXLIB)
-    assert cpu_fusion.wanted() is True

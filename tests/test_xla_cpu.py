@@ -14,7 +14,8 @@ from resnet_jax import cpu_fusion, xla_cpu
 
 TESTS_DIR = Path(__file__).resolve().parent
 # What importing resnet_jax does to XLA:CPU, for the jaxlibs it does it for; older ones are left
-# alone (test_older_jaxlib_is_left_alone), and their XLA may not run convolutions on YNNPACK.
+# alone (test_backend.py::test_older_jaxlib_is_left_alone), and their XLA may not run
+# convolutions on YNNPACK.
 checked_jaxlib = pytest.mark.skipif(
     xla_cpu.jaxlib_version() < xla_cpu.MIN_JAXLIB,
     reason=f"jaxlib older than {xla_cpu.MIN_JAXLIB}: resnet_jax leaves XLA's kernels alone",
@@ -120,14 +121,3 @@ def test_assumed_kernels_override_the_flags_while_tracing():
     with xla_cpu.assume_eigen_convolutions(not flag_says):
         assert xla_cpu.eigen_convolutions() is (not flag_says)
     assert xla_cpu.eigen_convolutions() is flag_says
-
-
-def test_older_jaxlib_is_left_alone(monkeypatch):
-    """XLA aborts on flags it does not know: no flag for a jaxlib older than the one checked."""
-    monkeypatch.setenv(xla_cpu.ENV_VAR, "1")
-    monkeypatch.setattr(xla_cpu, "jaxlib_version", lambda: (0, 9, 0))
-    assert xla_cpu.wanted() is False
-    monkeypatch.setattr(xla_cpu, "jaxlib_version", lambda: xla_cpu.MIN_JAXLIB)
-    assert xla_cpu.wanted() is True
-    monkeypatch.undo()
-    assert len(xla_cpu.jaxlib_version()) == 3  # the installed version parses
