@@ -26,7 +26,7 @@ import functools
 import importlib.metadata
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from resnet_jax import backend
 
@@ -88,21 +88,30 @@ def cpu_backend_convolutions_on_eigen() -> bool:
     really does, whoever set `XLA_FLAGS` (this module, the user) and whether it was set before
     the backend started. Asked once per process (a ~30 ms compile); starts the CPU backend.
     False where the process has no CPU backend (e.g. JAX_PLATFORMS=cuda): nothing runs there."""
+    from jax import lax
+
+    dims = ("NHWC", "HWIO", "NHWC")
+    hlo = compiled_on_cpu(
+        lambda x, w: lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=dims),
+        (1, 8, 8, 32),
+        (3, 3, 32, 32),
+    )
+    return hlo is not None and "ynn_fusion" not in hlo
+
+
+def compiled_on_cpu(fn: Callable, *shapes: tuple[int, ...]) -> str | None:
+    """The optimised HLO text of `fn` compiled by JAX's CPU backend for float32 operands of
+    `shapes`, or None where the process has no CPU backend. Starts the CPU backend: for asking
+    what XLA:CPU really does with the process's flags."""
     import jax
     import jax.numpy as jnp
-    from jax import lax
 
     try:
         cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
     except RuntimeError:
-        return False
-    x = jax.ShapeDtypeStruct((1, 8, 8, 32), jnp.float32, sharding=cpu)
-    w = jax.ShapeDtypeStruct((3, 3, 32, 32), jnp.float32, sharding=cpu)
-    dims = ("NHWC", "HWIO", "NHWC")
-    conv = jax.jit(
-        lambda x, w: lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=dims)
-    )
-    return "ynn_fusion" not in conv.lower(x, w).compile().as_text()
+        return None
+    operands = [jax.ShapeDtypeStruct(shape, jnp.float32, sharding=cpu) for shape in shapes]
+    return jax.jit(fn).lower(*operands).compile().as_text()
 
 
 @contextlib.contextmanager
