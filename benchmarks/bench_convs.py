@@ -11,6 +11,9 @@ block-diagonal kernels), both on the process's kernels (Eigen once `resnet_jax` 
 `--merge-sweep`: the same shapes' forward and input gradient with groups merged up to 4 (i.e. not
 merged), 8, ..., 128 input channels per merged group, the sweep that chose
 `conv.MERGED_GROUP_CHANNELS`.
+`--weight-grad`: ResNet-50's kxk convolutions (outputs above `conv.SMALL_OUTPUT_PIXELS`) with their
+input and weight gradients, XLA's own vs a matmul weight gradient (`conv._conv_matmul_weight_grad`),
+on Eigen; run at several batch sizes, it chose `conv.MATMUL_WEIGHT_GRAD_MAX_BATCH`.
 
 Variants alternate call by call; medians.
 Example: python benchmarks/bench_convs.py --batch-size 8 --rounds 7
@@ -175,6 +178,44 @@ def merge_sweep(batch: int, rounds: int) -> None:
             )
 
 
+def _all_passes(convolve: Callable, strides: tuple[int, int], pad) -> Callable:
+    """(x, w) -> the ungrouped convolution and both its gradients (cotangent: the output)."""
+
+    def fn(x, w):
+        y, vjp = jax.vjp(lambda x, w: convolve(x, w, strides, pad, 1), x, w)
+        return y, vjp(y)
+
+    return fn
+
+
+def weight_grad(batch: int, rounds: int) -> None:
+    """Forward + input gradient + weight gradient: XLA's convolution and its own gradients vs
+    the same with a matmul weight gradient, on the process's kernels (Eigen)."""
+    print("| input | channels | kernel/stride | XLA dW ms | matmul dW ms | XLA/matmul |")
+    print("|---|---|---|---|---|---|")
+    key = jax.random.key(0)
+    for size, cin, cout, k, stride in SHAPES:
+        if (size // stride) ** 2 <= conv.SMALL_OUTPUT_PIXELS:
+            continue  # always one im2col matmul
+        x = jax.random.normal(key, (batch, size, size, cin))
+        w = jax.random.normal(key, (k, k, cin, cout)) * 0.05
+        pad, strides = ((k // 2, k // 2),) * 2, (stride, stride)
+
+        compiled = {
+            name: jax.jit(_all_passes(convolve, strides, pad)).lower(x, w).compile()
+            for name, convolve in (
+                ("XLA", conv._lax_conv),
+                ("matmul", conv._conv_matmul_weight_grad),
+            )
+        }
+        xla_ms, matmul_ms = _medians_ms(compiled, x, w, rounds)
+        print(
+            f"| {size}x{size} | {cin}->{cout} | {k}x{k}/{stride} | {xla_ms:.1f} | "
+            f"{matmul_ms:.1f} | {xla_ms / matmul_ms:.2f} |",
+            flush=True,
+        )
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--batch-size", type=int, default=8)
@@ -184,10 +225,14 @@ def main(argv: list[str] | None = None) -> None:
     mode.add_argument(
         "--merge-sweep", action="store_true", help="merged groups of several sizes (ResNeXt-50)"
     )
+    mode.add_argument(
+        "--weight-grad", action="store_true", help="XLA's vs a matmul weight gradient (ResNet-50)"
+    )
     args = p.parse_args(argv)
 
     print(f"batch {args.batch_size}, jax {jax.__version__}, {jax.devices()[0].device_kind}")
-    bench = grouped if args.grouped else merge_sweep if args.merge_sweep else kernel_libraries
+    modes = {"grouped": grouped, "merge_sweep": merge_sweep, "weight_grad": weight_grad}
+    bench = next((fn for name, fn in modes.items() if getattr(args, name)), kernel_libraries)
     bench(args.batch_size, args.rounds)
 
 

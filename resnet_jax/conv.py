@@ -2,16 +2,17 @@
 
 On CPU this module computes 1x1 convolutions as matmuls (so forward, input- and weight-gradients
 are all matmuls) and outputs of <= 64 pixels as one im2col matmul. Other kxk convolutions keep
-XLA's convolution; when XLA:CPU runs convolutions on YNNPACK (not the default once `resnet_jax`
-is imported, see `resnet_jax.xla_cpu`), whose weight-gradient convolution is slow, their weight
-gradient becomes per-tap matmuls. Grouped convolutions (ResNeXt) get per-tap matmuls batched
-over the groups as weight gradient on either kernel library (XLA:CPU's own, a batch-grouped
-convolution, is 80-220x slower: a ResNeXt-50 train step took 90 s instead of 3.3 s for torch);
-their forward and input gradient are XLA's grouped convolution with adjacent groups merged into
-groups of 32 input channels (block-diagonal kernels). GPU/TPU keep XLA's native convolution
-(cuDNN on GPU): the choice is made with `lax.platform_dependent` when the computation is
-lowered, so it works under `jit`; the Eigen/YNNPACK choice is asked of the CPU backend when the
-function is traced (`xla_cpu.eigen_convolutions`).
+XLA's convolution; their weight gradient becomes per-tap matmuls when XLA:CPU runs convolutions
+on YNNPACK (not the default once `resnet_jax` is imported, see `resnet_jax.xla_cpu`), whose
+weight-gradient convolution is slow, and on Eigen for batches of 1 or 2, where Eigen's is.
+Grouped convolutions (ResNeXt) get per-tap matmuls batched over the groups as weight gradient on
+either kernel library (XLA:CPU's own, a batch-grouped convolution, is 80-220x slower: a
+ResNeXt-50 train step took 90 s instead of 3.3 s for torch); their forward and input gradient
+are XLA's grouped convolution with adjacent groups merged into groups of 32 input channels
+(block-diagonal kernels). GPU/TPU keep XLA's native convolution (cuDNN on GPU): the choice is
+made with `lax.platform_dependent` when the computation is lowered, so it works under `jit`; the
+Eigen/YNNPACK choice is asked of the CPU backend when the function is traced
+(`xla_cpu.eigen_convolutions`).
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
 PER_TAP_MIN_CHANNELS = 16
 # Outputs with at most this many pixels per image are computed as one im2col matmul.
 SMALL_OUTPUT_PIXELS = 64
+# Up to this batch size, Eigen's weight-gradient convolution is slower than per-tap matmuls.
+MATMUL_WEIGHT_GRAD_MAX_BATCH = 2
 # Grouped convolutions merge adjacent groups into groups of up to this many input channels.
 MERGED_GROUP_CHANNELS = 32
 
@@ -183,8 +186,8 @@ def _cpu_formulation(
     wo = (x_shape[2] + sum(padding[1]) - kw) // sw + 1
     if ho * wo <= SMALL_OUTPUT_PIXELS:
         return _im2col_conv
-    if xla_cpu.eigen_convolutions():
-        return None  # Eigen's own weight gradient beats the per-tap matmuls
+    if xla_cpu.eigen_convolutions() and x_shape[0] > MATMUL_WEIGHT_GRAD_MAX_BATCH:
+        return None  # Eigen's own weight gradient beats the per-tap matmuls at these batches
     return functools.partial(_conv_matmul_weight_grad, groups=1)
 
 
@@ -199,7 +202,7 @@ def conv2d(
 
     On CPU: grouped -> XLA's convolution on merged groups with a matmul weight gradient;
     1x1 -> matmul; small outputs -> im2col matmul; otherwise XLA's convolution (with a matmul
-    weight gradient if XLA:CPU's convolutions are on YNNPACK). Other platforms:
+    weight gradient if XLA:CPU's convolutions are on YNNPACK or the batch is tiny). Other platforms:
     `lax.conv_general_dilated` and its own gradients.
     """
     strides = tuple(strides)

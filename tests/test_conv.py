@@ -23,9 +23,10 @@ from resnet_jax.conv import Conv, conv2d
 P0, P1, P3 = ((0, 0), (0, 0)), ((1, 1), (1, 1)), ((3, 3), (3, 3))
 # kernel, stride, padding, groups, spatial size, in channels, features, use_bias. On CPU the
 # sizes pick every formulation: 1x1 matmul; im2col for outputs of <= 64 pixels; otherwise XLA's
-# own conv with Eigen convolutions, and with YNNPACK's XLA conv + per-tap matmul dW (>= 16
-# channels) or + im2col dW (fewer); grouped: per-tap matmul dW batched over the groups, with
-# XLA's grouped conv on groups merged up to 32 input channels (block-diagonal kernels).
+# own conv with Eigen convolutions (at this batch of 3), and with YNNPACK's XLA conv + per-tap
+# matmul dW (>= 16 channels) or + im2col dW (fewer); grouped: per-tap matmul dW batched over the
+# groups, with XLA's grouped conv on groups merged up to 32 input channels (block-diagonal
+# kernels).
 CASES = [
     (1, 1, P0, 1, 9, 8, 16, False),
     (1, 2, P0, 1, 9, 8, 16, False),  # strided 1x1 (downsample), odd size
@@ -44,6 +45,8 @@ CASES = [
     (3, 1, P1, 4, 9, 8, 16, False),  # 2 channels in and 4 out per group: merged into one
     (3, 1, P1, 2, 9, 64, 32, False),  # 32 channels per group: XLA's grouped conv as it is
 ]
+# above conv.MATMUL_WEIGHT_GRAD_MAX_BATCH, so that Eigen keeps XLA's weight gradient
+BATCH = 3
 IDS = [f"k{c[0]}s{c[1]}g{c[3]}h{c[4]}{'b' if c[7] else ''}-{c[2]}" for c in CASES]
 # the cases checked to float64 round-off and with forward mode: one of each formulation
 EXACT = (1, 3, 4, 7, 10, 13, 15)
@@ -110,7 +113,7 @@ def _pair(case, dtype):
         dtype=dtype,
         param_dtype=dtype,
     )
-    x = jax.random.normal(jax.random.key(1), (2, size, size, cin), dtype)
+    x = jax.random.normal(jax.random.key(1), (BATCH, size, size, cin), dtype)
     return nn.Conv(**kw), Conv(**kw), x
 
 
@@ -165,17 +168,18 @@ def _lowered(fn, platform: str, *shapes) -> str:
 
 
 @pytest.mark.parametrize(
-    ("kernel", "size", "xla_convs"),
-    [(1, 9, 0), (3, 9, 0), (3, 17, {"eigen": 2, "ynn": 1})],
-    ids=["1x1 matmul", "5x5-output im2col", "9x9 output"],  # YNNPACK: XLA's dx, matmul dW
+    ("kernel", "size", "batch", "xla_convs"),
+    [(1, 9, 3, 0), (3, 9, 3, 0), (3, 17, 3, {"eigen": 2, "ynn": 1}), (3, 17, 2, 1)],
+    # YNNPACK, or a batch of 1-2: XLA's dx and a matmul dW
+    ids=["1x1 matmul", "5x5-output im2col", "9x9 output", "9x9 output, batch 2"],
 )
-def test_fast_formulation_only_on_cpu(kernel, size, xla_convs, cpu_convs):
+def test_fast_formulation_only_on_cpu(kernel, size, batch, xla_convs, cpu_convs):
     pad = ((kernel // 2,) * 2,) * 2
 
     def grads(x, w):
         return jax.grad(lambda x, w: conv2d(x, w, (2, 2), pad).sum(), (0, 1))(x, w)
 
-    shapes = ((2, size, size, 16), (kernel, kernel, 16, 8))
+    shapes = ((batch, size, size, 16), (kernel, kernel, 16, 8))
     cpu = _lowered(grads, "cpu", *shapes)
     xla_convs = xla_convs if isinstance(xla_convs, int) else xla_convs[cpu_convs]
     assert ("stablehlo.dot_general" in cpu) is (xla_convs < 2)
