@@ -96,6 +96,34 @@ def _matmul_conv(
     return y.reshape(*taps[0].shape[:3], k)
 
 
+def _output_shift_conv(x: jax.Array, w: jax.Array, padding: Pads, groups: int = 1) -> jax.Array:
+    """A stride-1 convolution as, per tap (i, j), the full-size product `x2d @ w[i, j]`, padded
+    like the input and cropped at the tap's offset, summed over the taps.
+
+    The same arithmetic as `_matmul_conv`'s per-tap form, but the shifts are on the output side,
+    so autodiff's weight gradient is `x2d.T @ shifted_dy2d`: `x` is read in place and only `dy`
+    is shifted. Nothing in it is computed from `x` alone, which XLA:CPU's scheduler would run
+    early in the forward pass and keep until the backward pass (kh*kw input-sized copies per
+    convolution). Grouped: per tap, one matmul batched over the groups.
+    """
+    kh, kw, cin_per_group, k = w.shape
+    n, h, width, _ = x.shape
+    (top, bottom), (left, right) = padding
+    ho, wo = h + top + bottom - kh + 1, width + left + right - kw + 1
+    if groups > 1:
+        x_rows = x.reshape(-1, groups, cin_per_group)
+        w = w.reshape(kh, kw, cin_per_group, groups, k // groups)
+        product = functools.partial(jnp.einsum, "pgc,cgo->pgo", x_rows)
+    else:
+        product = functools.partial(jnp.matmul, _rows(x))
+    shifted = []
+    for i in range(kh):
+        for j in range(kw):
+            z = ops.pad_spatial(product(w[i, j]).reshape(n, h, width, k), padding)
+            shifted.append(lax.slice(z, (0, i, j, 0), (n, i + ho, j + wo, k)))
+    return functools.reduce(jnp.add, shifted)
+
+
 def _merge_factor(cin_per_group: int, groups: int) -> int:
     """How many adjacent groups `_merged_groups_conv` merges into one: the most (a divisor of
     `groups`) whose input channels stay within `MERGED_GROUP_CHANNELS`, at least 1."""
@@ -146,9 +174,12 @@ def _conv_jvp(strides, padding, groups, forward, primals, tangents):
     x, w = primals
     x_dot, w_dot = tangents
     per_tap = x.shape[-1] >= PER_TAP_MIN_CHANNELS
-    w_term = jax.checkpoint(
-        lambda x, w_dot: _matmul_conv(x, w_dot, strides, padding, per_tap, groups)
-    )
+    if strides == (1, 1) and (per_tap or groups > 1):
+        w_term = functools.partial(_output_shift_conv, padding=padding, groups=groups)
+    else:
+        w_term = jax.checkpoint(
+            lambda x, w_dot: _matmul_conv(x, w_dot, strides, padding, per_tap, groups)
+        )
     y = forward(x, w, strides, padding, groups)
     return y, forward(x_dot, w, strides, padding, groups) + w_term(x, w_dot)
 
