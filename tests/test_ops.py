@@ -1,4 +1,5 @@
-"""`resnet_jax.ops`: max pooling and training BatchNorm equal torch / plain autodiff, every mode."""
+"""`resnet_jax.ops`: max pooling, training BatchNorm and ReLU equal torch / plain autodiff, every
+mode."""
 
 import flax.linen as nn
 import jax
@@ -34,17 +35,10 @@ def test_max_pool_matches_torch_including_ties(kernel, stride, padding, size):
     np.testing.assert_allclose(np.asarray(vjp(jnp.asarray(g))[0]), dx_torch, rtol=0, atol=1e-6)
 
 
-def test_max_pool_forward_mode_and_hvp_match_nn_max_pool():
-    """Without ties the result is unique, so every differentiation mode equals flax's."""
-    x = jax.random.normal(jax.random.key(0), (2, 11, 11, 4))
-    t = jax.random.normal(jax.random.key(1), x.shape)
-
-    def ours(x):
-        return ops.max_pool(x, 3, 2, 1)
-
-    def ref(x):
-        return nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
-
+def _assert_every_mode_matches(ours, ref, shape) -> None:
+    """Forward mode, reverse mode and Hessian-vector products of `ours` equal `ref`'s."""
+    x = jax.random.normal(jax.random.key(0), shape)
+    t = jax.random.normal(jax.random.key(1), shape)
     for mode in (
         lambda f: jax.jvp(f, (x,), (t,)),
         lambda f: jax.grad(lambda x: jnp.sum(jnp.sin(f(x))))(x),
@@ -52,6 +46,47 @@ def test_max_pool_forward_mode_and_hvp_match_nn_max_pool():
     ):
         for a, b in zip(jax.tree.leaves(mode(ours)), jax.tree.leaves(mode(ref)), strict=True):
             np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_max_pool_forward_mode_and_hvp_match_nn_max_pool():
+    """Without ties the result is unique, so every differentiation mode equals flax's."""
+    _assert_every_mode_matches(
+        lambda x: ops.max_pool(x, 3, 2, 1),
+        lambda x: nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1))),
+        (2, 11, 11, 4),
+    )
+
+
+def test_relu_values_and_gradient_match_torch_including_zeros_and_nan():
+    x = np.array([-2.0, -0.0, 0.0, 1.5, np.nan, np.inf, -np.inf], np.float32)
+    g = np.arange(1, x.size + 1, dtype=np.float32)
+    xt = torch.tensor(x, requires_grad=True)
+    torch.relu(xt).backward(torch.tensor(g))
+    y, vjp = jax.vjp(ops.relu, jnp.asarray(x))
+    np.testing.assert_array_equal(np.asarray(y), np.asarray(jax.nn.relu(x)))
+    np.testing.assert_array_equal(np.asarray(vjp(jnp.asarray(g))[0]), xt.grad.numpy())
+
+
+def test_relu_forward_mode_and_hvp_match_jax_nn_relu():
+    _assert_every_mode_matches(ops.relu, jax.nn.relu, (3, 7))
+
+
+def test_relu_backward_keeps_the_output_not_the_pre_activation():
+    """In a layer -> scale/shift -> relu -> layer chain, the backward pass needs the relu output
+    for the second layer's weight gradient anyway; with `ops.relu` nothing else of that size is
+    kept, with `jax.nn.relu` the pre-activation is too."""
+    x = jnp.ones((512, 256))
+    w = jnp.full((256, 256), 0.01)
+
+    def temporaries(relu) -> int:
+        def loss(w1, w2):
+            return jnp.sum(jnp.square(relu(x @ w1 * 0.5 + 1.0) @ w2))
+
+        compiled = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(w, w).compile()
+        return compiled.memory_analysis().temp_size_in_bytes
+
+    activation = x.size * x.dtype.itemsize
+    assert temporaries(ops.relu) <= temporaries(jax.nn.relu) - activation
 
 
 def _reference_batch_norm(x, scale, bias, epsilon=1e-5):
