@@ -1,9 +1,11 @@
 """Where a ResNet train step spends its time: XLA ops grouped by the layer and primitive they
-implement, from a `jax.profiler` trace of one step.
+implement, from a `jax.profiler` trace of one step; with `--memory`, also which values are live at
+the peak of its memory (from the compiled schedule).
 
 Example: python benchmarks/profile_step.py --arch resnet50 --batch-size 8 --image-size 224
          python benchmarks/profile_step.py --conv nn.Conv   # flax's convolution, for comparison
          python benchmarks/profile_step.py --compiler-option xla_cpu_use_xnnpack=true
+         python benchmarks/profile_step.py --arch resnext50_32x4d --memory
 """
 
 from __future__ import annotations
@@ -107,6 +109,60 @@ def _op_milliseconds(events: list[dict], op_names: dict[str, str]) -> collection
     return totals
 
 
+_HLO_INSTRUCTION = re.compile(r"\s*(?:ROOT )?%([\w.\-]+) = (.+?) ([a-z][\w\-]*)\((.*)")
+_ALIASES = ("bitcast", "get-tuple-element")  # views of their operand: no buffer of their own
+_NO_TEMPORARY = ("parameter", "constant", "tuple")
+_ELEMENT_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "f32": 4, "s32": 4, "u32": 4}
+
+
+def _shape_bytes(shape: str) -> int:
+    """Bytes of an HLO shape (tuples summed), e.g. 'f32[8,56,56,64]{3,2,1,0}'."""
+    total = 0
+    for dtype, dims in re.findall(r"\b([a-z]+\d*)\[([\d,]*)\]", shape):
+        count = 1
+        for d in filter(None, dims.split(",")):
+            count *= int(d)
+        total += count * _ELEMENT_BYTES.get(dtype, 8)
+    return total
+
+
+def peak_live_set(hlo: str) -> tuple[int, collections.Counter]:
+    """The most bytes of values live at once in the scheduled entry computation of an optimised
+    HLO module, and those values' bytes by category: each value lives from its instruction to its
+    last use (through bitcasts and tuple elements). Values computed from forward results alone
+    that XLA schedules early and keeps for the backward pass show up here as 'backward ...'."""
+    entry = hlo[hlo.index("\nENTRY") :].split("\n}", 1)[0]
+    owner, size, start, end, names = {}, {}, {}, {}, {}
+    for i, line in enumerate(entry.splitlines()[1:]):
+        match = _HLO_INSTRUCTION.match(line)
+        if not match:
+            continue
+        name, shape, opcode, rest = match.groups()
+        operands = [owner.get(o, o) for o in re.findall(r"%([\w.\-]+)", rest.split("kind=")[0])]
+        for o in operands:
+            end[o] = i
+        if opcode in _ALIASES:
+            owner[name] = operands[0]
+        elif opcode not in _NO_TEMPORARY:
+            meta = re.search(r'op_name="([^"]*)"', line)
+            size[name], start[name] = _shape_bytes(shape), i
+            names[name] = meta.group(1) if meta else ""
+    change = collections.Counter()
+    for name, i in start.items():
+        change[i] += size[name]
+        change[end.get(name, i) + 1] -= size[name]
+    live, peak, peak_at = 0, 0, 0
+    for i in sorted(change):
+        live += change[i]
+        if live > peak:
+            peak, peak_at = live, i
+    at_peak = collections.Counter()
+    for name, i in start.items():
+        if i <= peak_at <= end.get(name, i):
+            at_peak[category(names[name])] += size[name]
+    return peak, at_peak
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--arch", type=models.check_arch, default="resnet50")
@@ -122,6 +178,9 @@ def main(argv: list[str] | None = None) -> None:
         help="XLA option for this jit only, e.g. xla_cpu_use_xnnpack=true (repeatable)",
     )
     p.add_argument("--top", type=int, default=20, help="categories to print")
+    p.add_argument(
+        "--memory", action="store_true", help="also what is live at the peak of the step's memory"
+    )
     args = p.parse_args(argv)
 
     compiled, step_args, hlo = compiled_train_step(args)
@@ -146,6 +205,12 @@ def main(argv: list[str] | None = None) -> None:
     print("| ms | category (direction, layer kind, primitive) |\n|---|---|")
     for name, ms in totals.most_common(args.top):
         print(f"| {ms:.0f} | {name} |")
+    if args.memory:
+        peak, at_peak = peak_live_set(hlo)
+        print(f"\nLive at the step's memory peak: {peak / 2**20:.0f} MB (XLA's temporaries)")
+        print("| MB | category (direction, layer kind, primitive) |\n|---|---|")
+        for name, size in at_peak.most_common(args.top):
+            print(f"| {size / 2**20:.0f} | {name} |")
 
 
 if __name__ == "__main__":
