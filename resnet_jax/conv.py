@@ -161,9 +161,11 @@ def _conv_matmul_weight_grad(
     """`forward` (XLA's convolution, or `_merged_groups_conv`); differentiated so that its weight
     gradient is made of matmuls.
 
-    The tangent is `forward(dx, w)` (whose transpose is the input-gradient convolution) plus
-    `_matmul_conv(x, dw)` (whose transpose is the matmul weight gradient). The latter is
-    checkpointed so that the backward pass re-slices `x` instead of storing kh*kw slices.
+    The tangent is `forward(dx, w)` (whose transpose is the input-gradient convolution) plus a
+    matmul convolution of `x` with `dw` (whose transpose is the matmul weight gradient): for
+    stride 1 `_output_shift_conv` (the backward pass shifts `dy`, not `x`), otherwise
+    `_matmul_conv`, checkpointed so that the backward pass re-slices `x` instead of the forward
+    pass storing kh*kw slices.
     A custom JVP, not a custom VJP, keeps forward-mode and higher-order differentiation working.
     """
     return forward(x, w, strides, padding, groups)
