@@ -94,8 +94,8 @@ def relu(x: jax.Array) -> jax.Array:
 @relu.defjvp
 def _relu_jvp(primals, tangents):
     (x,), (x_dot,) = primals, tangents
+    y = relu(x)
     with jax.named_scope("relu"):
-        y = jnp.maximum(x, 0)
         return y, jnp.where(y != 0, x_dot, jnp.zeros_like(x_dot))
 
 
