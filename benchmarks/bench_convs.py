@@ -4,16 +4,19 @@ Default: YNNPACK (XLA's default) vs Eigen (what `resnet_jax.xla_cpu` picks), the
 convolution and its input gradient for each distinct kxk convolution of ResNet-50 at 224 px,
 compiled once with each kernel library through per-jit compiler options.
 
-`--grouped`: ResNeXt-50 (32x4d)'s grouped 3x3 convolutions, XLA's grouped convolution and its
-own gradients vs `resnet_jax.conv.conv2d` (a matmul weight gradient batched over the groups; the
-forward and input gradient with adjacent groups merged into groups of 32 input channels,
-block-diagonal kernels), both on the process's kernels (Eigen once `resnet_jax` is imported).
-`--merge-sweep`: the same shapes' forward and input gradient with groups merged up to 4 (i.e. not
-merged), 8, ..., 128 input channels per merged group, the sweep that chose
+`--grouped`: ResNeXt-50 (32x4d)'s grouped 3x3 convolutions, per pass: XLA's grouped convolution
+with its own gradients, the same on the merged groups `resnet_jax.conv` uses (block-diagonal
+kernels, fewer and larger groups), and `resnet_jax.conv.conv2d` (one dense convolution per merged
+group), all on the process's kernels (Eigen once `resnet_jax` is imported).
+`--merge-sweep`: the same shapes, forward + input gradient + weight gradient of `conv.conv2d`
+with groups merged into at least 4 (i.e. not merged), 8, ..., 64 input channels per merged group
+without a cap on their number, and with the library's settings: the sweep that chose
 `conv.MERGED_GROUP_CHANNELS`.
-`--weight-grad`: ResNet-50's kxk convolutions (outputs above `conv.SMALL_OUTPUT_PIXELS`) with their
-input and weight gradients, XLA's own vs a matmul weight gradient (`conv._conv_matmul_weight_grad`),
-on Eigen; run at several batch sizes, it chose `conv.MATMUL_WEIGHT_GRAD_MAX_BATCH`.
+`--weight-grad`: ResNet-50's kxk convolutions (outputs above `conv.SMALL_OUTPUT_PIXELS`), forward
++ input gradient + weight gradient, XLA's own weight gradient vs a matmul weight gradient
+(`conv._conv_matmul_weight_grad`), on Eigen; then the same for ResNeXt-50's grouped convolutions
+as `conv._split_groups_conv`. Run at several batch sizes, it chose
+`conv.MATMUL_WEIGHT_GRAD_MAX_BATCH` and `conv.GROUPED_MATMUL_WEIGHT_GRAD_MAX_BATCH`.
 
 Variants alternate call by call; medians.
 Example: python benchmarks/bench_convs.py --batch-size 8 --rounds 7
@@ -22,6 +25,7 @@ Example: python benchmarks/bench_convs.py --batch-size 8 --rounds 7
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import time
 from collections.abc import Callable, Iterator
@@ -122,17 +126,29 @@ def _grouped_operands(batch: int) -> Iterator[tuple]:
         yield size, channels, stride, x, w
 
 
+def _xla_merged(x, w, strides, pad):
+    """XLA's grouped convolution over the merged groups `conv.conv2d` uses (block-diagonal
+    kernels), with XLA's own gradients."""
+    kernels = conv._block_diagonal_kernels(w, GROUPS)
+    merged, kh, kw, cin, _ = kernels.shape
+    kernel = jnp.moveaxis(kernels, 0, 3).reshape(kh, kw, cin, -1)
+    return conv._lax_conv(x, kernel, strides, pad, merged)
+
+
 def grouped(batch: int, rounds: int) -> None:
-    """XLA's grouped convolution and gradients vs `conv.conv2d` on ResNeXt-50's shapes."""
-    print("| input | channels/groups | stride | pass | XLA ms | resnet_jax ms | XLA/resnet_jax |")
-    print("|---|---|---|---|---|---|---|")
+    """XLA's grouped convolution and gradients, on the groups as they are and merged, vs
+    `conv.conv2d` on ResNeXt-50's shapes."""
+    print(
+        "| input | channels/groups | stride | pass | XLA ms | XLA merged ms | resnet_jax ms "
+        "| XLA/resnet_jax |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
     pad = ((1, 1), (1, 1))
     for size, channels, stride, x, w in _grouped_operands(batch):
         strides = (stride, stride)
         variants = {
-            "XLA": lambda x, w, s=strides: lax.conv_general_dilated(
-                x, w, s, pad, dimension_numbers=conv.DIMENSION_NUMBERS, feature_group_count=GROUPS
-            ),
+            "XLA": lambda x, w, s=strides: conv._lax_conv(x, w, s, pad, GROUPS),
+            "XLA merged": lambda x, w, s=strides: _xla_merged(x, w, s, pad),
             "resnet_jax": lambda x, w, s=strides: conv.conv2d(x, w, s, pad, GROUPS),
         }
         passes = {name: _passes(fn, weight_grad=True) for name, fn in variants.items()}
@@ -140,77 +156,82 @@ def grouped(batch: int, rounds: int) -> None:
             compiled = {
                 name: jax.jit(p[pass_name]).lower(x, w).compile() for name, p in passes.items()
             }
-            xla_ms, ours_ms = _medians_ms(compiled, x, w, rounds)
+            xla_ms, merged_ms, ours_ms = _medians_ms(compiled, x, w, rounds)
             print(
                 f"| {size}x{size} | {channels}/{GROUPS} | {stride} | {pass_name} | {xla_ms:.1f} | "
-                f"{ours_ms:.1f} | {xla_ms / ours_ms:.1f} |",
+                f"{merged_ms:.1f} | {ours_ms:.1f} | {xla_ms / ours_ms:.1f} |",
                 flush=True,
             )
 
 
 def merge_sweep(batch: int, rounds: int) -> None:
-    """`conv._merged_groups_conv`'s forward and input gradient on ResNeXt-50's grouped shapes,
-    for several `conv.MERGED_GROUP_CHANNELS` (read when the convolution is traced)."""
-    targets = (4, 8, 16, 32, 64, 128)
+    """All three passes of `conv.conv2d` on ResNeXt-50's grouped shapes for several
+    `conv.MERGED_GROUP_CHANNELS` (read when the convolution is traced), uncapped, and with the
+    library's settings."""
+    targets = (4, 8, 16, 32, 64)
+    settings = {t: dict(MERGED_GROUP_CHANNELS=t, MAX_GROUP_CONVOLUTIONS=GROUPS) for t in targets}
+    settings["library"] = dict(MERGED_GROUP_CHANNELS=conv.MERGED_GROUP_CHANNELS)
     print(
-        "| input | channels/groups | stride | pass | "
+        "| input | channels/groups | stride | "
         + " | ".join(f"merged to {t} ms" for t in targets)
-        + " |"
+        + f" | library ({conv.MERGED_GROUP_CHANNELS}, <= {conv.MAX_GROUP_CONVOLUTIONS} groups) ms |"
     )
-    print("|---|---|---|---|" + "---|" * len(targets))
+    print("|---|---|---|" + "---|" * len(settings))
     pad = ((1, 1), (1, 1))
     for size, channels, stride, x, w in _grouped_operands(batch):
-        passes = _passes(
-            lambda x, w, s=(stride, stride): conv._merged_groups_conv(x, w, s, pad, GROUPS),
-            weight_grad=False,
+        compiled = {}
+        for name, patch in settings.items():
+            fn = _all_passes(conv.conv2d, stride, pad, GROUPS)
+            with mock.patch.multiple(conv, **patch):  # a fresh `fn`: jit caches traces by function
+                compiled[name] = jax.jit(fn).lower(x, w).compile()
+        medians = _medians_ms(compiled, x, w, rounds)
+        print(
+            f"| {size}x{size} | {channels}/{GROUPS} | {stride} | "
+            + " | ".join(f"{ms:.1f}" for ms in medians)
+            + " |",
+            flush=True,
         )
-        for pass_name, fn in passes.items():
-            compiled = {}
-            for target in targets:  # a fresh function each time: jit caches traces by function
-                with mock.patch.object(conv, "MERGED_GROUP_CHANNELS", target):
-                    compiled[target] = jax.jit(lambda x, w, f=fn: f(x, w)).lower(x, w).compile()
-            medians = _medians_ms(compiled, x, w, rounds)
-            print(
-                f"| {size}x{size} | {channels}/{GROUPS} | {stride} | {pass_name} | "
-                + " | ".join(f"{ms:.1f}" for ms in medians)
-                + " |",
-                flush=True,
-            )
 
 
-def _all_passes(convolve: Callable, strides: tuple[int, int], pad) -> Callable:
-    """(x, w) -> the ungrouped convolution and both its gradients (cotangent: the output)."""
+def _all_passes(convolve: Callable, stride: int, pad, groups: int = 1) -> Callable:
+    """(x, w) -> `convolve(x, w, strides, pad, groups)` and both its gradients (cotangent: the
+    output)."""
 
     def fn(x, w):
-        y, vjp = jax.vjp(lambda x, w: convolve(x, w, strides, pad, 1), x, w)
+        y, vjp = jax.vjp(lambda x, w: convolve(x, w, (stride, stride), pad, groups), x, w)
         return y, vjp(y)
 
     return fn
 
 
 def weight_grad(batch: int, rounds: int) -> None:
-    """Forward + input gradient + weight gradient: XLA's convolution and its own gradients vs
-    the same with a matmul weight gradient, on the process's kernels (Eigen)."""
+    """Forward + input gradient + weight gradient with XLA's own vs a matmul weight gradient,
+    on the process's kernels (Eigen): ResNet-50's convolutions as XLA's, ResNeXt-50's grouped
+    ones as `conv._split_groups_conv`."""
     print("| input | channels | kernel/stride | XLA dW ms | matmul dW ms | XLA/matmul |")
     print("|---|---|---|---|---|---|")
     key = jax.random.key(0)
-    for size, cin, cout, k, stride in SHAPES:
-        if (size // stride) ** 2 <= conv.SMALL_OUTPUT_PIXELS:
-            continue  # always one im2col matmul
-        x = jax.random.normal(key, (batch, size, size, cin))
-        w = jax.random.normal(key, (k, k, cin, cout)) * 0.05
-        pad, strides = ((k // 2, k // 2),) * 2, (stride, stride)
-
+    cases = [
+        (size, f"{cin}->{cout}", k, stride, (batch, size, size, cin), (k, k, cin, cout), 1)
+        for size, cin, cout, k, stride in SHAPES
+        if (size // stride) ** 2 > conv.SMALL_OUTPUT_PIXELS  # else always one im2col matmul
+    ] + [
+        (size, f"{ch}/{GROUPS}", 3, stride, (batch, size, size, ch), (3, 3, ch // GROUPS, ch), 32)
+        for size, ch, stride in GROUPED_SHAPES
+    ]
+    for size, channels, k, stride, x_shape, w_shape, groups in cases:
+        x = jax.random.normal(key, x_shape)
+        w = jax.random.normal(key, w_shape) * 0.05
+        pad = ((k // 2, k // 2),) * 2
+        forward = conv._lax_conv if groups == 1 else conv._split_groups_conv
+        matmul = functools.partial(conv._conv_matmul_weight_grad, forward=forward)
         compiled = {
-            name: jax.jit(_all_passes(convolve, strides, pad)).lower(x, w).compile()
-            for name, convolve in (
-                ("XLA", conv._lax_conv),
-                ("matmul", conv._conv_matmul_weight_grad),
-            )
+            name: jax.jit(_all_passes(convolve, stride, pad, groups)).lower(x, w).compile()
+            for name, convolve in (("XLA", forward), ("matmul", matmul))
         }
         xla_ms, matmul_ms = _medians_ms(compiled, x, w, rounds)
         print(
-            f"| {size}x{size} | {cin}->{cout} | {k}x{k}/{stride} | {xla_ms:.1f} | "
+            f"| {size}x{size} | {channels} | {k}x{k}/{stride} | {xla_ms:.1f} | "
             f"{matmul_ms:.1f} | {xla_ms / matmul_ms:.2f} |",
             flush=True,
         )
@@ -226,7 +247,7 @@ def main(argv: list[str] | None = None) -> None:
         "--merge-sweep", action="store_true", help="merged groups of several sizes (ResNeXt-50)"
     )
     mode.add_argument(
-        "--weight-grad", action="store_true", help="XLA's vs a matmul weight gradient (ResNet-50)"
+        "--weight-grad", action="store_true", help="XLA's vs a matmul weight gradient"
     )
     args = p.parse_args(argv)
 

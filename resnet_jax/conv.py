@@ -5,11 +5,12 @@ are all matmuls) and outputs of <= 64 pixels as one im2col matmul. Other kxk con
 XLA's convolution; their weight gradient becomes per-tap matmuls when XLA:CPU runs convolutions
 on YNNPACK (not the default once `resnet_jax` is imported, see `resnet_jax.xla_cpu`), whose
 weight-gradient convolution is slow, and on Eigen for batches of 1 or 2, where Eigen's is.
-Grouped convolutions (ResNeXt) get per-tap matmuls batched over the groups as weight gradient on
-either kernel library (XLA:CPU's own, a batch-grouped convolution, is 80-220x slower: a
-ResNeXt-50 train step took 90 s instead of 3.3 s for torch); their forward and input gradient
-are XLA's grouped convolution with adjacent groups merged into groups of 32 input channels
-(block-diagonal kernels). GPU/TPU keep XLA's native convolution (cuDNN on GPU): the choice is
+Grouped convolutions (ResNeXt) become one dense XLA convolution per merged group of channels
+(adjacent groups merged into at least 16 input channels, block-diagonal kernels): XLA:CPU's
+grouped convolution is up to 2x slower than those, and its weight gradient, a batch-grouped
+convolution, 80-220x slower (a ResNeXt-50 train step took 90 s instead of 3.3 s for torch). Their
+weight gradient is then the dense convolutions' own (stride 1, batches above 4) or per-tap matmuls
+batched over the groups. GPU/TPU keep XLA's native convolution (cuDNN on GPU): the choice is
 made with `lax.platform_dependent` when the computation is lowered, so it works under `jit`; the
 Eigen/YNNPACK choice is asked of the CPU backend when the function is traced
 (`xla_cpu.eigen_convolutions`).
@@ -38,8 +39,13 @@ PER_TAP_MIN_CHANNELS = 16
 SMALL_OUTPUT_PIXELS = 64
 # Up to this batch size, Eigen's weight-gradient convolution is slower than per-tap matmuls.
 MATMUL_WEIGHT_GRAD_MAX_BATCH = 2
-# Grouped convolutions merge adjacent groups into groups of up to this many input channels.
-MERGED_GROUP_CHANNELS = 32
+# The same for the separate convolutions of a grouped one (`_split_groups_conv`), stride 1; with
+# stride 2 their matmul weight gradient is faster at every batch size measured (up to 16).
+GROUPED_MATMUL_WEIGHT_GRAD_MAX_BATCH = 4
+# Grouped convolutions merge adjacent groups into groups of at least this many input channels,
+# and into at most this many groups (each one convolution: compile time grows with their number).
+MERGED_GROUP_CHANNELS = 16
+MAX_GROUP_CONVOLUTIONS = 16
 
 default_kernel_init = nn.initializers.lecun_normal()
 
@@ -125,28 +131,48 @@ def _output_shift_conv(x: jax.Array, w: jax.Array, padding: Pads, groups: int = 
 
 
 def _merge_factor(cin_per_group: int, groups: int) -> int:
-    """How many adjacent groups `_merged_groups_conv` merges into one: the most (a divisor of
-    `groups`) whose input channels stay within `MERGED_GROUP_CHANNELS`, at least 1."""
-    divisors = (f for f in range(1, groups + 1) if groups % f == 0)
-    return max((f for f in divisors if f * cin_per_group <= MERGED_GROUP_CHANNELS), default=1)
+    """How many adjacent groups `_block_diagonal_kernels` merges into one: the fewest (a divisor of
+    `groups`) that give at least `MERGED_GROUP_CHANNELS` input channels per merged group and at
+    most `MAX_GROUP_CONVOLUTIONS` merged groups."""
+    return min(
+        f
+        for f in range(1, groups + 1)
+        if groups % f == 0
+        and (f * cin_per_group >= MERGED_GROUP_CHANNELS or f == groups)
+        and groups // f <= MAX_GROUP_CONVOLUTIONS
+    )
 
 
-def _merged_groups_conv(
-    x: jax.Array, w: jax.Array, strides: tuple[int, int], padding: Pads, groups: int
-) -> jax.Array:
-    """A grouped convolution as XLA's with every `_merge_factor` adjacent groups merged into one
-    whose kernel is block-diagonal: that many times the arithmetic, yet faster on XLA:CPU, whose
-    grouped convolution is slow with few channels per group (1.1-3.7x faster on ResNeXt-50's
-    shapes with 4-16 channels per group, `benchmarks/bench_convs.py --grouped`)."""
+def _block_diagonal_kernels(w: jax.Array, groups: int) -> jax.Array:
+    """A grouped HWIO kernel as one dense kernel per `_merge_factor` adjacent groups, each
+    block-diagonal: (merged groups, kh, kw, input channels, output channels) of a merged group."""
     kh, kw, cin_per_group, k = w.shape
     merge = _merge_factor(cin_per_group, groups)
-    if merge == 1:
-        return _lax_conv(x, w, strides, padding, groups)
     merged = groups // merge
-    blocks = w.reshape(kh, kw, cin_per_group, merged, merge, k // groups)
-    eye = jnp.eye(merge, dtype=w.dtype)
-    kernel = jnp.einsum("hwcsgo,gm->hwmcsgo", blocks, eye)
-    return _lax_conv(x, kernel.reshape(kh, kw, merge * cin_per_group, k), strides, padding, merged)
+    blocks = jnp.moveaxis(w.reshape(kh, kw, cin_per_group, merged, merge, k // groups), 3, 0)
+    # product: (merged, kh, kw, merge [in], cin_per_group, merge [out], k // groups), zero
+    # where the input and output groups differ
+    diagonal = jnp.eye(merge, dtype=w.dtype)[:, None, :, None]
+    return (blocks[:, :, :, None] * diagonal).reshape(merged, kh, kw, -1, k // merged)
+
+
+def _split_groups_conv(
+    x: jax.Array, w: jax.Array, strides: tuple[int, int], padding: Pads, groups: int
+) -> jax.Array:
+    """A grouped convolution as one dense XLA convolution per merged group of channels
+    (`_block_diagonal_kernels`), outputs concatenated.
+
+    XLA:CPU's grouped convolution (`feature_group_count`) is slower than separate convolutions
+    over the same channels, and slower still with few channels per group; its weight gradient is
+    a batch-grouped convolution, 80-220x slower, where each dense convolution's is Eigen's fast
+    one (`benchmarks/bench_convs.py --grouped`, `--merge-sweep`).
+    """
+    kernels = _block_diagonal_kernels(w, groups)
+    outputs = [
+        _lax_conv(part, kernel, strides, padding, 1)
+        for part, kernel in zip(jnp.split(x, len(kernels), axis=3), kernels, strict=True)
+    ]
+    return jnp.concatenate(outputs, axis=3)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3, 4, 5))
@@ -158,7 +184,7 @@ def _conv_matmul_weight_grad(
     groups: int,
     forward: Callable = _lax_conv,
 ) -> jax.Array:
-    """`forward` (XLA's convolution, or `_merged_groups_conv`); differentiated so that its weight
+    """`forward` (XLA's convolution, or `_split_groups_conv`); differentiated so that its weight
     gradient is made of matmuls.
 
     The tangent is `forward(dx, w)` (whose transpose is the input-gradient convolution) plus a
@@ -205,12 +231,15 @@ def _cpu_formulation(
     x_shape: Sequence[int], w_shape: Sequence[int], strides, padding, groups: int
 ) -> Callable | None:
     """The CPU-specific implementation for this convolution, or None to keep XLA's."""
+    eigen = xla_cpu.eigen_convolutions()
     if groups != 1:
-        # Grouped (ResNeXt): never XLA's weight gradient, a batch-grouped convolution that
-        # XLA:CPU runs 80-220x slower than per-tap matmuls; the forward and input gradient
-        # merge groups with few channels, faster than XLA's grouped convolution.
+        # Grouped (ResNeXt): never XLA's grouped convolution; its weight gradient, a
+        # batch-grouped convolution, is 80-220x slower than per-tap matmuls.
+        stride1 = tuple(strides) == (1, 1)
+        if stride1 and eigen and x_shape[0] > GROUPED_MATMUL_WEIGHT_GRAD_MAX_BATCH:
+            return functools.partial(_split_groups_conv, groups=groups)
         return functools.partial(
-            _conv_matmul_weight_grad, groups=groups, forward=_merged_groups_conv
+            _conv_matmul_weight_grad, groups=groups, forward=_split_groups_conv
         )
     if tuple(w_shape[:2]) == (1, 1):
         return _matmul_conv1x1
@@ -219,7 +248,7 @@ def _cpu_formulation(
     wo = (x_shape[2] + sum(padding[1]) - kw) // sw + 1
     if ho * wo <= SMALL_OUTPUT_PIXELS:
         return _im2col_conv
-    if xla_cpu.eigen_convolutions() and x_shape[0] > MATMUL_WEIGHT_GRAD_MAX_BATCH:
+    if eigen and x_shape[0] > MATMUL_WEIGHT_GRAD_MAX_BATCH:
         return None  # Eigen's own weight gradient beats the per-tap matmuls at these batches
     return functools.partial(_conv_matmul_weight_grad, groups=1)
 
@@ -233,7 +262,7 @@ def conv2d(
 ) -> jax.Array:
     """NHWC x HWIO convolution equal to `lax.conv_general_dilated`, with CPU-fast gradients.
 
-    On CPU: grouped -> XLA's convolution on merged groups with a matmul weight gradient;
+    On CPU: grouped -> one XLA convolution per merged group of channels (block-diagonal kernels);
     1x1 -> matmul; small outputs -> im2col matmul; otherwise XLA's convolution (with a matmul
     weight gradient if XLA:CPU's convolutions are on YNNPACK or the batch is tiny). Other platforms:
     `lax.conv_general_dilated` and its own gradients.

@@ -1,9 +1,9 @@
 """`resnet_jax.conv.Conv` is a drop-in for `nn.Conv`: same parameters, values and gradients.
 
 Its CPU formulations (1x1 as matmul, weight gradient by im2col or per-tap matmuls, grouped
-convolutions with adjacent groups merged) are checked against flax's `nn.Conv` in
-float32 and, with x64 enabled, to float64 round-off, with XLA:CPU's convolutions on Eigen (the
-default, `resnet_jax.xla_cpu`) and on YNNPACK, which pick different formulations; other
+convolutions as one dense convolution per merged group of channels) are checked against flax's
+`nn.Conv` in float32 and, with x64 enabled, to float64 round-off, with XLA:CPU's convolutions on
+Eigen (the default, `resnet_jax.xla_cpu`) and on YNNPACK, which pick different formulations; other
 platforms must lower to plain convolutions (checked by exporting for CUDA/TPU, which needs no
 GPU).
 """
@@ -17,16 +17,16 @@ import numpy as np
 import pytest
 from jax import export
 
-from resnet_jax import models, xla_cpu
+from resnet_jax import conv, models, xla_cpu
 from resnet_jax.conv import Conv, conv2d
 
 P0, P1, P3 = ((0, 0), (0, 0)), ((1, 1), (1, 1)), ((3, 3), (3, 3))
 # kernel, stride, padding, groups, spatial size, in channels, features, use_bias. On CPU the
 # sizes pick every formulation: 1x1 matmul; im2col for outputs of <= 64 pixels; otherwise XLA's
 # own conv with Eigen convolutions (at this batch of 3), and with YNNPACK's XLA conv + per-tap
-# matmul dW (>= 16 channels) or + im2col dW (fewer); grouped: per-tap matmul dW batched over the
-# groups, with XLA's grouped conv on groups merged up to 32 input channels (block-diagonal
-# kernels).
+# matmul dW (>= 16 channels) or + im2col dW (fewer); grouped: one XLA conv per merged group
+# (block-diagonal kernels), with their own dW (Eigen, stride 1, at this batch) or a per-tap matmul
+# dW batched over the groups (strided, or YNNPACK).
 CASES = [
     (1, 1, P0, 1, 9, 8, 16, False),
     (1, 2, P0, 1, 9, 8, 16, False),  # strided 1x1 (downsample), odd size
@@ -38,18 +38,20 @@ CASES = [
     (3, 2, P1, 1, 9, 16, 16, False),  # 5x5 output: im2col convolution
     (3, 1, P1, 1, 2, 16, 8, False),  # 2x2 output
     (3, 2, "VALID", 1, 10, 4, 8, False),
-    (3, 2, P1, 32, 5, 64, 64, False),  # ResNeXt-style: 2 channels per group, merged into 2
+    (3, 2, P1, 32, 5, 64, 64, False),  # ResNeXt-style: 2 channels per group, merged by 8
+    (3, 1, P1, 32, 6, 64, 64, False),  # the same, stride 1
     (1, 1, "SAME", 2, 5, 8, 8, True),  # grouped 1x1
     (3, 1, P1, 2, 9, 16, 16, False),  # 8 channels per group, merged into one (dense)
     (3, 2, P1, 4, 11, 16, 16, True),  # 4 channels per group, strided: merged into one
     (3, 1, P1, 4, 9, 8, 16, False),  # 2 channels in and 4 out per group: merged into one
-    (3, 1, P1, 2, 9, 64, 32, False),  # 32 channels per group: XLA's grouped conv as it is
+    (3, 1, P1, 2, 9, 64, 32, False),  # 32 channels per group: not merged
 ]
-# above conv.MATMUL_WEIGHT_GRAD_MAX_BATCH, so that Eigen keeps XLA's weight gradient
-BATCH = 3
+# above conv.MATMUL_WEIGHT_GRAD_MAX_BATCH and GROUPED_MATMUL_WEIGHT_GRAD_MAX_BATCH, so that on
+# Eigen XLA's weight gradient is kept
+BATCH = 5
 IDS = [f"k{c[0]}s{c[1]}g{c[3]}h{c[4]}{'b' if c[7] else ''}-{c[2]}" for c in CASES]
 # the cases checked to float64 round-off and with forward mode: one of each formulation
-EXACT = (1, 3, 4, 7, 10, 13, 15)
+EXACT = (1, 3, 4, 7, 10, 11, 14, 16)
 
 
 @pytest.fixture(params=["eigen", "ynn"])
@@ -191,24 +193,35 @@ def test_fast_formulation_only_on_cpu(kernel, size, batch, xla_convs, cpu_convs)
 
 
 @pytest.mark.parametrize(
-    ("in_channels", "groups", "cpu_dx_groups"),
-    [(64, 2, 2), (128, 16, 4), (8, 4, 1)],
-    ids=["32 channels per group: as is", "8 per group: merged by 4", "2 per group: merged into 1"],
+    ("cin_per_group", "groups", "merge"),
+    [(4, 32, 4), (8, 32, 2), (16, 32, 2), (32, 32, 2), (16, 16, 1), (4, 64, 4), (32, 64, 4)]
+    + [(3, 6, 6), (1, 1024, 64), (64, 2, 1)],
 )
-def test_grouped_weight_gradient_is_matmuls_only_on_cpu(in_channels, groups, cpu_dx_groups):
-    """XLA:CPU's grouped weight gradient (a batch-grouped convolution) is never emitted there,
-    and with few channels per group the input gradient merges groups; other platforms
-    keep XLA's/cuDNN's own grouped forward, dx and dW convolutions."""
+def test_grouped_convolutions_merge_groups(cin_per_group, groups, merge):
+    """At least MERGED_GROUP_CHANNELS input channels per merged group, at most
+    MAX_GROUP_CONVOLUTIONS merged groups (fully merged where neither can hold)."""
+    assert conv._merge_factor(cin_per_group, groups) == merge
+
+
+@pytest.mark.parametrize(
+    ("batch", "stride", "convolutions", "matmul_dw"),
+    [(2, 1, 4, True), (8, 1, 8, False), (8, 2, 4, True)],
+    ids=["batch 2: matmul dW", "batch 8: per-group dW", "batch 8, strided: matmul dW"],
+)
+def test_grouped_convolutions_are_dense_only_on_cpu(batch, stride, convolutions, matmul_dw):
+    """On CPU a grouped convolution (here 4 merged groups of 16 channels) is one dense XLA
+    convolution per merged group, never XLA's grouped one nor its batch-grouped weight gradient;
+    other platforms keep XLA's/cuDNN's own grouped dx and dW convolutions."""
+    groups = 16
 
     def grads(x, w):
-        return jax.grad(lambda x, w: conv2d(x, w, (1, 1), P1, groups).sum(), (0, 1))(x, w)
+        return jax.grad(lambda x, w: conv2d(x, w, (stride,) * 2, P1, groups).sum(), (0, 1))(x, w)
 
-    shapes = ((2, 9, 9, in_channels), (3, 3, in_channels // groups, 16))
+    shapes = ((batch, 17, 17, 64), (3, 3, 64 // groups, 64))
     cpu = _lowered(grads, "cpu", *shapes)
-    assert "stablehlo.dot_general" in cpu
-    assert cpu.count("stablehlo.convolution") == 1  # dx; the forward is not needed
-    assert re.search(r"batch_group_count = (?!1\b)", cpu) is None
-    assert f"feature_group_count = {cpu_dx_groups}" in cpu
+    assert ("stablehlo.dot_general" in cpu) is matmul_dw
+    assert cpu.count("stablehlo.convolution") == convolutions  # dx (and dW) per merged group
+    assert re.search(r"(batch|feature)_group_count = (?!1\b)", cpu) is None
     for platform in ("cuda", "tpu"):
         other = _lowered(grads, platform, *shapes)
         assert "stablehlo.dot_general" not in other
