@@ -149,11 +149,18 @@ def _block_diagonal_kernels(w: jax.Array, groups: int) -> jax.Array:
     kh, kw, cin_per_group, k = w.shape
     merge = _merge_factor(cin_per_group, groups)
     merged = groups // merge
-    blocks = jnp.moveaxis(w.reshape(kh, kw, cin_per_group, merged, merge, k // groups), 3, 0)
-    # product: (merged, kh, kw, merge [in], cin_per_group, merge [out], k // groups), zero
-    # where the input and output groups differ
-    diagonal = jnp.eye(merge, dtype=w.dtype)[:, None, :, None]
-    return (blocks[:, :, :, None] * diagonal).reshape(merged, kh, kw, -1, k // merged)
+    # (merged, kh, kw, merge, cin_per_group, k // groups): the blocks of each merged group
+    blocks = w.reshape(kh, kw, cin_per_group, merged, merge, k // groups).transpose(
+        3, 0, 1, 4, 2, 5
+    )
+    # Block g to row g * (merge + 1) of merge * merge zero rows: (input group g, output group g).
+    # A pad, not a product with the identity, so that autodiff's transpose is a strided slice
+    # (a multiply-and-reduce there crashed XLA:CPU when only the weight gradient was computed).
+    spread = lax.pad(
+        blocks, jnp.zeros((), w.dtype), [(0, 0, 0)] * 3 + [(0, 0, merge)] + [(0, 0, 0)] * 2
+    )
+    kernels = spread.reshape(merged, kh, kw, merge, merge, cin_per_group, k // groups)
+    return kernels.transpose(0, 1, 2, 3, 5, 4, 6).reshape(merged, kh, kw, -1, k // merged)
 
 
 def _split_groups_conv(

@@ -203,6 +203,23 @@ def test_grouped_convolutions_merge_groups(cin_per_group, groups, merge):
     assert conv._merge_factor(cin_per_group, groups) == merge
 
 
+def test_grouped_weight_gradient_alone_matches_xla():
+    """Only the kernel's gradient of a grouped convolution with merged groups, all-ones
+    cotangent: a program in which a multiply-and-reduce form of the block-diagonal kernels
+    crashed XLA:CPU (segmentation fault)."""
+    x = jax.random.normal(jax.random.key(0), (BATCH, 8, 8, 32))
+    w = jax.random.normal(jax.random.key(1), (3, 3, 4, 32))
+
+    def kernel_grad(convolve):
+        def fn(x, w):
+            y, vjp = jax.vjp(lambda x, w: convolve(x, w, (1, 1), P1, 8), x, w)
+            return vjp(jnp.ones_like(y))[1]
+
+        return jax.jit(fn)(x, w)
+
+    _assert_close(kernel_grad(conv2d), kernel_grad(conv._lax_conv), 2e-5)  # XLA's grouped conv
+
+
 @pytest.mark.parametrize(
     ("batch", "stride", "convolutions", "matmul_dw"),
     [(2, 1, 4, True), (8, 1, 8, False), (8, 2, 4, True)],
