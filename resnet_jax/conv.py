@@ -4,7 +4,8 @@ On CPU this module computes 1x1 convolutions as matmuls (so forward, input- and 
 are all matmuls) and outputs of <= 64 pixels as one im2col matmul. Other kxk convolutions keep
 XLA's convolution; their weight gradient becomes per-tap matmuls when XLA:CPU runs convolutions
 on YNNPACK (not the default once `resnet_jax` is imported, see `resnet_jax.xla_cpu`), whose
-weight-gradient convolution is slow, and on Eigen for batches of 1 or 2, where Eigen's is.
+weight-gradient convolution is slow, on Eigen for batches of 1 or 2, where Eigen's is, and at
+the few shapes where XLA:CPU's multi-output fusion would turn a convolution into a plain loop.
 Grouped convolutions (ResNeXt) become one dense XLA convolution per merged group of channels
 (adjacent groups merged into at least 16 input channels, block-diagonal kernels): XLA:CPU's
 grouped convolution is up to 2x slower than those, and its weight gradient, a batch-grouped
@@ -27,7 +28,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from resnet_jax import ops, xla_cpu
+from resnet_jax import cpu_fusion, ops, xla_cpu
 from resnet_jax.ops import Pads
 
 Dtype = Any
@@ -234,28 +235,53 @@ def _im2col_conv(x: jax.Array, w: jax.Array, strides: tuple[int, int], padding: 
     return _matmul_conv(x, w, strides, padding, per_tap=False)
 
 
+def _weight_grad_copies_collide(x_shape: Sequence[int], y_shape: Sequence[int]) -> bool:
+    """Whether XLA's own weight gradient of a convolution with these input and output shapes
+    risks a convolution emitted as a plain loop.
+
+    XLA:CPU's weight-gradient convolution reads layout copies of `x`, (C, H, W, N), and of `dy`,
+    (Ho, Wo, N, K). Multi-output fusion (`resnet_jax.cpu_fusion`) fuses siblings of equal shape
+    that read the same operand, and counts a convolution as fusible: the forward convolution with
+    the copy of `x` when the two shapes are equal, the input-gradient convolution (N, H, W, C)
+    with the copy of `dy`. A convolution inside a fusion is emitted as a plain loop, 10x slower
+    or worse (resnet18 at batch 16, 64 px: its 16x16x64 convolutions).
+    """
+    n, h, w, c = x_shape
+    _, ho, wo, k = y_shape
+    return (c, h, w, n) == (n, ho, wo, k) or (ho, wo, n, k) == (n, h, w, c)
+
+
 def _cpu_formulation(
     x_shape: Sequence[int], w_shape: Sequence[int], strides, padding, groups: int
 ) -> Callable | None:
     """The CPU-specific implementation for this convolution, or None to keep XLA's."""
-    eigen = xla_cpu.eigen_convolutions()
+    (kh, kw), (sh, sw) = w_shape[:2], strides
+    ho = (x_shape[1] + sum(padding[0]) - kh) // sh + 1
+    wo = (x_shape[2] + sum(padding[1]) - kw) // sw + 1
+    # Eigen's weight gradient (of each merged group's convolution if grouped) where it is the
+    # faster one, unless XLA's multi-output fusion could turn a convolution into a loop
+    merged = groups // _merge_factor(w_shape[2], groups)
+    collide = cpu_fusion.in_effect() and _weight_grad_copies_collide(
+        (*x_shape[:3], x_shape[3] // merged), (x_shape[0], ho, wo, w_shape[3] // merged)
+    )
+    own_weight_grad = xla_cpu.eigen_convolutions() and not collide
     if groups != 1:
         # Grouped (ResNeXt): never XLA's grouped convolution; its weight gradient, a
         # batch-grouped convolution, is 80-220x slower than per-tap matmuls.
-        stride1 = tuple(strides) == (1, 1)
-        if stride1 and eigen and x_shape[0] > GROUPED_MATMUL_WEIGHT_GRAD_MAX_BATCH:
+        if (
+            own_weight_grad
+            and strides == (1, 1)
+            and x_shape[0] > GROUPED_MATMUL_WEIGHT_GRAD_MAX_BATCH
+        ):
             return functools.partial(_split_groups_conv, groups=groups)
         return functools.partial(
             _conv_matmul_weight_grad, groups=groups, forward=_split_groups_conv
         )
     if tuple(w_shape[:2]) == (1, 1):
         return _matmul_conv1x1
-    (kh, kw), (sh, sw) = w_shape[:2], strides
-    ho = (x_shape[1] + sum(padding[0]) - kh) // sh + 1
-    wo = (x_shape[2] + sum(padding[1]) - kw) // sw + 1
     if ho * wo <= SMALL_OUTPUT_PIXELS:
         return _im2col_conv
-    if eigen and x_shape[0] > MATMUL_WEIGHT_GRAD_MAX_BATCH:
+    if own_weight_grad and x_shape[0] > MATMUL_WEIGHT_GRAD_MAX_BATCH:
         return None  # Eigen's own weight gradient beats the per-tap matmuls at these batches
     return functools.partial(_conv_matmul_weight_grad, groups=1)
 

@@ -246,6 +246,38 @@ def test_grouped_convolutions_are_dense_only_on_cpu(batch, stride, convolutions,
         assert f"batch_group_count = {groups}" in other
 
 
+def _convolutions_inside_fusions(hlo: str) -> int:
+    """Convolutions that an optimized HLO module holds outside its entry computation, i.e. in
+    fusions, where XLA:CPU emits them as plain loops."""
+    computations = hlo.split("\n\n")
+    return sum(c.count(" convolution(") for c in computations if not c.startswith("ENTRY"))
+
+
+@pytest.mark.parametrize(
+    ("x_shape", "features", "groups"),
+    [((16, 16, 16, 64), 64, 1), ((32, 12, 12, 32), 32, 1), ((16, 20, 20, 128), 128, 32)]
+    + [((16, 16, 16, 256), 256, 32)],
+    ids=["dy copy: batch = height = width", "x copy: batch = channels", "grouped, x copy"]
+    + ["grouped, both"],
+)
+def test_no_convolution_is_fused_into_a_loop(x_shape, features, groups):
+    """Shapes at which XLA's own weight gradient makes layout copies of the shape of a
+    convolution reading the same operand: with `resnet_jax.cpu_fusion`'s multi-output fusion
+    XLA:CPU would fuse the convolution with the copy (a plain loop, 10x slower), so `conv2d`
+    takes the matmul weight gradient there (optimisation level 2: the tests run at 0)."""
+
+    def grads(x, w):
+        y, vjp = jax.vjp(lambda x, w: conv2d(x, w, (1, 1), P1, groups), x, w)
+        return y, vjp(jnp.sin(y))
+
+    x = jax.ShapeDtypeStruct(x_shape, jnp.float32)
+    w = jax.ShapeDtypeStruct((3, 3, x_shape[3] // groups, features), jnp.float32)
+    options = {"xla_backend_optimization_level": 2}
+    hlo = jax.jit(grads, compiler_options=options).lower(x, w).compile().as_text()
+    assert hlo.count(" convolution(") > 0
+    assert _convolutions_inside_fusions(hlo) == 0
+
+
 def test_small_resnet_grads_match_nn_conv():
     """A bottleneck ResNet (stem 7x7/2, 1x1, strided 3x3, strided 1x1 downsample) built with
     `conv=Conv` has nn.Conv's variables and the same loss and gradients (float64, under jit)."""
