@@ -15,8 +15,8 @@ without a cap on their number, and with the library's settings: the sweep that c
 `--weight-grad`: ResNet-50's kxk convolutions (outputs above `conv.SMALL_OUTPUT_PIXELS`), forward
 + input gradient + weight gradient, XLA's own weight gradient vs a matmul weight gradient
 (`conv._conv_matmul_weight_grad`), on Eigen; then the same for ResNeXt-50's grouped convolutions
-as `conv._split_groups_conv`. Run at several batch sizes, it chose
-`conv.MATMUL_WEIGHT_GRAD_MAX_BATCH` and `conv.GROUPED_MATMUL_WEIGHT_GRAD_MAX_BATCH`.
+as `conv._split_groups_conv`; "library" says which one `conv.conv2d` takes. Run at several batch
+sizes, it chose `conv.MATMUL_WEIGHT_GRAD_MAX_BATCH`.
 
 Variants alternate call by call; medians.
 Example: python benchmarks/bench_convs.py --batch-size 8 --rounds 7
@@ -208,8 +208,8 @@ def weight_grad(batch: int, rounds: int) -> None:
     """Forward + input gradient + weight gradient with XLA's own vs a matmul weight gradient,
     on the process's kernels (Eigen): ResNet-50's convolutions as XLA's, ResNeXt-50's grouped
     ones as `conv._split_groups_conv`."""
-    print("| input | channels | kernel/stride | XLA dW ms | matmul dW ms | XLA/matmul |")
-    print("|---|---|---|---|---|---|")
+    print("| input | channels | kernel/stride | XLA dW ms | matmul dW ms | XLA/matmul | library |")
+    print("|---|---|---|---|---|---|---|")
     key = jax.random.key(0)
     cases = [
         (size, f"{cin}->{cout}", k, stride, (batch, size, size, cin), (k, k, cin, cout), 1)
@@ -230,9 +230,11 @@ def weight_grad(batch: int, rounds: int) -> None:
             for name, convolve in (("XLA", forward), ("matmul", matmul))
         }
         xla_ms, matmul_ms = _medians_ms(compiled, x, w, rounds)
+        chosen = conv._cpu_formulation(x.shape, w.shape, (stride, stride), pad, groups)
+        own = chosen is None or getattr(chosen, "func", None) is conv._split_groups_conv
         print(
             f"| {size}x{size} | {channels} | {k}x{k}/{stride} | {xla_ms:.1f} | "
-            f"{matmul_ms:.1f} | {xla_ms / matmul_ms:.2f} |",
+            f"{matmul_ms:.1f} | {xla_ms / matmul_ms:.2f} | {'XLA' if own else 'matmul'} |",
             flush=True,
         )
 

@@ -10,8 +10,8 @@ Grouped convolutions (ResNeXt) become one dense XLA convolution per merged group
 (adjacent groups merged into at least 16 input channels, block-diagonal kernels): XLA:CPU's
 grouped convolution is up to 2x slower than those, and its weight gradient, a batch-grouped
 convolution, 80-220x slower (a ResNeXt-50 train step took 90 s instead of 3.3 s for torch). Their
-weight gradient is then the dense convolutions' own (stride 1, batches above 4) or per-tap matmuls
-batched over the groups. GPU/TPU keep XLA's native convolution (cuDNN on GPU): the choice is
+weight gradient is then the dense convolutions' own or, where ungrouped ones take matmuls, per-tap
+matmuls batched over the groups. GPU/TPU keep XLA's native convolution (cuDNN on GPU): the choice is
 made with `lax.platform_dependent` when the computation is lowered, so it works under `jit`; the
 Eigen/YNNPACK choice is asked of the CPU backend when the function is traced
 (`xla_cpu.eigen_convolutions`).
@@ -38,11 +38,9 @@ DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
 PER_TAP_MIN_CHANNELS = 16
 # Outputs with at most this many pixels per image are computed as one im2col matmul.
 SMALL_OUTPUT_PIXELS = 64
-# Up to this batch size, Eigen's weight-gradient convolution is slower than per-tap matmuls.
+# Up to this batch size, Eigen's weight-gradient convolution is slower than per-tap matmuls
+# (also on the dense convolutions of a grouped one, `_split_groups_conv`).
 MATMUL_WEIGHT_GRAD_MAX_BATCH = 2
-# The same for the separate convolutions of a grouped one (`_split_groups_conv`), stride 1; with
-# stride 2 their matmul weight gradient is faster at every batch size measured (up to 16).
-GROUPED_MATMUL_WEIGHT_GRAD_MAX_BATCH = 4
 # Grouped convolutions merge adjacent groups into groups of at least this many input channels,
 # and into at most this many groups (each one convolution: compile time grows with their number).
 MERGED_GROUP_CHANNELS = 16
@@ -268,11 +266,7 @@ def _cpu_formulation(
     if groups != 1:
         # Grouped (ResNeXt): never XLA's grouped convolution; its weight gradient, a
         # batch-grouped convolution, is 80-220x slower than per-tap matmuls.
-        if (
-            own_weight_grad
-            and strides == (1, 1)
-            and x_shape[0] > GROUPED_MATMUL_WEIGHT_GRAD_MAX_BATCH
-        ):
+        if own_weight_grad and x_shape[0] > MATMUL_WEIGHT_GRAD_MAX_BATCH:
             return functools.partial(_split_groups_conv, groups=groups)
         return functools.partial(
             _conv_matmul_weight_grad, groups=groups, forward=_split_groups_conv

@@ -25,8 +25,8 @@ P0, P1, P3 = ((0, 0), (0, 0)), ((1, 1), (1, 1)), ((3, 3), (3, 3))
 # sizes pick every formulation: 1x1 matmul; im2col for outputs of <= 64 pixels; otherwise XLA's
 # own conv with Eigen convolutions (at this batch of 3), and with YNNPACK's XLA conv + per-tap
 # matmul dW (>= 16 channels) or + im2col dW (fewer); grouped: one XLA conv per merged group
-# (block-diagonal kernels), with their own dW (Eigen, stride 1, at this batch) or a per-tap matmul
-# dW batched over the groups (strided, or YNNPACK).
+# (block-diagonal kernels), with their own dW (Eigen, at this batch) or a per-tap matmul dW
+# batched over the groups (YNNPACK).
 CASES = [
     (1, 1, P0, 1, 9, 8, 16, False),
     (1, 2, P0, 1, 9, 8, 16, False),  # strided 1x1 (downsample), odd size
@@ -46,8 +46,7 @@ CASES = [
     (3, 1, P1, 4, 9, 8, 16, False),  # 2 channels in and 4 out per group: merged into one
     (3, 1, P1, 2, 9, 64, 32, False),  # 32 channels per group: not merged
 ]
-# above conv.MATMUL_WEIGHT_GRAD_MAX_BATCH and GROUPED_MATMUL_WEIGHT_GRAD_MAX_BATCH, so that on
-# Eigen XLA's weight gradient is kept
+# above conv.MATMUL_WEIGHT_GRAD_MAX_BATCH, so that Eigen keeps XLA's weight gradient
 BATCH = 5
 IDS = [f"k{c[0]}s{c[1]}g{c[3]}h{c[4]}{'b' if c[7] else ''}-{c[2]}" for c in CASES]
 # the cases checked to float64 round-off and with forward mode: one of each formulation
@@ -222,8 +221,8 @@ def test_grouped_weight_gradient_alone_matches_xla():
 
 @pytest.mark.parametrize(
     ("batch", "stride", "convolutions", "matmul_dw"),
-    [(2, 1, 4, True), (8, 1, 8, False), (8, 2, 4, True)],
-    ids=["batch 2: matmul dW", "batch 8: per-group dW", "batch 8, strided: matmul dW"],
+    [(2, 1, 4, True), (2, 2, 4, True), (8, 1, 8, False), (8, 2, 8, False)],
+    ids=["batch 2: matmul dW", "batch 2, strided", "batch 8: per-group dW", "batch 8, strided"],
 )
 def test_grouped_convolutions_are_dense_only_on_cpu(batch, stride, convolutions, matmul_dw):
     """On CPU a grouped convolution (here 4 merged groups of 16 channels) is one dense XLA
