@@ -8,7 +8,7 @@ weight-gradient convolution is slow, on Eigen for batches of 1 or 2, where Eigen
 the few shapes where XLA:CPU's multi-output fusion would turn a convolution into a plain loop.
 Grouped convolutions (ResNeXt) become one dense XLA convolution per merged group of channels
 (adjacent groups merged into at least 16 input channels, block-diagonal kernels): XLA:CPU's
-grouped convolution is up to 2x slower than those, and its weight gradient, a batch-grouped
+grouped convolution is up to 3x slower than those, and its weight gradient, a batch-grouped
 convolution, 80-220x slower (a ResNeXt-50 train step took 90 s instead of 3.3 s for torch). Their
 weight gradient is then the dense convolutions' own or, where ungrouped ones take matmuls, per-tap
 matmuls batched over the groups. GPU/TPU keep XLA's native convolution (cuDNN on GPU): the choice is
