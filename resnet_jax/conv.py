@@ -256,27 +256,34 @@ def _cpu_formulation(
     (kh, kw), (sh, sw) = w_shape[:2], strides
     ho = (x_shape[1] + sum(padding[0]) - kh) // sh + 1
     wo = (x_shape[2] + sum(padding[1]) - kw) // sw + 1
-    # Eigen's weight gradient (of each merged group's convolution if grouped) where it is the
-    # faster one, unless XLA's multi-output fusion could turn a convolution into a loop
+    if groups == 1 and (kh, kw) == (1, 1):
+        return _matmul_conv1x1
+    if groups == 1 and ho * wo <= SMALL_OUTPUT_PIXELS:
+        return _im2col_conv
+    # Eigen's own weight gradient (of each merged group's convolution if grouped) beats the
+    # per-tap matmuls above these batches, unless XLA's multi-output fusion could turn a
+    # convolution into a loop
     merged = groups // _merge_factor(w_shape[2], groups)
-    collide = cpu_fusion.in_effect() and _weight_grad_copies_collide(
-        (*x_shape[:3], x_shape[3] // merged), (x_shape[0], ho, wo, w_shape[3] // merged)
+    own_weight_grad = (
+        xla_cpu.eigen_convolutions()
+        and x_shape[0] > MATMUL_WEIGHT_GRAD_MAX_BATCH
+        and not (
+            cpu_fusion.in_effect()
+            and _weight_grad_copies_collide(
+                (*x_shape[:3], x_shape[3] // merged), (x_shape[0], ho, wo, w_shape[3] // merged)
+            )
+        )
     )
-    own_weight_grad = xla_cpu.eigen_convolutions() and not collide
     if groups != 1:
         # Grouped (ResNeXt): never XLA's grouped convolution; its weight gradient, a
         # batch-grouped convolution, is 80-220x slower than per-tap matmuls.
-        if own_weight_grad and x_shape[0] > MATMUL_WEIGHT_GRAD_MAX_BATCH:
+        if own_weight_grad:
             return functools.partial(_split_groups_conv, groups=groups)
         return functools.partial(
             _conv_matmul_weight_grad, groups=groups, forward=_split_groups_conv
         )
-    if tuple(w_shape[:2]) == (1, 1):
-        return _matmul_conv1x1
-    if ho * wo <= SMALL_OUTPUT_PIXELS:
-        return _im2col_conv
-    if own_weight_grad and x_shape[0] > MATMUL_WEIGHT_GRAD_MAX_BATCH:
-        return None  # Eigen's own weight gradient beats the per-tap matmuls at these batches
+    if own_weight_grad:
+        return None
     return functools.partial(_conv_matmul_weight_grad, groups=1)
 
 
