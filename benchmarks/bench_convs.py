@@ -17,6 +17,10 @@ without a cap on their number, and with the library's settings: the sweep that c
 (`conv._conv_matmul_weight_grad`), on Eigen; then the same for ResNeXt-50's grouped convolutions
 as `conv._split_groups_conv`; "library" says which one `conv.conv2d` takes. Run at several batch
 sizes, it chose `conv.MATMUL_WEIGHT_GRAD_MAX_BATCH`.
+`--vs-torch ARCH`: every distinct convolution of ARCH (1x1, kxk, grouped; shapes recorded from
+torchvision's model at --image-size), forward + the gradients a train step needs, `conv.conv2d`
+vs torch's `Conv2d` (NCHW, as `bench_models.py` runs it), each times how often the net runs it:
+where a whole network's train step gains or loses against torch's.
 
 Variants alternate call by call; medians.
 Example: python benchmarks/bench_convs.py --batch-size 8 --rounds 7
@@ -25,7 +29,9 @@ Example: python benchmarks/bench_convs.py --batch-size 8 --rounds 7
 from __future__ import annotations
 
 import argparse
+import collections
 import functools
+import os
 import statistics
 import time
 from collections.abc import Callable, Iterator
@@ -35,7 +41,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from resnet_jax import conv, xla_cpu
+from resnet_jax import conv, models, xla_cpu
 
 # (input size, in channels, out channels, kernel, stride) of ResNet-50's kxk convolutions
 SHAPES = [
@@ -239,6 +245,91 @@ def weight_grad(batch: int, rounds: int) -> None:
         )
 
 
+def _torchvision_convolutions(arch: str, batch: int, size: int) -> collections.Counter:
+    """How often torchvision's `arch` runs each distinct convolution on a (batch, 3, size, size)
+    input, keyed by (NCHW input shape, out channels, kernel, stride, padding, groups)."""
+    import torch
+    import torchvision
+
+    model = getattr(torchvision.models, arch)()
+    counts: collections.Counter = collections.Counter()
+
+    def record(module, inputs, _output) -> None:
+        counts[
+            (
+                tuple(inputs[0].shape),
+                module.out_channels,
+                module.kernel_size,
+                module.stride,
+                module.padding,
+                module.groups,
+            )
+        ] += 1
+
+    for module in model.modules():
+        if isinstance(module, torch.nn.Conv2d):
+            module.register_forward_hook(record)
+    with torch.no_grad():
+        model(torch.zeros(batch, 3, size, size))
+    return counts
+
+
+def vs_torch(arch: str, batch: int, size: int, rounds: int) -> None:
+    """Each convolution of `arch`'s train step (forward, weight gradient and, except for the
+    stem, input gradient; cotangent: the output), torch's `Conv2d` vs `conv.conv2d`, alternating."""
+    import torch
+
+    torch.set_num_threads(len(os.sched_getaffinity(0)))
+    print(
+        "| input | channels/groups | kernel/stride | runs per step | torch ms | resnet_jax ms "
+        "| resnet_jax/torch |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    totals = {"torch": 0.0, "resnet_jax": 0.0}
+    for (shape, cout, kernel, stride, padding, groups), count in _torchvision_convolutions(
+        arch, batch, size
+    ).items():
+        n, cin, h, w_ = shape
+        stem = cin == 3  # the image needs no gradient
+        x_t = torch.randn(shape, requires_grad=not stem)
+        layer = torch.nn.Conv2d(cin, cout, kernel, stride, padding, groups=groups, bias=False)
+
+        def torch_step(layer=layer, x_t=x_t) -> None:
+            y = layer(x_t)
+            y.backward(y.detach())
+
+        x = jnp.asarray(x_t.detach().permute(0, 2, 3, 1).numpy())
+        w = jnp.asarray(layer.weight.detach().permute(2, 3, 1, 0).numpy())
+        pads = tuple((p, p) for p in padding)
+
+        def passes(x, w, stride=stride, pads=pads, groups=groups, stem=stem):
+            y, vjp = jax.vjp(lambda x, w: conv.conv2d(x, w, stride, pads, groups), x, w)
+            dx, dw = vjp(y)  # cotangent y, as torch's above
+            return dw if stem else (dx, dw)
+
+        step = jax.jit(passes).lower(x, w).compile()
+        times = {"torch": [], "resnet_jax": []}
+        for _ in range(rounds + 1):
+            start = time.perf_counter()
+            torch_step()
+            times["torch"].append(time.perf_counter() - start)
+            start = time.perf_counter()
+            jax.block_until_ready(step(x, w))
+            times["resnet_jax"].append(time.perf_counter() - start)
+        torch_ms, ours_ms = (statistics.median(t[1:]) * 1e3 for t in times.values())
+        totals["torch"] += count * torch_ms
+        totals["resnet_jax"] += count * ours_ms
+        print(
+            f"| {h}x{w_} | {cin}->{cout}/{groups} | {kernel[0]}x{kernel[1]}/{stride[0]} | {count} "
+            f"| {torch_ms:.1f} | {ours_ms:.1f} | {ours_ms / torch_ms:.2f} |",
+            flush=True,
+        )
+    print(
+        f"| all | {arch} | | | {totals['torch']:.0f} | {totals['resnet_jax']:.0f} "
+        f"| {totals['resnet_jax'] / totals['torch']:.2f} |"
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--batch-size", type=int, default=8)
@@ -251,9 +342,20 @@ def main(argv: list[str] | None = None) -> None:
     mode.add_argument(
         "--weight-grad", action="store_true", help="XLA's vs a matmul weight gradient"
     )
+    mode.add_argument(
+        "--vs-torch",
+        metavar="ARCH",
+        type=models.check_arch,
+        help="every convolution of ARCH's train step, conv.conv2d vs torch",
+    )
+    p.add_argument("--image-size", type=int, default=224, help="for --vs-torch")
     args = p.parse_args(argv)
 
     print(f"batch {args.batch_size}, jax {jax.__version__}, {jax.devices()[0].device_kind}")
+    if args.vs_torch:
+        print(f"{args.vs_torch} at {args.image_size} px")
+        vs_torch(args.vs_torch, args.batch_size, args.image_size, args.rounds)
+        return
     modes = {"grouped": grouped, "merge_sweep": merge_sweep, "weight_grad": weight_grad}
     bench = next((fn for name, fn in modes.items() if getattr(args, name)), kernel_libraries)
     bench(args.batch_size, args.rounds)
