@@ -4,7 +4,8 @@ Default: YNNPACK (XLA's default) vs Eigen (what `resnet_jax.xla_cpu` picks), the
 convolution and its input gradient for each distinct kxk convolution of ResNet-50 at 224 px,
 compiled once with each kernel library through per-jit compiler options.
 
-`--grouped`: ResNeXt-50 (32x4d)'s grouped 3x3 convolutions, per pass: XLA's grouped convolution
+`--grouped`: the grouped 3x3 convolutions of a ResNeXt (`--arch`, default resnext50_32x4d; each
+distinct shape at 224 px), per pass: XLA's grouped convolution
 with its own gradients, the same on the merged groups `resnet_jax.conv` uses (block-diagonal
 kernels, fewer and larger groups), and `resnet_jax.conv.conv2d` (one dense convolution per merged
 group), all on the process's kernels (Eigen once `resnet_jax` is imported).
@@ -14,7 +15,7 @@ without a cap on their number, and with the library's settings: the sweep that c
 `conv.MERGED_GROUP_CHANNELS`.
 `--weight-grad`: ResNet-50's kxk convolutions (outputs above `conv.SMALL_OUTPUT_PIXELS`), forward
 + input gradient + weight gradient, XLA's own weight gradient vs a matmul weight gradient
-(`conv._conv_matmul_weight_grad`), on Eigen; then the same for ResNeXt-50's grouped convolutions
+(`conv._conv_matmul_weight_grad`), on Eigen; then the same for the ResNeXt's grouped convolutions
 as `conv._split_groups_conv`; "library" says which one `conv.conv2d` takes. Run at several batch
 sizes, it chose `conv.MATMUL_WEIGHT_GRAD_MAX_BATCH`.
 `--vs-torch ARCH`: every distinct convolution of ARCH (1x1, kxk, grouped; shapes recorded from
@@ -54,17 +55,6 @@ SHAPES = [
     (14, 512, 512, 3, 2),
     (7, 512, 512, 3, 1),
 ]
-# (input size, channels, stride) of ResNeXt-50 32x4d's grouped 3x3 convolutions
-GROUPED_SHAPES = [
-    (56, 128, 1),
-    (56, 256, 2),
-    (28, 256, 1),
-    (28, 512, 2),
-    (14, 512, 1),
-    (14, 1024, 2),
-    (7, 1024, 1),
-]
-GROUPS = 32
 KERNELS = {"YNNPACK": xla_cpu.YNN_DEFAULT_COMPILER_OPTIONS, "Eigen": xla_cpu.COMPILER_OPTIONS}
 
 
@@ -123,39 +113,58 @@ def kernel_libraries(batch: int, rounds: int) -> None:
             )
 
 
-def _grouped_operands(batch: int) -> Iterator[tuple]:
-    """(size, channels, stride, x, w) for each of ResNeXt-50's grouped shapes, random data."""
+def grouped_shapes(arch: str) -> tuple[int, list[tuple[int, int, int]]]:
+    """The groups of `arch` and the (input size, channels, stride) of each distinct grouped 3x3
+    convolution it runs at 224 px (in Bottleneck's conv2; each stage but the first starts
+    strided)."""
+    model = models.get_model(arch)
+    if model.groups == 1:
+        raise SystemExit(f"bench_convs: {arch} has no grouped convolutions; choose a ResNeXt")
+    shapes, size = [], 56
+    for stage, blocks in enumerate(model.stage_sizes):
+        channels = 64 * 2**stage * model.width_per_group // 64 * model.groups
+        stride = 1 if stage == 0 else 2
+        shapes.append((size, channels, stride))
+        size //= stride
+        if stride != 1 and blocks > 1:
+            shapes.append((size, channels, 1))
+    return model.groups, shapes
+
+
+def _grouped_operands(arch: str, batch: int) -> Iterator[tuple]:
+    """(size, channels, groups, stride, x, w) for each of `arch`'s grouped shapes, random data."""
     key = jax.random.key(0)
-    for size, channels, stride in GROUPED_SHAPES:
+    groups, shapes = grouped_shapes(arch)
+    for size, channels, stride in shapes:
         x = jax.random.normal(key, (batch, size, size, channels))
-        w = jax.random.normal(key, (3, 3, channels // GROUPS, channels)) * 0.05
-        yield size, channels, stride, x, w
+        w = jax.random.normal(key, (3, 3, channels // groups, channels)) * 0.05
+        yield size, channels, groups, stride, x, w
 
 
-def _xla_merged(x, w, strides, pad):
+def _xla_merged(x, w, strides, pad, groups):
     """XLA's grouped convolution over the merged groups `conv.conv2d` uses (block-diagonal
     kernels), with XLA's own gradients."""
-    kernels = conv._block_diagonal_kernels(w, GROUPS)
+    kernels = conv._block_diagonal_kernels(w, groups)
     merged, kh, kw, cin, _ = kernels.shape
     kernel = jnp.moveaxis(kernels, 0, 3).reshape(kh, kw, cin, -1)
     return conv._lax_conv(x, kernel, strides, pad, merged)
 
 
-def grouped(batch: int, rounds: int) -> None:
+def grouped(arch: str, batch: int, rounds: int) -> None:
     """XLA's grouped convolution and gradients, on the groups as they are and merged, vs
-    `conv.conv2d` on ResNeXt-50's shapes."""
+    `conv.conv2d` on `arch`'s grouped shapes."""
     print(
         "| input | channels/groups | stride | pass | XLA ms | XLA merged ms | resnet_jax ms "
         "| XLA/resnet_jax |"
     )
     print("|---|---|---|---|---|---|---|---|")
     pad = ((1, 1), (1, 1))
-    for size, channels, stride, x, w in _grouped_operands(batch):
+    for size, channels, groups, stride, x, w in _grouped_operands(arch, batch):
         strides = (stride, stride)
         variants = {
-            "XLA": lambda x, w, s=strides: conv._lax_conv(x, w, s, pad, GROUPS),
-            "XLA merged": lambda x, w, s=strides: _xla_merged(x, w, s, pad),
-            "resnet_jax": lambda x, w, s=strides: conv.conv2d(x, w, s, pad, GROUPS),
+            "XLA": lambda x, w, s=strides, g=groups: conv._lax_conv(x, w, s, pad, g),
+            "XLA merged": lambda x, w, s=strides, g=groups: _xla_merged(x, w, s, pad, g),
+            "resnet_jax": lambda x, w, s=strides, g=groups: conv.conv2d(x, w, s, pad, g),
         }
         passes = {name: _passes(fn, weight_grad=True) for name, fn in variants.items()}
         for pass_name in passes["XLA"]:
@@ -164,18 +173,19 @@ def grouped(batch: int, rounds: int) -> None:
             }
             xla_ms, merged_ms, ours_ms = _medians_ms(compiled, x, w, rounds)
             print(
-                f"| {size}x{size} | {channels}/{GROUPS} | {stride} | {pass_name} | {xla_ms:.1f} | "
+                f"| {size}x{size} | {channels}/{groups} | {stride} | {pass_name} | {xla_ms:.1f} | "
                 f"{merged_ms:.1f} | {ours_ms:.1f} | {xla_ms / ours_ms:.1f} |",
                 flush=True,
             )
 
 
-def merge_sweep(batch: int, rounds: int) -> None:
-    """All three passes of `conv.conv2d` on ResNeXt-50's grouped shapes for several
+def merge_sweep(arch: str, batch: int, rounds: int) -> None:
+    """All three passes of `conv.conv2d` on `arch`'s grouped shapes for several
     `conv.MERGED_GROUP_CHANNELS` (read when the convolution is traced), uncapped, and with the
     library's settings."""
     targets = (4, 8, 16, 32, 64)
-    settings = {t: dict(MERGED_GROUP_CHANNELS=t, MAX_GROUP_CONVOLUTIONS=GROUPS) for t in targets}
+    groups, _ = grouped_shapes(arch)
+    settings = {t: dict(MERGED_GROUP_CHANNELS=t, MAX_GROUP_CONVOLUTIONS=groups) for t in targets}
     settings["library"] = dict(MERGED_GROUP_CHANNELS=conv.MERGED_GROUP_CHANNELS)
     print(
         "| input | channels/groups | stride | "
@@ -184,15 +194,15 @@ def merge_sweep(batch: int, rounds: int) -> None:
     )
     print("|---|---|---|" + "---|" * len(settings))
     pad = ((1, 1), (1, 1))
-    for size, channels, stride, x, w in _grouped_operands(batch):
+    for size, channels, groups, stride, x, w in _grouped_operands(arch, batch):
         compiled = {}
         for name, patch in settings.items():
-            fn = _all_passes(conv.conv2d, stride, pad, GROUPS)
+            fn = _all_passes(conv.conv2d, stride, pad, groups)
             with mock.patch.multiple(conv, **patch):  # a fresh `fn`: jit caches traces by function
                 compiled[name] = jax.jit(fn).lower(x, w).compile()
         medians = _medians_ms(compiled, x, w, rounds)
         print(
-            f"| {size}x{size} | {channels}/{GROUPS} | {stride} | "
+            f"| {size}x{size} | {channels}/{groups} | {stride} | "
             + " | ".join(f"{ms:.1f}" for ms in medians)
             + " |",
             flush=True,
@@ -210,20 +220,29 @@ def _all_passes(convolve: Callable, stride: int, pad, groups: int = 1) -> Callab
     return fn
 
 
-def weight_grad(batch: int, rounds: int) -> None:
+def weight_grad(arch: str, batch: int, rounds: int) -> None:
     """Forward + input gradient + weight gradient with XLA's own vs a matmul weight gradient,
-    on the process's kernels (Eigen): ResNet-50's convolutions as XLA's, ResNeXt-50's grouped
-    ones as `conv._split_groups_conv`."""
+    on the process's kernels (Eigen): ResNet-50's convolutions as XLA's, `arch`'s grouped ones
+    as `conv._split_groups_conv`."""
     print("| input | channels | kernel/stride | XLA dW ms | matmul dW ms | XLA/matmul | library |")
     print("|---|---|---|---|---|---|---|")
     key = jax.random.key(0)
+    groups, shapes = grouped_shapes(arch)
     cases = [
         (size, f"{cin}->{cout}", k, stride, (batch, size, size, cin), (k, k, cin, cout), 1)
         for size, cin, cout, k, stride in SHAPES
         if (size // stride) ** 2 > conv.SMALL_OUTPUT_PIXELS  # else always one im2col matmul
     ] + [
-        (size, f"{ch}/{GROUPS}", 3, stride, (batch, size, size, ch), (3, 3, ch // GROUPS, ch), 32)
-        for size, ch, stride in GROUPED_SHAPES
+        (
+            size,
+            f"{ch}/{groups}",
+            3,
+            stride,
+            (batch, size, size, ch),
+            (3, 3, ch // groups, ch),
+            groups,
+        )
+        for size, ch, stride in shapes
     ]
     for size, channels, k, stride, x_shape, w_shape, groups in cases:
         x = jax.random.normal(key, x_shape)
@@ -335,9 +354,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--rounds", type=int, default=7, help="alternating timed calls per variant")
     mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--grouped", action="store_true", help="ResNeXt-50's grouped convolutions")
+    mode.add_argument("--grouped", action="store_true", help="a ResNeXt's grouped convolutions")
     mode.add_argument(
-        "--merge-sweep", action="store_true", help="merged groups of several sizes (ResNeXt-50)"
+        "--merge-sweep", action="store_true", help="merged groups of several sizes (a ResNeXt)"
     )
     mode.add_argument(
         "--weight-grad", action="store_true", help="XLA's vs a matmul weight gradient"
@@ -349,6 +368,12 @@ def main(argv: list[str] | None = None) -> None:
         help="every convolution of ARCH's train step, conv.conv2d vs torch",
     )
     p.add_argument("--image-size", type=int, default=224, help="for --vs-torch")
+    p.add_argument(
+        "--arch",
+        type=models.check_arch,
+        default="resnext50_32x4d",
+        help="the ResNeXt of --grouped, --merge-sweep and --weight-grad's grouped convolutions",
+    )
     args = p.parse_args(argv)
 
     print(f"batch {args.batch_size}, jax {jax.__version__}, {jax.devices()[0].device_kind}")
@@ -357,8 +382,12 @@ def main(argv: list[str] | None = None) -> None:
         vs_torch(args.vs_torch, args.batch_size, args.image_size, args.rounds)
         return
     modes = {"grouped": grouped, "merge_sweep": merge_sweep, "weight_grad": weight_grad}
-    bench = next((fn for name, fn in modes.items() if getattr(args, name)), kernel_libraries)
-    bench(args.batch_size, args.rounds)
+    bench = next((fn for name, fn in modes.items() if getattr(args, name)), None)
+    if bench is None:
+        kernel_libraries(args.batch_size, args.rounds)
+    else:
+        print(f"grouped convolutions of {args.arch}")
+        bench(args.arch, args.batch_size, args.rounds)
 
 
 if __name__ == "__main__":
