@@ -270,7 +270,7 @@ def _torchvision_convolutions(arch: str, batch: int, size: int) -> collections.C
     import torch
     import torchvision
 
-    model = getattr(torchvision.models, arch)()
+    model = getattr(torchvision.models, arch)().eval()  # eval: any batch size, same shapes
     counts: collections.Counter = collections.Counter()
 
     def record(module, inputs, _output) -> None:
