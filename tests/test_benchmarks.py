@@ -1,0 +1,90 @@
+"""The benchmark commands run end to end on tiny shapes, so that the prepared GPU run (rarely
+possible) and the CPU tools cannot break unseen. Their timings are not checked: benchmarks are
+commands, not timed tests."""
+
+import re
+import subprocess
+import sys
+
+from helpers import LAUNCH_TIMEOUT_S, ROOT, script_env
+
+BENCHMARKS = ROOT / "benchmarks"
+TINY = ("--archs", "resnet18", "--batch-sizes", "2", "--image-size", "32", "--rounds", "1")
+
+
+def _run(*command: str, **env: str) -> subprocess.CompletedProcess:
+    result = subprocess.run(
+        command,
+        cwd=ROOT,
+        env=script_env(**env),
+        capture_output=True,
+        text=True,
+        timeout=LAUNCH_TIMEOUT_S,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def _rows(table: str, arch: str) -> list[list[str]]:
+    """The cells of the markdown table rows that start with `arch`."""
+    return [
+        [cell.strip() for cell in line.strip("|").split("|")]
+        for line in table.splitlines()
+        if line.startswith(f"| {arch} |")
+    ]
+
+
+def test_gpu_benchmark_script_writes_its_table(tmp_path):
+    """`gpu_benchmark.sh` (here on CPU, with its documented dry-run overrides) writes the
+    report to $OUT/gpu_benchmark.md: the command, the environment and one row per framework,
+    mode and dtype, JAX's with its ratio to torch."""
+    _run(
+        "bash",
+        str(BENCHMARKS / "gpu_benchmark.sh"),
+        *TINY,
+        "--modes",
+        "infer",
+        "--dtypes",
+        "fp32",
+        "--steps",
+        "1",
+        OUT=str(tmp_path),
+        PYTHON=sys.executable,
+    )
+    report = (tmp_path / "gpu_benchmark.md").read_text()
+    assert report.startswith("## GPU, ")
+    assert "`python benchmarks/bench_models.py --archs resnet50 --batch-sizes 256" in report
+    assert re.search(r"python 3\.\d+.*, jax \S+ \(cpu: cpu\), torch ", report)
+    rows = _rows(report, "resnet18")
+    assert [row[2:5] for row in rows] == [["infer", "fp32", "torch"], ["infer", "fp32", "jax-Conv"]]
+    torch_row, jax_row = rows
+    assert torch_row[9] == "1.00"
+    assert float(jax_row[9]) > 0 and float(jax_row[5]) > 0  # vs torch, median ms
+    assert jax_row[13].startswith("XLA temp ")
+
+
+def test_convolutions_vs_torch_cover_the_net(tmp_path):
+    """`bench_convs.py --vs-torch` times every distinct convolution of the net once, with how
+    often a step runs it: resnet18 has 20 convolutions (and 11 distinct shapes)."""
+    result = _run(
+        sys.executable,
+        str(BENCHMARKS / "bench_convs.py"),
+        "--vs-torch",
+        "resnet18",
+        "--batch-size",
+        "1",
+        "--image-size",
+        "32",
+        "--rounds",
+        "1",
+    )
+    rows = [
+        [cell.strip() for cell in line.strip("|").split("|")]
+        for line in result.stdout.splitlines()
+        if re.match(r"\| \d+x\d+ \|", line)
+    ]
+    assert len(rows) == 11
+    assert sum(int(row[3]) for row in rows) == 20
+    assert rows[0][:3] == ["32x32", "3->64/1", "7x7/2"]
+    (total,) = _rows(result.stdout, "all")
+    assert total[1] == "resnet18"
