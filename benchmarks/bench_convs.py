@@ -114,21 +114,16 @@ def kernel_libraries(batch: int, rounds: int) -> None:
 
 
 def grouped_shapes(arch: str) -> tuple[int, list[tuple[int, int, int]]]:
-    """The groups of `arch` and the (input size, channels, stride) of each distinct grouped 3x3
-    convolution it runs at 224 px (in Bottleneck's conv2; each stage but the first starts
-    strided)."""
-    model = models.get_model(arch)
-    if model.groups == 1:
+    """The groups of `arch` and the (input size, channels, stride) of each distinct grouped
+    convolution it runs at 224 px, in the order the net runs them."""
+    grouped = [
+        (shape[2], shape[1], stride[0], groups)
+        for shape, _, _, stride, _, groups in _torchvision_convolutions(arch, 1, 224)
+        if groups > 1
+    ]
+    if not grouped:
         raise SystemExit(f"bench_convs: {arch} has no grouped convolutions; choose a ResNeXt")
-    shapes, size = [], 56
-    for stage, blocks in enumerate(model.stage_sizes):
-        channels = 64 * 2**stage * model.width_per_group // 64 * model.groups
-        stride = 1 if stage == 0 else 2
-        shapes.append((size, channels, stride))
-        size //= stride
-        if stride != 1 and blocks > 1:
-            shapes.append((size, channels, 1))
-    return model.groups, shapes
+    return grouped[0][3], [shape[:3] for shape in grouped]
 
 
 def _grouped_operands(arch: str, batch: int) -> Iterator[tuple]:
@@ -209,13 +204,16 @@ def merge_sweep(arch: str, batch: int, rounds: int) -> None:
         )
 
 
-def _all_passes(convolve: Callable, stride: int, pad, groups: int = 1) -> Callable:
-    """(x, w) -> `convolve(x, w, strides, pad, groups)` and both its gradients (cotangent: the
-    output)."""
+def _all_passes(
+    convolve: Callable, stride: int, pad, groups: int = 1, input_grad: bool = True
+) -> Callable:
+    """(x, w) -> `convolve(x, w, strides, pad, groups)` and its gradients (cotangent: the
+    output): both, or only the weight gradient (`input_grad=False`, a net's stem)."""
 
     def fn(x, w):
         y, vjp = jax.vjp(lambda x, w: convolve(x, w, (stride, stride), pad, groups), x, w)
-        return y, vjp(y)
+        dx, dw = vjp(y)
+        return (y, (dx, dw)) if input_grad else (y, dw)
 
     return fn
 
@@ -320,13 +318,8 @@ def vs_torch(arch: str, batch: int, size: int, rounds: int) -> None:
         x = jnp.asarray(x_t.detach().permute(0, 2, 3, 1).numpy())
         w = jnp.asarray(layer.weight.detach().permute(2, 3, 1, 0).numpy())
         pads = tuple((p, p) for p in padding)
-
-        def passes(x, w, stride=stride, pads=pads, groups=groups, stem=stem):
-            y, vjp = jax.vjp(lambda x, w: conv.conv2d(x, w, stride, pads, groups), x, w)
-            dx, dw = vjp(y)  # cotangent y, as torch's above
-            return dw if stem else (dx, dw)
-
-        step = jax.jit(passes).lower(x, w).compile()
+        passes = _all_passes(conv.conv2d, stride[0], pads, groups, input_grad=not stem)
+        step = jax.jit(passes).lower(x, w).compile()  # cotangent y, as torch's above
         times = {"torch": [], "resnet_jax": []}
         for _ in range(rounds + 1):
             start = time.perf_counter()
