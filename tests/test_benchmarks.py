@@ -25,12 +25,12 @@ def _run(*command: str, **env: str) -> subprocess.CompletedProcess:
     return result
 
 
-def _rows(table: str, arch: str) -> list[list[str]]:
-    """The cells of the markdown table rows that start with `arch`."""
+def _rows(table: str, first_cell: str) -> list[list[str]]:
+    """The cells of the markdown table rows whose first cell matches `first_cell` (a regex)."""
     return [
         [cell.strip() for cell in line.strip("|").split("|")]
         for line in table.splitlines()
-        if line.startswith(f"| {arch} |")
+        if re.match(rf"\| {first_cell} \|", line)
     ]
 
 
@@ -78,11 +78,7 @@ def test_convolutions_vs_torch_cover_the_net(tmp_path):
         "--rounds",
         "1",
     )
-    rows = [
-        [cell.strip() for cell in line.strip("|").split("|")]
-        for line in result.stdout.splitlines()
-        if re.match(r"\| \d+x\d+ \|", line)
-    ]
+    rows = _rows(result.stdout, r"\d+x\d+")
     assert len(rows) == 11
     assert sum(int(row[3]) for row in rows) == 20
     assert rows[0][:3] == ["32x32", "3->64/1", "7x7/2"]
