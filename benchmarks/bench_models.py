@@ -12,7 +12,9 @@ process that holds for torch as well. Run with RESNET_JAX_RETAIN_HOST_MEMORY=0 t
 with glibc's default behaviour. "page faults/step" shows the difference; "peak RSS" is the RSS
 growth during a phase, so memory retained from earlier phases does not show in it. It also
 sends XLA:CPU's convolutions to Eigen (`resnet_jax.xla_cpu`); `jax-Conv-ynn` compiles the same
-model with XLA's default YNNPACK convolutions, to compare the two in one run. On a GPU the note
+model with XLA's default YNNPACK convolutions, to compare the two in one run; `jax-Conv-cap16`
+traces it with grouped convolutions merged into at most 16 per layer (`conv.MAX_GROUP_CONVOLUTIONS`,
+32 by default; it trades step time for compile time on ResNeXts). On a GPU the note
 column adds device memory: for JAX the step's footprint from XLA's memory analysis (arguments +
 outputs - donated buffers + temporaries), for torch the CUDA peak over the timed steps. A case
 that raises (e.g. out of memory) gets a "failed" row naming the error, the other cases still run,
@@ -46,17 +48,29 @@ import jax
 import jax.numpy as jnp
 from sgd_step import LR, MOMENTUM, random_batch, sgd_train_step
 
-from resnet_jax import cpu_fusion, host_memory, models, xla_cpu
+from resnet_jax import conv, cpu_fusion, host_memory, models, xla_cpu
 from resnet_jax.conv import Conv
 
-IMPLS = ("torch", "jax-nn.Conv", "jax-Conv", "jax-Conv-ynn")
+IMPLS = ("torch", "jax-nn.Conv", "jax-Conv", "jax-Conv-ynn", "jax-Conv-cap16")
 JAX_CONVS: dict[str, Callable[..., nn.Module]] = {
     "jax-nn.Conv": nn.Conv,
     "jax-Conv": Conv,
     "jax-Conv-ynn": Conv,
+    "jax-Conv-cap16": Conv,
 }
 # jax-Conv-ynn: the library's model compiled with XLA's default, YNNPACK convolutions (what
 # importing resnet_jax changes on CPU, see resnet_jax.xla_cpu), for an A/B in one process.
+CAPPED_GROUP_CONVOLUTIONS = 16  # jax-Conv-cap16: the setting before BENCHMARKS.md item 19
+
+
+@contextlib.contextmanager
+def _max_group_convolutions(cap: int):
+    """Trace `conv.Conv` with grouped convolutions merged into at most `cap` per layer."""
+    default, conv.MAX_GROUP_CONVOLUTIONS = conv.MAX_GROUP_CONVOLUTIONS, cap
+    try:
+        yield
+    finally:
+        conv.MAX_GROUP_CONVOLUTIONS = default
 
 
 def _status_kb(key: str) -> int:
@@ -113,12 +127,17 @@ def _jax_runner(impl: str, arch: str, batch: int, size: int, mode: str, dtype: s
     x, y = random_batch(batch, size)
     ynn = impl == "jax-Conv-ynn"
     options = xla_cpu.YNN_DEFAULT_COMPILER_OPTIONS if ynn else None
-    # Conv picks its formulation for the kernels it will run on when traced.
-    kernels = xla_cpu.assume_eigen_convolutions(False) if ynn else contextlib.nullcontext()
+    # Conv picks its formulation (for the convolution kernels it will run on) when traced.
+    if ynn:
+        tracing = xla_cpu.assume_eigen_convolutions(False)
+    elif impl == "jax-Conv-cap16":
+        tracing = _max_group_convolutions(CAPPED_GROUP_CONVOLUTIONS)
+    else:
+        tracing = contextlib.nullcontext()
     t0 = time.perf_counter()
     if mode == "infer":
         fn = jax.jit(lambda v, x: model.apply(v, x, train=False), compiler_options=options)
-        with kernels:
+        with tracing:
             compiled = fn.lower(variables, x).compile()
         state = {"v": variables}
 
@@ -130,7 +149,7 @@ def _jax_runner(impl: str, arch: str, batch: int, size: int, mode: str, dtype: s
         params, batch_stats = variables["params"], variables["batch_stats"]
         opt_state = tx.init(params)
         fn = jax.jit(train_step, donate_argnums=(0, 1, 2), compiler_options=options)
-        with kernels:
+        with tracing:
             compiled = fn.lower(params, batch_stats, opt_state, x, y).compile()
         state = {"s": (params, batch_stats, opt_state)}
 

@@ -84,3 +84,22 @@ def test_convolutions_vs_torch_cover_the_net(tmp_path):
     assert rows[0][:3] == ["32x32", "3->64/1", "7x7/2"]
     (total,) = _rows(result.stdout, "all")
     assert total[1] == "resnet18"
+
+
+def test_model_benchmark_compares_group_caps(tmp_path):
+    """`bench_models.py` times a ResNeXt as the library traces it and with item 19's earlier cap of
+    16 grouped convolutions per layer (`jax-Conv-cap16`), each with its ratio to torch, and writes
+    the table with its command to --output."""
+    report = tmp_path / "report.md"
+    _run(
+        sys.executable,
+        str(BENCHMARKS / "bench_models.py"),
+        *("--archs", "resnext50_32x4d", "--batch-sizes", "2", "--image-size", "32"),
+        *("--rounds", "1", "--steps", "1", "--modes", "infer"),
+        *("--impls", "torch,jax-Conv,jax-Conv-cap16", "--output", str(report)),
+    )
+    text = report.read_text()
+    assert "--impls torch,jax-Conv,jax-Conv-cap16" in text
+    rows = _rows(text, "resnext50_32x4d")
+    assert [row[4] for row in rows] == ["torch", "jax-Conv", "jax-Conv-cap16"]
+    assert all(float(row[9]) > 0 for row in rows)
