@@ -43,7 +43,8 @@ SMALL_OUTPUT_PIXELS = 64
 MATMUL_WEIGHT_GRAD_MAX_BATCH = 2
 # Grouped convolutions merge adjacent groups into groups of at least this many input channels,
 # and into at most this many groups (each one convolution: compile time grows with their number;
-# 16 compiles a ResNeXt-101 train step 10-25 s faster and runs it 6-8% slower, BENCHMARKS item 19).
+# 16 compiles a ResNeXt-101 train step 10-22 s faster and runs it up to 11% slower, BENCHMARKS.md
+# item 19).
 MERGED_GROUP_CHANNELS = 16
 MAX_GROUP_CONVOLUTIONS = 32
 
