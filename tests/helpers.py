@@ -8,9 +8,21 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
+import pytest
+
+from resnet_jax import xla_cpu
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ROOT / "scripts"
 LAUNCH_TIMEOUT_S = 600  # generous: the machine may be shared; a hang fails here, not forever
+# What importing resnet_jax does to XLA:CPU (xla_cpu, cpu_fusion), for the jaxlibs it does it for;
+# older ones are left alone (test_backend.py::test_older_jaxlib_is_left_alone), and their XLA may
+# not run convolutions on YNNPACK.
+CHECKED_JAXLIB = xla_cpu.jaxlib_version() >= xla_cpu.MIN_JAXLIB
+checked_jaxlib = pytest.mark.skipif(
+    not CHECKED_JAXLIB,
+    reason=f"jaxlib older than {xla_cpu.MIN_JAXLIB}: resnet_jax leaves XLA's CPU settings alone",
+)
 
 
 def load_script(name: str) -> ModuleType:

@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 
+from helpers import checked_jaxlib
+
 from resnet_jax import cpu_fusion
 
 BLOCKS = 6
@@ -56,6 +58,7 @@ def _probe(setting: str, xla_flags: str, jax_started_first: bool = False) -> dic
     return json.loads(proc.stdout.splitlines()[-1])
 
 
+@checked_jaxlib
 def test_import_stops_copies_across_blocks_and_keeps_user_flags():
     # A backend option of the user's own: XLA accumulates repeated --xla_backend_extra_options.
     users = "--xla_force_host_platform_device_count=2 --xla_backend_extra_options=xla_cpu_unused"
@@ -78,6 +81,7 @@ def test_users_own_option_is_left_alone():
     assert result["in_effect"] is True
 
 
+@checked_jaxlib
 def test_option_set_too_late_is_not_in_effect():
     """Imported after JAX started: the option is in XLA_FLAGS, but XLA has read them already."""
     late = _probe("1", "", jax_started_first=True)

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from helpers import CHECKED_JAXLIB
 from jax.sharding import Mesh, PartitionSpec
 
 from resnet_jax import ops
@@ -74,7 +75,8 @@ def test_relu_forward_mode_and_hvp_match_jax_nn_relu():
 def test_relu_backward_keeps_the_output_not_the_pre_activation():
     """In a layer -> scale/shift -> relu -> layer chain, the backward pass needs the relu output
     for the second layer's weight gradient anyway; with `ops.relu` nothing else of that size is
-    kept, with `jax.nn.relu` the pre-activation is too."""
+    kept, with `jax.nn.relu` the pre-activation is too (the XLA of the jaxlibs checked; older ones
+    keep the same for both)."""
     x = jnp.ones((512, 256))
     w = jnp.full((256, 256), 0.01)
 
@@ -85,8 +87,8 @@ def test_relu_backward_keeps_the_output_not_the_pre_activation():
         compiled = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(w, w).compile()
         return compiled.memory_analysis().temp_size_in_bytes
 
-    activation = x.size * x.dtype.itemsize
-    assert temporaries(ops.relu) <= temporaries(jax.nn.relu) - activation
+    saved = x.size * x.dtype.itemsize if CHECKED_JAXLIB else 0
+    assert temporaries(ops.relu) <= temporaries(jax.nn.relu) - saved
 
 
 def _reference_batch_norm(x, scale, bias, epsilon=1e-5):

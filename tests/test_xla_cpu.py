@@ -8,18 +8,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
+from helpers import checked_jaxlib
 
 from resnet_jax import cpu_fusion, xla_cpu
 
 TESTS_DIR = Path(__file__).resolve().parent
-# What importing resnet_jax does to XLA:CPU, for the jaxlibs it does it for; older ones are left
-# alone (test_backend.py::test_older_jaxlib_is_left_alone), and their XLA may not run
-# convolutions on YNNPACK.
-checked_jaxlib = pytest.mark.skipif(
-    xla_cpu.jaxlib_version() < xla_cpu.MIN_JAXLIB,
-    reason=f"jaxlib older than {xla_cpu.MIN_JAXLIB}: resnet_jax leaves XLA's kernels alone",
-)
 
 
 def ynnpack_kernels(compiler_options: dict | None = None) -> dict[str, bool]:
