@@ -58,6 +58,17 @@ def run_script(name: str, *args: str, **env: str) -> subprocess.CompletedProcess
     )
 
 
+def cpu_probe(code: str, xla_flags: str, timeout: int = 180, **env: str) -> dict:
+    """Run `code` in a fresh CPU-only Python process with these XLA_FLAGS (XLA reads them once
+    per process) and variables; return the JSON object its last output line prints."""
+    environ = dict(os.environ, XLA_FLAGS=xla_flags, JAX_PLATFORMS="cpu", **env)
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=environ, timeout=timeout
+    )
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout.splitlines()[-1])
+
+
 def metrics_records(workdir: Path, complete_only: bool = False) -> list[dict]:
     """The records of a training run's metrics.jsonl (none before it exists); `complete_only`
     skips a last line still being written."""

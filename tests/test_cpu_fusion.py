@@ -2,12 +2,7 @@
 additions into the fusions of all later blocks (each case in a fresh process: XLA reads its flags
 once)."""
 
-import json
-import os
-import subprocess
-import sys
-
-from helpers import checked_jaxlib
+from helpers import checked_jaxlib, cpu_probe
 
 from resnet_jax import cpu_fusion
 
@@ -48,14 +43,8 @@ START_JAX = "import jax; jax.numpy.ones(1).block_until_ready()"
 
 
 def _probe(setting: str, xla_flags: str, jax_started_first: bool = False) -> dict:
-    env = dict(os.environ, XLA_FLAGS=xla_flags, JAX_PLATFORMS="cpu")
-    env[cpu_fusion.ENV_VAR] = setting
     code = PROBE.format(start_jax=START_JAX if jax_started_first else "", blocks=BLOCKS)
-    proc = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=180
-    )
-    assert proc.returncode == 0, proc.stderr
-    return json.loads(proc.stdout.splitlines()[-1])
+    return cpu_probe(code, xla_flags, **{cpu_fusion.ENV_VAR: setting})
 
 
 @checked_jaxlib

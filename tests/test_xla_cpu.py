@@ -2,13 +2,9 @@
 Eigen and keeps the user's XLA_FLAGS (each case in a fresh process: XLA reads its flags once)."""
 
 import functools
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
-from helpers import checked_jaxlib
+from helpers import checked_jaxlib, cpu_probe
 
 from resnet_jax import cpu_fusion, xla_cpu
 
@@ -50,15 +46,10 @@ START_JAX = "import jax; jax.numpy.ones(1).block_until_ready()"
 
 
 def _probe(setting: str, xla_flags: str, jax_started_first: bool = False) -> dict:
-    env = dict(os.environ, XLA_FLAGS=xla_flags, JAX_PLATFORMS="cpu")
-    env[xla_cpu.ENV_VAR] = setting
-    env[cpu_fusion.ENV_VAR] = "0"  # its flag is not the subject here (tests/test_cpu_fusion.py)
     code = PROBE.format(start_jax=START_JAX if jax_started_first else "", tests_dir=str(TESTS_DIR))
-    proc = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120
-    )
-    assert proc.returncode == 0, proc.stderr
-    return json.loads(proc.stdout.splitlines()[-1])
+    # cpu_fusion's flag is not the subject here (tests/test_cpu_fusion.py)
+    env = {xla_cpu.ENV_VAR: setting, cpu_fusion.ENV_VAR: "0"}
+    return cpu_probe(code, xla_flags, timeout=120, **env)
 
 
 @checked_jaxlib
