@@ -113,9 +113,10 @@ def kernel_libraries(batch: int, rounds: int) -> None:
             )
 
 
-def grouped_shapes(arch: str) -> tuple[int, list[tuple[int, int, int]]]:
+@functools.cache
+def grouped_shapes(arch: str) -> tuple[int, tuple[tuple[int, int, int], ...]]:
     """The groups of `arch` and the (input size, channels, stride) of each distinct grouped
-    convolution it runs at 224 px, in the order the net runs them."""
+    convolution it runs at 224 px, in the order the net runs them (recorded once per arch)."""
     grouped = [
         (shape[2], shape[1], stride[0], groups)
         for shape, _, _, stride, _, groups in _torchvision_convolutions(arch, 1, 224)
@@ -123,7 +124,7 @@ def grouped_shapes(arch: str) -> tuple[int, list[tuple[int, int, int]]]:
     ]
     if not grouped:
         raise SystemExit(f"bench_convs: {arch} has no grouped convolutions; choose a ResNeXt")
-    return grouped[0][3], [shape[:3] for shape in grouped]
+    return grouped[0][3], tuple(shape[:3] for shape in grouped)
 
 
 def _grouped_operands(arch: str, batch: int) -> Iterator[tuple]:

@@ -37,6 +37,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from unittest import mock
 
 # torch first: importing it after tensorflow segfaults (nothing below imports TF today).
 import torch
@@ -61,16 +62,6 @@ JAX_CONVS: dict[str, Callable[..., nn.Module]] = {
 # jax-Conv-ynn: the library's model compiled with XLA's default, YNNPACK convolutions (what
 # importing resnet_jax changes on CPU, see resnet_jax.xla_cpu), for an A/B in one process.
 CAPPED_GROUP_CONVOLUTIONS = 16  # jax-Conv-cap16: the setting before BENCHMARKS.md item 19
-
-
-@contextlib.contextmanager
-def _max_group_convolutions(cap: int):
-    """Trace `conv.Conv` with grouped convolutions merged into at most `cap` per layer."""
-    default, conv.MAX_GROUP_CONVOLUTIONS = conv.MAX_GROUP_CONVOLUTIONS, cap
-    try:
-        yield
-    finally:
-        conv.MAX_GROUP_CONVOLUTIONS = default
 
 
 def _status_kb(key: str) -> int:
@@ -131,7 +122,7 @@ def _jax_runner(impl: str, arch: str, batch: int, size: int, mode: str, dtype: s
     if ynn:
         tracing = xla_cpu.assume_eigen_convolutions(False)
     elif impl == "jax-Conv-cap16":
-        tracing = _max_group_convolutions(CAPPED_GROUP_CONVOLUTIONS)
+        tracing = mock.patch.object(conv, "MAX_GROUP_CONVOLUTIONS", CAPPED_GROUP_CONVOLUTIONS)
     else:
         tracing = contextlib.nullcontext()
     t0 = time.perf_counter()

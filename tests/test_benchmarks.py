@@ -63,7 +63,7 @@ def test_gpu_benchmark_script_writes_its_table(tmp_path):
     assert jax_row[13].startswith("XLA temp ")
 
 
-def test_convolutions_vs_torch_cover_the_net(tmp_path):
+def test_convolutions_vs_torch_cover_the_net():
     """`bench_convs.py --vs-torch` times every distinct convolution of the net once, with how
     often a step runs it: resnet18 has 20 convolutions (and 11 distinct shapes)."""
     result = _run(
