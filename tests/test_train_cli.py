@@ -65,7 +65,10 @@ def finetuned_run(tmp_path_factory, flowers_dir) -> FineTuneRun:
     after_first = root / "after_first"
     shutil.copytree(workdir, after_first, ignore=shutil.ignore_patterns("checkpoints"))
     steps_after_first = sorted(p.name for p in (workdir / "checkpoints").iterdir())
-    resumed = run_script("train.py", *flags, "--max-steps", "3")
+    # JAX's debug log names each compilation loaded from the persistent cache
+    resumed = run_script(
+        "train.py", *flags, "--max-steps", "3", JAX_DEBUG_LOG_MODULES="jax._src.compiler"
+    )
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     return FineTuneRun(workdir, weights, first, after_first, steps_after_first, resumed)
 
@@ -89,6 +92,10 @@ def test_train_writes_everything_and_resumes(finetuned_run):
     out = run.resumed.stdout + run.resumed.stderr
     assert "resumed from" in out and "at step 2" in out
     assert "done: step 3" in out
+    # the resumed launch compiles nothing: its train and eval steps, like everything else it
+    # runs, come from the persistent compilation cache the first launch filled
+    assert out.count("Persistent compilation cache hit for 'jit_step'") == 2
+    assert "PERSISTENT COMPILATION CACHE MISS" not in out
     records = metrics_records(run.workdir)
     assert [r["step"] for r in records if "train_loss" in r] == [1, 2, 3]
     assert (run.workdir / "checkpoints" / "3").is_dir()
