@@ -58,9 +58,14 @@ def run_script(name: str, *args: str, **env: str) -> subprocess.CompletedProcess
     )
 
 
-def cpu_probe(code: str, xla_flags: str, timeout: int = 180, **env: str) -> dict:
+def cpu_probe(
+    code: str, xla_flags: str, jax_started_first: bool = False, timeout: int = 180, **env: str
+) -> dict:
     """Run `code` in a fresh CPU-only Python process with these XLA_FLAGS (XLA reads them once
-    per process) and variables; return the JSON object its last output line prints."""
+    per process) and variables, after a first JAX computation if `jax_started_first`; return the
+    JSON object its last output line prints."""
+    if jax_started_first:
+        code = f"import jax; jax.numpy.ones(1).block_until_ready()\n{code}"
     environ = dict(os.environ, XLA_FLAGS=xla_flags, JAX_PLATFORMS="cpu", **env)
     proc = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, env=environ, timeout=timeout

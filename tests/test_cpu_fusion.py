@@ -13,7 +13,6 @@ BLOCKS = 6
 # one fusion of the compiled train step holds (the copies make the last fusions hold all blocks).
 PROBE = """
 import json, os
-{start_jax}
 import flax.linen as nn
 import jax, jax.numpy as jnp
 import resnet_jax
@@ -39,12 +38,11 @@ blocks = cpu_fusion.most_blocks_per_fusion(hlo, block_name=r"block\\d+")
 flags = os.environ.get("XLA_FLAGS", "")
 print(json.dumps(dict(xla_flags=flags, in_effect=cpu_fusion.in_effect(), blocks_per_fusion=blocks)))
 """
-START_JAX = "import jax; jax.numpy.ones(1).block_until_ready()"
 
 
 def _probe(setting: str, xla_flags: str, jax_started_first: bool = False) -> dict:
-    code = PROBE.format(start_jax=START_JAX if jax_started_first else "", blocks=BLOCKS)
-    return cpu_probe(code, xla_flags, **{cpu_fusion.ENV_VAR: setting})
+    code = PROBE.format(blocks=BLOCKS)
+    return cpu_probe(code, xla_flags, jax_started_first, **{cpu_fusion.ENV_VAR: setting})
 
 
 @checked_jaxlib

@@ -33,7 +33,6 @@ def ynnpack_kernels(compiler_options: dict | None = None) -> dict[str, bool]:
 # XLA_FLAGS, what resnet_jax believes, and the kernels XLA:CPU really picks.
 PROBE = """
 import json, os, sys
-{start_jax}
 import resnet_jax
 from resnet_jax import xla_cpu
 sys.path.insert(0, {tests_dir!r})
@@ -42,14 +41,13 @@ flags = os.environ.get("XLA_FLAGS", "")
 result = dict(xla_flags=flags, in_effect=xla_cpu.eigen_convolutions(), **ynnpack_kernels())
 print(json.dumps(result))
 """
-START_JAX = "import jax; jax.numpy.ones(1).block_until_ready()"
 
 
 def _probe(setting: str, xla_flags: str, jax_started_first: bool = False) -> dict:
-    code = PROBE.format(start_jax=START_JAX if jax_started_first else "", tests_dir=str(TESTS_DIR))
+    code = PROBE.format(tests_dir=str(TESTS_DIR))
     # cpu_fusion's flag is not the subject here (tests/test_cpu_fusion.py)
     env = {xla_cpu.ENV_VAR: setting, cpu_fusion.ENV_VAR: "0"}
-    return cpu_probe(code, xla_flags, timeout=120, **env)
+    return cpu_probe(code, xla_flags, jax_started_first, timeout=120, **env)
 
 
 @checked_jaxlib
