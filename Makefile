@@ -11,8 +11,10 @@ TRAIN_ARGS ?=
 TEST_WORKERS ?= 2
 PYTEST_OPTS := -q -n $(TEST_WORKERS) --dist loadscope
 PYTEST_FAST := -m "not slow" $(PYTEST_OPTS)
+# the inner loop: also leaves out the tests that launch scripts or Python processes
+PYTEST_INNER := -m "not slow and not launches" $(PYTEST_OPTS)
 
-.PHONY: venv train train-offline test test-all test-oldest lint format clean
+.PHONY: venv train train-offline test test-fast test-all test-oldest lint format clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,8 +34,12 @@ lint: venv
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 
+# Tests that need the real flower photos run when RESNET_JAX_FLOWERS names them (.ci/run sets it).
 test: lint
 	$(PY) -m pytest $(PYTEST_FAST)
+
+test-fast: lint
+	$(PY) -m pytest $(PYTEST_INNER)
 
 test-all: lint
 	$(PY) -m pytest $(PYTEST_OPTS)

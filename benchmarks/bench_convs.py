@@ -1,14 +1,15 @@
 """XLA:CPU convolutions on ResNet shapes: kernel libraries, and ResNeXt's grouped convolutions.
 
-Default: YNNPACK (XLA's default) vs Eigen (what `resnet_jax.xla_cpu` picks), the forward
+Default: YNNPACK (XLA's default) vs Eigen (what `resnet_jax.cpu.configure` picks), the forward
 convolution and its input gradient for each distinct kxk convolution of ResNet-50 at 224 px,
 compiled once with each kernel library through per-jit compiler options.
 
 `--grouped`: the grouped 3x3 convolutions of a ResNeXt (`--arch`, default resnext50_32x4d; each
 distinct shape at 224 px), per pass: XLA's grouped convolution
-with its own gradients, the same on the merged groups `resnet_jax.conv` uses (block-diagonal
-kernels, fewer and larger groups), and `resnet_jax.conv.conv2d` (one dense convolution per merged
-group), all on the process's kernels (Eigen once `resnet_jax` is imported).
+with its own gradients, the same on the merged groups `resnet_jax.cpu.conv` uses (block-diagonal
+kernels, fewer and larger groups), and `resnet_jax.cpu.conv.conv2d` (one dense convolution per
+merged group), all on the process's kernels (Eigen: the script applies the library's CPU settings
+first, `resnet_jax.cli_args.setup_platform`).
 `--merge-sweep`: the same shapes, forward + input gradient + weight gradient of `conv.conv2d`
 with groups merged into at least 4 (i.e. not merged), 8, ..., 64 input channels per merged group
 without a cap on their number, and with the library's settings: the sweep that chose
@@ -32,6 +33,7 @@ from __future__ import annotations
 import argparse
 import collections
 import functools
+import logging
 import os
 import statistics
 import time
@@ -42,7 +44,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from resnet_jax import conv, models, xla_cpu
+from resnet_jax import cli_args, models
+from resnet_jax.cpu import conv, xla_flags
 
 # (input size, in channels, out channels, kernel, stride) of ResNet-50's kxk convolutions
 SHAPES = [
@@ -55,7 +58,7 @@ SHAPES = [
     (14, 512, 512, 3, 2),
     (7, 512, 512, 3, 1),
 ]
-KERNELS = {"YNNPACK": xla_cpu.YNN_DEFAULT_COMPILER_OPTIONS, "Eigen": xla_cpu.COMPILER_OPTIONS}
+KERNELS = {"YNNPACK": xla_flags.YNN_DEFAULT_COMPILER_OPTIONS, "Eigen": xla_flags.COMPILER_OPTIONS}
 
 
 def _passes(convolve: Callable, weight_grad: bool) -> dict[str, Callable]:
@@ -97,7 +100,7 @@ def kernel_libraries(batch: int, rounds: int) -> None:
 
         def convolve(x, w, stride=stride, pad=pad):
             return lax.conv_general_dilated(
-                x, w, (stride,) * 2, pad, dimension_numbers=conv.DIMENSION_NUMBERS
+                x, w, (stride,) * 2, pad, dimension_numbers=models.DIMENSION_NUMBERS
             )
 
         for name, fn in _passes(convolve, weight_grad=False).items():
@@ -369,6 +372,10 @@ def main(argv: list[str] | None = None) -> None:
         help="the ResNeXt of --grouped, --merge-sweep and --weight-grad's grouped convolutions",
     )
     args = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    log = logging.getLogger("benchmarks")
+    log.setLevel(logging.INFO)
+    cli_args.setup_platform(log)  # before JAX starts
 
     print(f"batch {args.batch_size}, jax {jax.__version__}, {jax.devices()[0].device_kind}")
     if args.vs_torch:

@@ -8,15 +8,9 @@ between the two; each run starts a fresh pipeline, discards its first batch (sta
 the next `--batches`. Prints a markdown table of medians.
 
     python benchmarks/bench_input.py [--data-dir ../shared/data/flower_photos] [--workers 2]
+
+(`--data-dir` defaults to $RESNET_JAX_FLOWERS, else ../shared/data/flower_photos.)
 """
-
-# torch must be imported before tensorflow (the reverse order crashes in this environment).
-# isort: off
-import torch
-from torch.utils.data import DataLoader
-from torchvision import datasets, transforms
-
-# isort: on
 
 import argparse
 import itertools
@@ -28,9 +22,19 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
+import torch
+from torch.utils.data import DataLoader
+from torchvision import datasets, transforms
+
 from resnet_jax import data
 
-DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "flower_photos"
+# The flower photos: RESNET_JAX_FLOWERS, else ../shared/data/flower_photos beside the repo.
+DEFAULT_DATA = Path(
+    os.environ.get(
+        "RESNET_JAX_FLOWERS",
+        Path(__file__).resolve().parents[1].parent / "shared" / "data" / "flower_photos",
+    )
+)
 
 
 def images_per_second(batches: Iterable, count: int, batch_size: int) -> float:

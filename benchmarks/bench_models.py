@@ -1,4 +1,4 @@
-"""Train-step and inference speed: resnet_jax (with nn.Conv and with conv.Conv) vs torchvision.
+"""Train-step and inference speed: resnet_jax (with nn.Conv and with models.Conv) vs torchvision.
 
 Both frameworks run identical shapes in one process, alternating round by round so that machine
 noise hits them alike; times are medians over all timed steps. A train step is forward, backward
@@ -7,14 +7,16 @@ training mode; inference is the forward pass in eval mode. CPU runs float32; on 
 and bfloat16 (torch: autocast + channels_last + cudnn.benchmark; JAX: compute dtype bfloat16,
 float32 params).
 
-Importing resnet_jax makes glibc keep freed memory for reuse (`resnet_jax.host_memory`); in one
-process that holds for torch as well. Run with RESNET_JAX_RETAIN_HOST_MEMORY=0 to measure both
-with glibc's default behaviour. "page faults/step" shows the difference; "peak RSS" is the RSS
-growth during a phase, so memory retained from earlier phases does not show in it. It also
-sends XLA:CPU's convolutions to Eigen (`resnet_jax.xla_cpu`); `jax-Conv-ynn` compiles the same
-model with XLA's default YNNPACK convolutions, to compare the two in one run; `jax-Conv-cap16`
-traces it with grouped convolutions merged into at most 16 per layer (`conv.MAX_GROUP_CONVOLUTIONS`,
-32 by default; it trades step time for compile time on ResNeXts). On a GPU the note
+On CPU the script first applies the library's CPU settings (`resnet_jax.cli_args.setup_platform`,
+see docs/performance.md), as the training script does; `--without-cpu-setting NAME` leaves one
+out. `retain_host_memory` makes glibc keep freed memory for reuse; in one process that holds for
+torch as well, so `--without-cpu-setting retain_host_memory` measures both with glibc's default
+behaviour. "page faults/step" shows the difference; "peak RSS" is the RSS growth during a phase,
+so memory retained from earlier phases does not show in it. `eigen_convolutions` sends XLA:CPU's
+convolutions to Eigen; `jax-Conv-ynn` compiles the same model with XLA's default YNNPACK
+convolutions, to compare the two in one run; `jax-Conv-cap16` traces it with grouped
+convolutions merged into at most 16 per layer (`resnet_jax.cpu.conv.MAX_GROUP_CONVOLUTIONS`, 32 by
+default; it trades step time for compile time on ResNeXts). On a GPU the note
 column adds device memory: for JAX the step's footprint from XLA's memory analysis (arguments +
 outputs - donated buffers + temporaries), for torch the CUDA peak over the timed steps. A case
 that raises (e.g. out of memory) gets a "failed" row naming the error, the other cases still run,
@@ -47,10 +49,19 @@ import torchvision
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from sgd_step import LR, MOMENTUM, random_batch, sgd_train_step
+from sgd_step import (
+    LR,
+    MOMENTUM,
+    add_cpu_settings_argument,
+    apply_cpu_settings,
+    random_batch,
+    sgd_train_step,
+)
 
-from resnet_jax import conv, cpu_fusion, host_memory, models, xla_cpu
-from resnet_jax.conv import Conv
+from resnet_jax import models
+from resnet_jax.cpu import conv as cpu_conv
+from resnet_jax.cpu import host_memory, xla_flags
+from resnet_jax.models import Conv
 
 IMPLS = ("torch", "jax-nn.Conv", "jax-Conv", "jax-Conv-ynn", "jax-Conv-cap16")
 JAX_CONVS: dict[str, Callable[..., nn.Module]] = {
@@ -59,9 +70,9 @@ JAX_CONVS: dict[str, Callable[..., nn.Module]] = {
     "jax-Conv-ynn": Conv,
     "jax-Conv-cap16": Conv,
 }
-# jax-Conv-ynn: the library's model compiled with XLA's default, YNNPACK convolutions (what
-# importing resnet_jax changes on CPU, see resnet_jax.xla_cpu), for an A/B in one process.
-CAPPED_GROUP_CONVOLUTIONS = 16  # jax-Conv-cap16: the setting before BENCHMARKS.md item 19
+# jax-Conv-ynn: the library's model compiled with XLA's default, YNNPACK convolutions (what the
+# eigen_convolutions CPU setting changes, see resnet_jax.cpu.xla_flags), for an A/B in one process.
+CAPPED_GROUP_CONVOLUTIONS = 16  # jax-Conv-cap16: a cap of 16 grouped convolutions per layer
 
 
 def _status_kb(key: str) -> int:
@@ -117,12 +128,12 @@ def _jax_runner(impl: str, arch: str, batch: int, size: int, mode: str, dtype: s
     variables = models.init_variables(model, jax.random.key(0), size)
     x, y = random_batch(batch, size)
     ynn = impl == "jax-Conv-ynn"
-    options = xla_cpu.YNN_DEFAULT_COMPILER_OPTIONS if ynn else None
+    options = xla_flags.YNN_DEFAULT_COMPILER_OPTIONS if ynn else None
     # Conv picks its formulation (for the convolution kernels it will run on) when traced.
     if ynn:
-        tracing = xla_cpu.assume_eigen_convolutions(False)
+        tracing = xla_flags.assume_eigen_convolutions(False)
     elif impl == "jax-Conv-cap16":
-        tracing = mock.patch.object(conv, "MAX_GROUP_CONVOLUTIONS", CAPPED_GROUP_CONVOLUTIONS)
+        tracing = mock.patch.object(cpu_conv, "MAX_GROUP_CONVOLUTIONS", CAPPED_GROUP_CONVOLUTIONS)
     else:
         tracing = contextlib.nullcontext()
     t0 = time.perf_counter()
@@ -256,7 +267,6 @@ def environment() -> str:
         k: os.environ[k]
         for k in os.environ
         if k in ("XLA_FLAGS", "XLA_PYTHON_CLIENT_MEM_FRACTION", "OMP_NUM_THREADS", "GLIBC_TUNABLES")
-        or k in (host_memory.ENV_VAR, xla_cpu.ENV_VAR, cpu_fusion.ENV_VAR)
         or k.startswith("MALLOC_")
     }
     return (
@@ -264,11 +274,11 @@ def environment() -> str:
         f"{jax.devices()[0].device_kind}), torch {torch.__version__} "
         f"({torch.get_num_threads()} intra-op threads), {_cpus()} of {os.cpu_count()} CPUs "
         f"({platform.processor() or platform.machine()}); XLA:CPU uses one intra-op thread per "
-        f"core by default; freed host memory retained for reuse (resnet_jax.host_memory): "
+        f"core by default; freed host memory retained for reuse (retain_host_memory): "
         f"{'yes' if host_memory.retaining() else 'no'}; convolutions on Eigen, not YNNPACK "
-        f"(resnet_jax.xla_cpu): {'yes' if xla_cpu.eigen_convolutions() else 'no'}; "
-        f"fusion without copies (resnet_jax.cpu_fusion): "
-        f"{'yes' if cpu_fusion.in_effect() else 'no'}; "
+        f"(eigen_convolutions): {'yes' if xla_flags.eigen_convolutions() else 'no'}; "
+        f"fusion without copies (multi_output_fusion): "
+        f"{'yes' if xla_flags.multi_output_fusion() else 'no'}; "
         f"env {env or '{}'}"
     )
 
@@ -287,7 +297,9 @@ def main(argv: list[str] | None = None) -> str:
     p.add_argument("--rounds", type=int, default=3, help="alternating rounds per case")
     p.add_argument("--steps", type=int, default=3, help="timed steps per implementation per round")
     p.add_argument("--output", type=Path, help="also write the report to this markdown file")
+    add_cpu_settings_argument(p)
     args = p.parse_args(argv)
+    apply_cpu_settings(args)  # before JAX starts
 
     archs = [models.check_arch(a) for a in args.archs.split(",")]
     batches = [int(b) for b in args.batch_sizes.split(",")]

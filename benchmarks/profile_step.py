@@ -6,6 +6,7 @@ Example: python benchmarks/profile_step.py --arch resnet50 --batch-size 8 --imag
          python benchmarks/profile_step.py --conv nn.Conv   # flax's convolution, for comparison
          python benchmarks/profile_step.py --compiler-option xla_cpu_use_xnnpack=true
          python benchmarks/profile_step.py --arch resnext50_32x4d --memory
+         python benchmarks/profile_step.py --without-cpu-setting multi_output_fusion
 """
 
 from __future__ import annotations
@@ -22,10 +23,11 @@ from pathlib import Path
 
 import flax.linen as nn
 import jax
-from sgd_step import random_batch, sgd_train_step
+from sgd_step import add_cpu_settings_argument, apply_cpu_settings, random_batch, sgd_train_step
 
-from resnet_jax import cpu_fusion, models
-from resnet_jax.conv import Conv
+from resnet_jax import models
+from resnet_jax.cpu import xla_flags
+from resnet_jax.models import Conv
 
 CONVS = {"Conv": Conv, "nn.Conv": nn.Conv}
 CONV_LAYER = re.compile(r"/(conv\d|downsample_conv)/")
@@ -181,7 +183,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "--memory", action="store_true", help="also what is live at the peak of the step's memory"
     )
+    add_cpu_settings_argument(p)
     args = p.parse_args(argv)
+    apply_cpu_settings(args)  # before JAX starts
 
     compiled, step_args, hlo = compiled_train_step(args)
     jax.block_until_ready(compiled(*step_args))  # warm-up
@@ -199,8 +203,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     print(
         f"The most residual blocks one fusion holds operations of: "
-        f"{cpu_fusion.most_blocks_per_fusion(hlo)} (fusion without copies, resnet_jax.cpu_fusion: "
-        f"{'yes' if cpu_fusion.in_effect() else 'no'})"
+        f"{xla_flags.most_blocks_per_fusion(hlo)} (fusion without copies, multi_output_fusion: "
+        f"{'yes' if xla_flags.multi_output_fusion() else 'no'})"
     )
     print("| ms | category (direction, layer kind, primitive) |\n|---|---|")
     for name, ms in totals.most_common(args.top):

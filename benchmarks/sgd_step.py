@@ -1,14 +1,19 @@
 """The plain SGD-momentum ResNet train step that `bench_models.py` times and `profile_step.py`
-profiles: forward in training mode, cross-entropy, backward, optax update (no weight decay)."""
+profiles: forward in training mode, cross-entropy, backward, optax update (no weight decay); and
+the CPU settings both apply first (`--without-cpu-setting` leaves one out)."""
 
 from __future__ import annotations
 
+import argparse
+import logging
 from collections.abc import Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
+
+from resnet_jax import cli_args, cpu
 
 LR, MOMENTUM = 0.1, 0.9
 
@@ -41,3 +46,22 @@ def sgd_train_step(model: nn.Module) -> tuple[Callable, optax.GradientTransforma
         return optax.apply_updates(params, updates), batch_stats, opt_state, loss
 
     return step, tx
+
+
+def add_cpu_settings_argument(parser: argparse.ArgumentParser) -> None:
+    """`--without-cpu-setting NAME` (repeatable): a `resnet_jax.cpu` setting to leave out."""
+    parser.add_argument(
+        "--without-cpu-setting",
+        action="append",
+        default=[],
+        choices=cpu.SETTINGS,
+        help="on CPU, leave out this setting of resnet_jax.cpu.configure (repeatable)",
+    )
+
+
+def apply_cpu_settings(args: argparse.Namespace) -> list[str]:
+    """On CPU, the library's CPU settings but `--without-cpu-setting`'s, before JAX starts."""
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    log = logging.getLogger("benchmarks")
+    log.setLevel(logging.INFO)
+    return cli_args.setup_platform(log, **dict.fromkeys(args.without_cpu_setting, False))

@@ -1,68 +1,23 @@
-"""Checkpointing on orbax: training checkpoints, standalone model export, and `load()`.
-
-On-disk layout (every directory below is written to `<name>.orbax-checkpoint-tmp` and renamed
-into place only once complete, so an interrupted write is never mistaken for a checkpoint):
-
-    <workdir>/class_names.json            {"0": "daisy", ...} (`write_class_names`)
-    <workdir>/checkpoints/metadata/       orbax root metadata: {"best_metric": ...}
-    <workdir>/checkpoints/<step>/state/   the full training state (orbax PyTree)
-    <workdir>/checkpoints/<step>/meta/    JSON metadata (arch, num_classes, class_names, ...)
-    <workdir>/checkpoints/<step>/metrics/ the metrics passed to `save` (orbax-managed)
-    <model_dir>/state/, <model_dir>/meta/ a `save_model` export: {params, batch_stats} + JSON
-
-A model directory has the same shape as a step directory, so `load()` reads both the same way.
+"""Training checkpoints on orbax: `TrainCheckpointer` saves, keeps and restores the full training
+state under `<workdir>/checkpoints/<step>/` (layout in `model_dir`), resumes from the latest and
+keeps the best by a metric. Every step directory is written to `<step>.orbax-checkpoint-tmp` and
+renamed into place only once complete, so an interrupted write is never mistaken for a
+checkpoint. `model_dir.load` reads the steps written here for evaluation and inference.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import functools
-import json
-import logging
-import math
 import operator
-import os
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
-from etils import epath
-from flax.core import unfreeze
 
-from resnet_jax import models
-
-log = logging.getLogger(__name__)
-
-STATE_ITEM = "state"
-META_ITEM = "meta"
-CHECKPOINTS_DIR = "checkpoints"
-CLASS_NAMES_FILE = "class_names.json"
-MODEL_FORMAT = "resnet_jax.model"
-MODEL_FORMAT_VERSION = 1
-VARIABLE_COLLECTIONS = ("params", "batch_stats")
-_TMP_SUFFIX = ocp.step.TMP_DIR_SUFFIX
-_DEFAULT_BEST_METRIC = "val_accuracy"
-
-
-def _jsonable(obj: Any, what: str) -> Any:
-    """Round-trip `obj` through JSON (numpy scalars and paths allowed) so what is saved is what
-    `load` returns; raise naming `what` if it cannot be represented."""
-
-    def default(o: Any) -> Any:
-        if isinstance(o, np.generic | np.ndarray | jax.Array) and np.ndim(o) == 0:
-            return np.asarray(o).item()
-        if isinstance(o, os.PathLike):
-            return os.fspath(o)
-        raise TypeError(f"{type(o).__name__} value {o!r}")
-
-    try:
-        return json.loads(json.dumps(obj, default=default))
-    except (TypeError, ValueError) as e:
-        raise TypeError(f"{what} must be JSON-serialisable; cannot encode {e}") from e
+from resnet_jax import model_dir, models
+from resnet_jax.model_dir import META_ITEM, STATE_ITEM
 
 
 def _numeric_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
@@ -74,115 +29,6 @@ def _numeric_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
         except (TypeError, ValueError) as e:
             raise TypeError(f"metrics[{name!r}] must be a number, got {value!r}") from e
     return out
-
-
-def _metric_value(metrics: Mapping[str, Any] | None, name: str) -> float:
-    """Score of a checkpoint for `name` (higher is better); missing or NaN scores -inf."""
-    if not metrics or name not in metrics:
-        return -math.inf
-    value = float(metrics[name])
-    return -math.inf if math.isnan(value) else value
-
-
-def _is_model_dir(path: Path) -> bool:
-    """Whether `path` holds a finished state + metadata pair (a step or `save_model` dir)."""
-    return (path / STATE_ITEM).is_dir() and (path / META_ITEM).is_dir()
-
-
-def _is_temporary(path: Path) -> bool:
-    """Whether `path` is an orbax temporary directory (a write that never completed)."""
-    return _TMP_SUFFIX in path.name
-
-
-def _read_meta(model_dir: Path) -> dict:
-    """The JSON metadata item of a step or model directory, with errors naming the path."""
-    try:
-        meta = ocp.JsonCheckpointHandler().restore(epath.Path(model_dir / META_ITEM))
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{model_dir / META_ITEM}: unreadable checkpoint metadata ({e})") from e
-    if not isinstance(meta, Mapping):
-        raise ValueError(f"{model_dir / META_ITEM}: expected a JSON object, got {type(meta)}")
-    return dict(meta)
-
-
-def _num_classes(params: Mapping[str, Any]) -> int | None:
-    """Classifier width from the `fc` layer, or None for a headless model."""
-    if "fc" not in params:
-        return None
-    return int(params["fc"]["bias"].shape[0])
-
-
-def _flat_shapes(variables: Mapping) -> dict[str, tuple[int, ...]]:
-    """{leaf path: shape} of the params and batch_stats of a variables tree (a missing
-    collection has no leaves)."""
-    tree = {c: variables.get(c, {}) for c in VARIABLE_COLLECTIONS}
-    leaves = jax.tree_util.tree_leaves_with_path(tree)
-    return {jax.tree_util.keystr(k): tuple(np.shape(v)) for k, v in leaves}
-
-
-@functools.lru_cache(maxsize=32)
-def _cached_model_shapes(model: models.ResNet) -> dict[str, tuple[int, ...]]:
-    """`_flat_shapes` of a (hashable) model's variables; tracing one takes about a second."""
-    return _flat_shapes(models.variable_shapes(model))
-
-
-def _model_shapes(model: models.ResNet) -> dict[str, tuple[int, ...]]:
-    """`_flat_shapes` of the variables `model` creates, cached for hashable models (those of
-    `models.get_model`; list-valued attributes make a hand-built one unhashable)."""
-    try:
-        hash(model)
-    except TypeError:
-        return _flat_shapes(models.variable_shapes(model))
-    return _cached_model_shapes(model)
-
-
-def _leaves(n: int) -> str:
-    return f"{n} leaf" if n == 1 else f"{n} leaves"
-
-
-def check_variables(
-    variables: Mapping, model: models.ResNet, where: str, *, what: str = "the model"
-) -> None:
-    """Raise ValueError unless `variables` has exactly the params and batch_stats leaves and
-    shapes of `model`; the message starts with `where`, calls the model `what` and names every
-    missing, unexpected and mis-shaped leaf. Dtypes are not compared."""
-    want, got = _model_shapes(model), _flat_shapes(variables)
-    missing = sorted(want.keys() - got.keys())
-    unexpected = sorted(got.keys() - want.keys())
-    misshaped = sorted(k for k in want.keys() & got.keys() if got[k] != want[k])
-    if not (missing or unexpected or misshaped):
-        return
-    lines = [f"{where}: variables do not match {what}:"]
-    if missing:
-        lines.append(f"  missing {_leaves(len(missing))}: " + ", ".join(missing))
-    if unexpected:
-        lines.append(f"  unexpected {_leaves(len(unexpected))}: " + ", ".join(unexpected))
-    lines += [f"  wrong shape for {k}: expected {want[k]}, found {got[k]}" for k in misshaped]
-    raise ValueError("\n".join(lines))
-
-
-def _check_arch_variables(
-    arch: str, num_classes: int | None, variables: Mapping, where: str
-) -> None:
-    """`check_variables` against `models.get_model(arch, num_classes=num_classes)`."""
-    model = models.get_model(arch, num_classes=num_classes)
-    check_variables(variables, model, where, what=f"{arch} with num_classes={num_classes}")
-
-
-def _check_class_names(
-    class_names: Sequence[str] | None, num_classes: int | None, where: str
-) -> None:
-    """Raise unless `class_names` is None or unique non-empty strings, one per class."""
-    if class_names is None:
-        return
-    if isinstance(class_names, str) or not all(isinstance(c, str) and c for c in class_names):
-        raise ValueError(f"{where}: class_names must be a list of non-empty strings")
-    if len(set(class_names)) != len(class_names):
-        raise ValueError(f"{where}: class_names has duplicates: {list(class_names)}")
-    if num_classes is not None and len(class_names) != num_classes:
-        raise ValueError(
-            f"{where}: {len(class_names)} class_names for a model with {num_classes} classes"
-        )
 
 
 class CheckpointWriteError(OSError):
@@ -213,7 +59,7 @@ class TrainCheckpointer:
         *,
         max_to_keep: int = 3,
         keep_best: bool = True,
-        best_metric: str = _DEFAULT_BEST_METRIC,
+        best_metric: str = model_dir.DEFAULT_BEST_METRIC,
         save_interval_steps: int | None = None,
         async_save: bool = True,
     ) -> None:
@@ -225,7 +71,7 @@ class TrainCheckpointer:
         ):
             raise ValueError(f"save_interval_steps must be None or >= 1, got {save_interval_steps}")
         self.workdir = Path(workdir).absolute()  # orbax refuses relative paths
-        self.directory = self.workdir / CHECKPOINTS_DIR
+        self.directory = self.workdir / model_dir.CHECKPOINTS_DIR
         self.best_metric = best_metric
         self._pending: int | None = None  # the step of the last save not yet known to be done
         _ensure_writable(self.directory)
@@ -259,7 +105,7 @@ class TrainCheckpointer:
             )
 
     def _score(self, metrics: Mapping[str, Any]) -> float:
-        return _metric_value(metrics, self.best_metric)
+        return model_dir.metric_score(metrics, self.best_metric)
 
     def save(
         self,
@@ -277,7 +123,7 @@ class TrainCheckpointer:
         if not isinstance(metadata, Mapping) or "arch" not in metadata:
             raise ValueError("metadata must be a dict with at least an 'arch' key")
         models.check_arch(metadata["arch"])
-        meta = _jsonable(dict(metadata), "metadata")
+        meta = model_dir.json_round_trip(dict(metadata), "metadata")
         if metrics is not None:
             if self.best_metric not in metrics:
                 raise ValueError(
@@ -321,7 +167,7 @@ class TrainCheckpointer:
     def metadata(self, step: int) -> dict:
         """The metadata saved with `step` (arch, config, class names, ...), read without
         restoring the state; ValueError naming the file if it is missing or unreadable."""
-        return _read_meta(self.directory / str(step))
+        return model_dir.read_metadata(self.directory / str(step))
 
     def restore(self, state_template: Any, step: int | None = None) -> tuple[Any, dict] | None:
         """Restore `(state, metadata)` at `step` (default latest) into the structure, dtypes and
@@ -406,238 +252,3 @@ def _ensure_writable(directory: Path) -> None:
             pass
     except OSError as e:
         raise OSError(f"checkpoint directory {directory} cannot be created or written: {e}") from e
-
-
-def save_model(
-    path: str | Path,
-    *,
-    arch: str,
-    variables: Mapping[str, Any],
-    class_names: Sequence[str] | None = None,
-    metadata: dict | None = None,
-    force: bool = False,
-) -> Path:
-    """Export `{"params", "batch_stats"}` of `arch` with JSON metadata (arch, num_classes,
-    class_names, ...) as a directory `load()` reads. Refuses to replace an existing path unless
-    `force=True`, and never replaces anything that is not itself a model directory. Multi-host:
-    every process must call it."""
-    path = Path(path)
-    models.check_arch(arch)
-    missing = [c for c in VARIABLE_COLLECTIONS if c not in variables]
-    extra = sorted(set(variables) - set(VARIABLE_COLLECTIONS))
-    if missing or extra:
-        raise ValueError(
-            f"save_model({path}): variables must have exactly {list(VARIABLE_COLLECTIONS)}; "
-            f"missing {missing}, unexpected {extra}"
-        )
-    tree = {c: unfreeze(variables[c]) for c in VARIABLE_COLLECTIONS}
-    num_classes = _num_classes(tree["params"])
-    _check_class_names(class_names, num_classes, f"save_model({path})")
-    _check_arch_variables(arch, num_classes, tree, f"save_model({path})")
-
-    meta = _jsonable(dict(metadata or {}), "metadata")
-    fixed = {
-        "format": MODEL_FORMAT,
-        "format_version": MODEL_FORMAT_VERSION,
-        "arch": arch,
-        "num_classes": num_classes,
-        "class_names": list(class_names) if class_names is not None else None,
-    }
-    clashes = [k for k in fixed if k in meta and meta[k] != fixed[k]]
-    if clashes:
-        raise ValueError(f"save_model({path}): metadata {clashes} contradict the arguments")
-    meta.update(fixed)
-
-    if path.exists() or path.is_symlink():
-        if not force:
-            raise FileExistsError(f"{path} already exists; pass force=True to overwrite it")
-        if not _is_model_dir(path):
-            raise FileExistsError(f"{path} exists and is not a model directory; not overwriting")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
-        checkpointer.save(
-            path.absolute(),
-            args=ocp.args.Composite(
-                **{STATE_ITEM: ocp.args.StandardSave(tree), META_ITEM: ocp.args.JsonSave(meta)}
-            ),
-            force=force,
-        )
-    return path
-
-
-@dataclasses.dataclass
-class LoadedModel:
-    """Model variables plus what is needed to rebuild and label the model."""
-
-    arch: str
-    variables: dict
-    class_names: list[str] | None
-    metadata: dict
-    path: Path
-    step: int | None = None
-
-    @property
-    def num_classes(self) -> int | None:
-        """Classifier width (None for a headless model)."""
-        return _num_classes(self.variables["params"])
-
-    def model(self, **overrides: Any) -> models.ResNet:
-        """The `models.ResNet` these variables belong to; `overrides` go to `get_model`."""
-        return models.get_model(self.arch, **{"num_classes": self.num_classes, **overrides})
-
-
-def _restore_variables(model_dir: Path) -> dict:
-    """Restore only params and batch_stats of a state item onto the first local device,
-    whatever the sharding (and device count) they were saved with."""
-    state_dir = epath.Path((model_dir / STATE_ITEM).absolute())
-    try:
-        saved = ocp.PyTreeCheckpointHandler().metadata(state_dir).tree
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{state_dir}: unreadable checkpoint state ({e})") from e
-    missing = [c for c in VARIABLE_COLLECTIONS if not isinstance(saved, Mapping) or c not in saved]
-    if missing:
-        raise ValueError(f"{state_dir}: checkpoint state has no {missing}")
-    sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    template = {
-        c: jax.tree.map(
-            lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding), saved[c]
-        )
-        for c in VARIABLE_COLLECTIONS
-    }
-    with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as checkpointer:
-        return checkpointer.restore(
-            state_dir.absolute(),
-            args=ocp.args.PyTreeRestore(
-                item=template,
-                restore_args=ocp.checkpoint_utils.construct_restore_args(template),
-                partial_restore=True,
-            ),
-        )
-
-
-def _load_model_dir(model_dir: Path, step: int | None) -> LoadedModel:
-    """Read metadata and variables of one step or `save_model` directory."""
-    meta = _read_meta(model_dir)
-    arch = meta.get("arch")
-    if not isinstance(arch, str):
-        raise ValueError(f"{model_dir / META_ITEM}: metadata has no 'arch' string")
-    try:
-        models.check_arch(arch)
-    except ValueError as e:
-        raise ValueError(f"{model_dir}: {e}") from e
-    variables = _restore_variables(model_dir)
-    num_classes = _num_classes(variables["params"])
-    if meta.get("num_classes", num_classes) != num_classes:
-        raise ValueError(
-            f"{model_dir}: metadata num_classes={meta['num_classes']} but the classifier has "
-            f"{num_classes} outputs"
-        )
-    _check_arch_variables(arch, num_classes, variables, str(model_dir))
-    class_names = meta.get("class_names")
-    _check_class_names(class_names, num_classes, str(model_dir / META_ITEM))
-    return LoadedModel(arch, variables, class_names, meta, model_dir, step)
-
-
-class _OpenedReadOnlyNotice(logging.Filter):
-    """Drops orbax's warning "Given directory is read only" for a manager opened with
-    read_only=True: loading opens it so on purpose, and the line reads like a problem with the
-    user's directory."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith("Given directory is read only")
-
-
-def _read_only_manager(root: Path) -> ocp.CheckpointManager:
-    """A CheckpointManager over `root` that never writes, creates or deletes anything."""
-    options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0)
-    notice = _OpenedReadOnlyNotice()
-    absl_logger = logging.getLogger("absl")  # orbax logs through absl, i.e. this logger
-    absl_logger.addFilter(notice)
-    try:
-        return ocp.CheckpointManager(root.absolute(), options=options)
-    finally:
-        absl_logger.removeFilter(notice)
-
-
-def _pick_step(root: Path, step: int | None, which: str) -> int:
-    """The step to load from checkpoint directory `root`: `step`, else best or latest."""
-    with _read_only_manager(root) as manager:
-        steps = sorted(manager.all_steps())
-        if not steps:
-            raise FileNotFoundError(
-                f"{root} has no checkpoints: expected a save_model or step directory (with "
-                f"{STATE_ITEM}/ and {META_ITEM}/), a training workdir (with {CHECKPOINTS_DIR}/), "
-                "or a checkpoints directory with completed step subdirectories"
-            )
-        if step is not None:
-            if step not in steps:
-                raise FileNotFoundError(f"no checkpoint for step {step} in {root}; steps: {steps}")
-            return step
-        if which == "latest":
-            return steps[-1]
-        best_metric = manager.metadata().custom_metadata.get("best_metric", _DEFAULT_BEST_METRIC)
-        scored = [(s, manager.metrics(s)) for s in steps]
-        scored = [(s, m) for s, m in scored if m and best_metric in m]
-        if not scored:
-            log.warning("%s: no checkpoint has %r; loading the latest", root, best_metric)
-            return steps[-1]
-        return max(scored, key=lambda sm: (_metric_value(sm[1], best_metric), sm[0]))[0]
-
-
-def load(path: str | Path, step: int | None = None, which: str = "best") -> LoadedModel:
-    """Load params, batch_stats and metadata for research code, onto the default device.
-
-    `path` may be a `save_model` directory, a training workdir, its `checkpoints` directory, or
-    one step directory. From a workdir, `step` picks a step, else `which` ("best" by the run's
-    best metric, falling back to latest when no step has it; or "latest"). Optimizer state is
-    never read.
-    """
-    if which not in ("best", "latest"):
-        raise ValueError(f"which must be 'best' or 'latest', got {which!r}")
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no such file or directory")
-    if not path.is_dir():
-        raise ValueError(f"{path} is a file; a checkpoint is a directory")
-    if _is_temporary(path):
-        raise ValueError(f"{path} is an unfinished checkpoint write (orbax temporary directory)")
-    if _is_model_dir(path):
-        if step is not None:
-            raise ValueError(f"{path} is a single checkpoint; step={step} does not apply")
-        in_run = path.parent.name == CHECKPOINTS_DIR and path.name.isdigit()
-        return _load_model_dir(path, int(path.name) if in_run else None)
-    root = path / CHECKPOINTS_DIR if (path / CHECKPOINTS_DIR).is_dir() else path
-    chosen = _pick_step(root, step, which)
-    return _load_model_dir(root / str(chosen), chosen)
-
-
-def write_class_names(workdir: str | Path, class_names: Sequence[str]) -> Path:
-    """Write `workdir/class_names.json` as {"0": name, ...} (index -> label), atomically and from
-    process 0 only; returns its path."""
-    _check_class_names(class_names, None, "write_class_names")
-    path = Path(workdir) / CLASS_NAMES_FILE
-    if jax.process_index() == 0:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps({str(i): c for i, c in enumerate(class_names)}, indent=2))
-        os.replace(tmp, path)
-    return path
-
-
-def read_class_names(path: str | Path) -> list[str]:
-    """Class names ordered by index from a class_names.json (or a directory holding one)."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / CLASS_NAMES_FILE
-    try:
-        mapping = json.loads(path.read_text())
-    except FileNotFoundError as e:
-        raise FileNotFoundError(f"{path}: class names file not found") from e
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from e
-    expected = [str(i) for i in range(len(mapping))] if isinstance(mapping, dict) else None
-    if expected is None or sorted(mapping, key=lambda k: (len(k), k)) != expected:
-        raise ValueError(f"{path}: expected an object with keys '0'..'n-1' mapping to class names")
-    names = [mapping[k] for k in expected]
-    _check_class_names(names, None, str(path))
-    return names

@@ -8,7 +8,11 @@ the package rather than in scripts/ so that the scripts import it however they a
 from __future__ import annotations
 
 import argparse
+import logging
 from pathlib import Path
+
+from resnet_jax import cpu
+from resnet_jax.preprocessing import eval_resize_size
 
 CHECKPOINT_HELP = (
     "training workdir, its checkpoints directory, a step directory or a save_model dir"
@@ -47,7 +51,7 @@ def add_checkpoint_arguments(
     required: bool = True,
 ) -> None:
     """`flag` PATH (added to `group` when the path is one of mutually exclusive model sources),
-    `--step N` and `--which best|latest`: what `checkpoint.load(path, step=..., which=...)` takes.
+    `--step N` and `--which best|latest`: what `model_dir.load(path, step=..., which=...)` takes.
 
     `--which` defaults to None (meaning "best") so that a script can tell it was not given.
     """
@@ -81,14 +85,15 @@ def add_image_size_argument(
 
 def add_resize_size_argument(parser: argparse.ArgumentParser) -> None:
     """`--resize-size R`: the shorter side images are resized to before the --image-size center
-    crop (None when not given: the validation transform's image size * 256 / 224)."""
+    crop (None when not given: `preprocessing.eval_resize_size` picks training's validation
+    resize)."""
     parser.add_argument(
         "--resize-size",
         type=positive_int,
         help=(
             "shorter side in pixels that images are resized to before the center crop, at least "
-            "--image-size (default: round(image size * 256 / 224), e.g. 256 for 224, as in "
-            "training's validation; torchvision's IMAGENET1K_V2 weights want 232 for 224)"
+            f"--image-size (default: as in training's validation, e.g. {eval_resize_size(224)} "
+            "for 224; torchvision's IMAGENET1K_V2 weights want 232 for 224)"
         ),
     )
 
@@ -113,5 +118,16 @@ def add_batch_size_argument(
 
 
 def step_selection(args: argparse.Namespace) -> dict:
-    """The `step` and `which` keyword arguments of `checkpoint.load` from the parsed flags."""
+    """The `step` and `which` keyword arguments of `model_dir.load` from the parsed flags."""
     return {"step": args.step, "which": args.which or DEFAULT_WHICH}
+
+
+def setup_platform(log: logging.Logger, **settings: bool) -> list[str]:
+    """Where JAX will compute on CPU (`cpu.expected`), apply the CPU settings
+    (`cpu.configure(**settings)`: all by default) and log them in one INFO line; returns their
+    names (none elsewhere). Call it before the first JAX computation."""
+    if not cpu.expected():
+        return []
+    applied = cpu.configure(**settings)
+    log.info("CPU settings: %s", ", ".join(applied) or "none")
+    return applied

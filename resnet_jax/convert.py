@@ -3,6 +3,12 @@
 Flax module names mirror torchvision's (see `models`), so the mapping is a renaming plus a kernel
 transpose; every key and shape is checked against the model's own variable tree before anything is
 copied. torch is imported lazily so the rest of the package (and TensorFlow) never loads it.
+
+Converted models compute torchvision's logits to float64 round-off in float64, and in float32 to
+within 1e-4 of the logits' scale (1e-3 for the 101/152-layer archs; tests/test_convert.py) with
+float32 matmul/convolution precision "highest" (`jax.default_matmul_precision("highest")`). On
+Ampere/Hopper GPUs XLA's default precision computes float32 matmuls and convolutions with TF32
+(10-bit mantissas), whose differences from torch's float32 results are larger than that.
 """
 
 from __future__ import annotations

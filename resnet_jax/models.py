@@ -3,6 +3,9 @@
 Module and parameter names mirror torchvision (`conv1`, `bn1`, `layer1_0`, ..., `fc`) so that
 weight conversion is a short mapping (see `resnet_jax.convert`). Input is NHWC, normalised with
 ImageNet mean/std as torchvision expects; BatchNorm state lives in the `batch_stats` collection.
+The convolutions (`Conv`) decide in Python, from the platform the model is compiled for, between
+XLA:CPU's fastest formulations (`resnet_jax.cpu.conv`) and XLA's plain convolution (GPU/TPU), so
+an accelerator program holds no CPU code.
 """
 
 from __future__ import annotations
@@ -15,12 +18,15 @@ from typing import Any, NamedTuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax import lax
 
-from resnet_jax import ops
-from resnet_jax.conv import Conv
+from resnet_jax import layers
 
 Dtype = Any
 ModuleDef = Callable[..., nn.Module]
+Padding = str | int | Sequence[int | tuple[int, int]]
+# The models' layouts: NHWC activations, HWIO kernels (flax's and `Conv`'s).
+DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
 
 STAGE_NAMES = ("layer1", "layer2", "layer3", "layer4")
 
@@ -44,13 +50,102 @@ def _dense_bias_init(fan_in: int) -> Callable:
     return init
 
 
+def _pair(value: int | Sequence[int], name: str) -> tuple[int, int]:
+    """Broadcast an int to a pair; reject anything that is not one or two positive ints."""
+    pair = (value, value) if isinstance(value, int) else tuple(value)
+    if len(pair) != 2 or not all(isinstance(v, int) and v > 0 for v in pair):
+        raise ValueError(f"Conv: {name} must be a positive int or a pair of them, got {value!r}")
+    return pair
+
+
+def _padding(
+    padding: Padding, spatial: Sequence[int], kernel_size: tuple[int, int], strides: tuple[int, int]
+) -> tuple[tuple[int, int], ...]:
+    """Explicit ((lo, hi), (lo, hi)) padding from 'SAME', 'VALID', an int or explicit pairs."""
+    if isinstance(padding, str):
+        if padding not in ("SAME", "VALID"):
+            raise ValueError(
+                f"Conv: padding must be 'SAME', 'VALID', an int or pairs, got {padding!r}"
+            )
+        return tuple(lax.padtype_to_pads(spatial, kernel_size, strides, padding))
+    if isinstance(padding, int):
+        return ((padding, padding),) * 2
+    pairs = tuple((p, p) if isinstance(p, int) else tuple(p) for p in padding)
+    if len(pairs) != 2 or any(len(p) != 2 for p in pairs):
+        raise ValueError(f"Conv: padding must be ((lo, hi), (lo, hi)) for 2-D, got {padding!r}")
+    return pairs
+
+
+class Conv(nn.Module):
+    """2-D convolution with `nn.Conv`'s parameters (`kernel` HWIO, optional `bias`) and result.
+
+    Supports the subset of `nn.Conv` used by the ResNets: NHWC input, `strides`, `padding`
+    ('SAME', 'VALID', an int or explicit `((lo, hi), (lo, hi))`), `feature_group_count`,
+    `use_bias`, `dtype`, `param_dtype`, `kernel_init`, `bias_init`. `platform` is the backend the
+    program is compiled for (None: `jax.default_backend()` when traced): for "cpu" the
+    convolution takes XLA:CPU's fastest form (`resnet_jax.cpu.conv.conv2d`, same values and
+    gradients), for any other platform it is XLA's plain convolution.
+    """
+
+    features: int
+    kernel_size: Sequence[int]
+    strides: int | Sequence[int] = 1
+    padding: Padding = "SAME"
+    feature_group_count: int = 1
+    use_bias: bool = True
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+    kernel_init: Callable = nn.initializers.lecun_normal()
+    bias_init: Callable = nn.initializers.zeros_init()
+    platform: str | None = None
+
+    @nn.compact
+    def __call__(self, inputs: jax.Array) -> jax.Array:
+        """Convolve an NHWC batch; returns NHWC with `features` channels."""
+        if inputs.ndim != 4:
+            raise ValueError(f"Conv: expected an NHWC input (4 dims), got shape {inputs.shape}")
+        kernel_size = _pair(self.kernel_size, "kernel_size")
+        strides = _pair(self.strides, "strides")
+        groups = self.feature_group_count
+        in_features = inputs.shape[-1]
+        if in_features % groups or self.features % groups:
+            raise ValueError(
+                f"Conv: input channels ({in_features}) and features ({self.features}) must be "
+                f"divisible by feature_group_count ({groups})"
+            )
+        padding = _padding(self.padding, inputs.shape[1:3], kernel_size, strides)
+        kernel_shape = (*kernel_size, in_features // groups, self.features)
+        kernel = self.param("kernel", self.kernel_init, kernel_shape, self.param_dtype)
+        bias = (
+            self.param("bias", self.bias_init, (self.features,), self.param_dtype)
+            if self.use_bias
+            else None
+        )
+        inputs, kernel, bias = nn.dtypes.promote_dtype(inputs, kernel, bias, dtype=self.dtype)
+        if (self.platform or jax.default_backend()).lower() == "cpu":
+            from resnet_jax.cpu import conv as cpu_conv
+
+            y = cpu_conv.conv2d(inputs, kernel, strides, padding, groups)
+        else:
+            y = lax.conv_general_dilated(
+                inputs,
+                kernel,
+                strides,
+                padding,
+                dimension_numbers=DIMENSION_NUMBERS,
+                feature_group_count=groups,
+            )
+        return y if bias is None else y + bias
+
+
 class BatchNorm(nn.Module):
     """BatchNorm with PyTorch's semantics.
 
     Normalises with the biased batch variance and updates `running_var` with the unbiased one
     (n / (n - 1)), exactly as torch does, so converted weights fine-tune identically. Statistics
-    are computed in at least float32 whatever the compute dtype, and averaged over `axis_name`
-    (synchronised BatchNorm) when data-parallel.
+    are computed in at least float32 whatever the compute dtype. With `axis_name` they are the
+    global batch's over that mapped axis (synchronised BatchNorm: one collective per layer and
+    pass, see `layers.batch_norm_train`); without, each replica's own batch's.
     """
 
     use_running_average: bool
@@ -76,11 +171,11 @@ class BatchNorm(nn.Module):
             mul = scale * jax.lax.rsqrt(running_var.value + self.epsilon)
             y = (xs - running_mean.value) * mul + bias
         else:
-            y, mean, var = ops.batch_norm_train(xs, scale, bias, self.epsilon, self.axis_name)
+            y, mean, var = layers.batch_norm_train(xs, scale, bias, self.epsilon, self.axis_name)
             if not self.is_initializing():
                 m = self.momentum
-                count = ops.batch_count(x, self.axis_name)
-                unbiased_var = var * (count / jnp.maximum(count - 1, 1))
+                count = layers.batch_count(x, self.axis_name)
+                unbiased_var = var * (count / max(count - 1, 1))
                 running_mean.value = m * running_mean.value + (1 - m) * mean
                 running_var.value = m * running_var.value + (1 - m) * unbiased_var
         return y.astype(self.dtype)
@@ -99,13 +194,21 @@ def block_layers(
     param_dtype: Dtype = jnp.float32,
     axis_name: str | None = None,
     conv: ModuleDef = Conv,
+    platform: str | None = None,
 ) -> dict[str, ModuleDef]:
     """The `conv` and `norm` a block is built with, as `ResNet` builds them: bias-free convs with
-    torchvision's init, and `BatchNorm` on batch statistics when `train` (else running ones).
-    For the blocks in other networks: ``BasicBlock(planes=64, **block_layers(train=True))``."""
+    torchvision's init (and `platform`, when given), and `BatchNorm` on batch statistics when
+    `train` (else running ones). For the blocks in other networks:
+    ``BasicBlock(planes=64, **block_layers(train=True))``."""
+    conv_options = {} if platform is None else {"platform": platform}
     return {
         "conv": functools.partial(
-            conv, use_bias=False, dtype=dtype, param_dtype=param_dtype, kernel_init=conv_kernel_init
+            conv,
+            use_bias=False,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            kernel_init=conv_kernel_init,
+            **conv_options,
         ),
         "norm": functools.partial(
             BatchNorm,
@@ -142,14 +245,14 @@ class BasicBlock(ResidualBlock):
             raise ValueError("BasicBlock only supports groups=1 and base_width=64 (as torchvision)")
         s = (self.strides, self.strides)
         y = self.conv(self.planes, (3, 3), s, padding=_pad(3), name="conv1")(x)
-        y = ops.relu(self.norm(name="bn1")(y))
+        y = layers.relu(self.norm(name="bn1")(y))
         y = self.conv(self.planes, (3, 3), padding=_pad(3), name="conv2")(y)
         last_init = nn.initializers.zeros if self.zero_init_residual else nn.initializers.ones
         y = self.norm(name="bn2", scale_init=last_init)(y)
         if self.downsample:
             x = self.conv(self.planes, (1, 1), s, padding=_pad(1), name="downsample_conv")(x)
             x = self.norm(name="downsample_bn")(x)
-        return ops.relu(y + x)
+        return layers.relu(y + x)
 
 
 class Bottleneck(ResidualBlock):
@@ -165,11 +268,11 @@ class Bottleneck(ResidualBlock):
         width = int(self.planes * (self.base_width / 64.0)) * self.groups
         s = (self.strides, self.strides)
         y = self.conv(width, (1, 1), padding=_pad(1), name="conv1")(x)
-        y = ops.relu(self.norm(name="bn1")(y))
+        y = layers.relu(self.norm(name="bn1")(y))
         y = self.conv(
             width, (3, 3), s, padding=_pad(3), feature_group_count=self.groups, name="conv2"
         )(y)
-        y = ops.relu(self.norm(name="bn2")(y))
+        y = layers.relu(self.norm(name="bn2")(y))
         y = self.conv(self.planes * self.expansion, (1, 1), padding=_pad(1), name="conv3")(y)
         last_init = nn.initializers.zeros if self.zero_init_residual else nn.initializers.ones
         y = self.norm(name="bn3", scale_init=last_init)(y)
@@ -177,7 +280,7 @@ class Bottleneck(ResidualBlock):
             out = self.planes * self.expansion
             x = self.conv(out, (1, 1), s, padding=_pad(1), name="downsample_conv")(x)
             x = self.norm(name="downsample_bn")(x)
-        return ops.relu(y + x)
+        return layers.relu(y + x)
 
 
 class FeatureInfo(NamedTuple):
@@ -202,8 +305,11 @@ class ResNet(nn.Module):
       axis_name: mapped axis over which BatchNorm statistics are averaged (data parallelism).
       frozen_bn: names among ("stem", "layer1", ..., "layer4") whose BatchNorm layers use their
         running statistics (and leave them unchanged) even when `train=True` (transfer learning).
-      conv: the convolution module; `resnet_jax.conv.Conv` (same parameters as `nn.Conv`,
-        CPU-fast gradients) by default, `flax.linen.Conv` works too.
+      conv: the convolution module; `Conv` (same parameters as `nn.Conv`, XLA:CPU's fastest
+        forms on CPU) by default, `flax.linen.Conv` works too.
+      platform: the backend the model is compiled for, passed to each `conv` when given (None:
+        `Conv` asks `jax.default_backend()` when traced); e.g. "cuda" or "tpu" to export or
+        compile for an accelerator from a CPU host.
     """
 
     stage_sizes: Sequence[int]
@@ -217,6 +323,7 @@ class ResNet(nn.Module):
     axis_name: str | None = None
     frozen_bn: Sequence[str] = ()
     conv: ModuleDef = Conv
+    platform: str | None = None
 
     def feature_info(self) -> list[FeatureInfo]:
         """Channels and reduction of each tap returned by `__call__(..., return_features=True)`:
@@ -254,27 +361,28 @@ class ResNet(nn.Module):
                 param_dtype=self.param_dtype,
                 axis_name=self.axis_name,
                 conv=self.conv,
+                platform=self.platform,
             )
 
         features = {}
         x = x.astype(self.dtype)
         stem = layers_for("stem")
         x = stem["conv"](64, (7, 7), (2, 2), padding=_pad(7), name="conv1")(x)
-        x = ops.relu(stem["norm"](name="bn1")(x))
+        x = layers.relu(stem["norm"](name="bn1")(x))
         features["act1"] = x
-        x = ops.max_pool(x, 3, 2, 1)
+        x = layers.max_pool(x, 3, 2, 1)
         features["stem"] = x
 
         in_channels = 64
         for i, (stage, num_blocks) in enumerate(zip(STAGE_NAMES, sizes, strict=True)):
             planes = 64 * 2**i
-            layers = layers_for(stage)
+            stage_layers = layers_for(stage)
             for j in range(num_blocks):
                 strides = 2 if i > 0 and j == 0 else 1
                 out_channels = planes * self.block_cls.expansion
                 x = self.block_cls(
                     planes=planes,
-                    **layers,
+                    **stage_layers,
                     strides=strides,
                     downsample=strides != 1 or in_channels != out_channels,
                     groups=self.groups,

@@ -1,5 +1,5 @@
 """The TensorFlow-free part of the image preprocessing, shared by the tf.data pipelines (`data`),
-the train and eval steps (`train`) and `inference.Predictor`: the ImageNet statistics, their
+the train and eval steps (`steps`) and `inference.Predictor`: the ImageNet statistics, their
 on-device normalisation of uint8 batches, the eval transform's resize size and the argument
 checks. Kept apart from `data` so the steps and a Predictor validate and normalise without
 importing TensorFlow.
@@ -59,3 +59,11 @@ def normalize_images(images: jax.Array) -> jax.Array:
     scaled = images.astype(jnp.float32) / 255.0
     mean = jnp.asarray(IMAGENET_MEAN, jnp.float32)
     return (scaled - mean) / jnp.asarray(IMAGENET_STD, jnp.float32)
+
+
+def check_process(process_index: int, process_count: int) -> None:
+    """ValueError naming the argument unless `process_count` is a positive integer and
+    0 <= `process_index` < `process_count`."""
+    check_positive_int("process_count", process_count)
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index must be in [0, {process_count}), got {process_index}")

@@ -4,7 +4,7 @@ The three modes of the ResNet tutorial, as `freeze`:
   - "none":     train every parameter after loading the weights;
   - "stages":   train only the named stages (e.g. `trainable=("layer4", "fc")`);
   - "backbone": train only the (new) classifier.
-Frozen parameters get exactly zero update (optax labels, see `train.create_optimizer`) and
+Frozen parameters get exactly zero update (optax labels, see `steps.create_optimizer`) and
 frozen stages' BatchNorm layers use and keep their running statistics (`ResNet.frozen_bn`).
 """
 
@@ -19,7 +19,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from resnet_jax import models
+from resnet_jax import convert, model_dir, models
 
 log = logging.getLogger("resnet_jax")
 
@@ -57,7 +57,7 @@ def frozen_bn(trainable: Sequence[str]) -> tuple[str, ...]:
 
 def trainable_mask(params: Mapping[str, Any], trainable: Sequence[str]) -> dict:
     """A Python bool per param, True in the `trainable` stages (`param_labels` other than
-    "frozen"): `train.make_train_step`'s `trainable`, so frozen stages are not differentiated."""
+    "frozen"): `steps.make_train_step`'s `trainable`, so frozen stages are not differentiated."""
     return jax.tree.map(lambda label: label != "frozen", param_labels(params, trainable))
 
 
@@ -83,8 +83,7 @@ def check_head_trains(
     frozen random head would only learn to fit fixed random logits."""
     if "fc" in trainable:
         return
-    old_fc = pretrained["params"].get("fc")
-    old_classes = None if old_fc is None else np.shape(old_fc["kernel"])[-1]
+    old_classes = model_dir.num_classes(pretrained["params"])
     if old_classes == num_classes:
         return
     why = (
@@ -102,18 +101,15 @@ def load_pretrained(path: str | Path, arch: str) -> dict:
     """`{"params", "batch_stats"}` from a torchvision file or a resnet_jax checkpoint for `arch`.
 
     torchvision files (.pth/.pt/.safetensors in any case, `convert.is_torch_weights_file`) go
-    through `convert.from_torchvision`, which imports torch: call this before anything imports
-    tensorflow (resnet_jax.data).
+    through `convert.from_torchvision`; anything else is read with `model_dir.load`.
     """
-    from resnet_jax import checkpoint, convert
-
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"--pretrained {path}: no such file or directory")
     if convert.is_torch_weights_file(path):
         return convert.from_torchvision(path, arch)
 
-    loaded = checkpoint.load(path)
+    loaded = model_dir.load(path)
     if loaded.arch != arch:
         raise ValueError(f"--pretrained {path} holds a {loaded.arch} checkpoint, not {arch}")
     return {k: jax.device_get(v) for k, v in loaded.variables.items()}
@@ -125,14 +121,13 @@ def merge_pretrained(fresh: Mapping[str, Any], pretrained: Mapping[str, Any]) ->
     weights get the fresh head (both logged), and a headless `fresh` model drops the pretrained
     head."""
     params = dict(pretrained["params"])
+    new_classes, old_classes = (model_dir.num_classes(v["params"]) for v in (fresh, pretrained))
     new_fc, old_fc = fresh["params"].get("fc"), params.pop("fc", None)
     if new_fc is not None:
-        new_classes = np.shape(new_fc["kernel"])[-1]
         if old_fc is None:
             log.info("pretrained weights have no head: adding a new %d-class fc", new_classes)
             old_fc = new_fc
         elif np.shape(old_fc["kernel"]) != np.shape(new_fc["kernel"]):
-            old_classes = np.shape(old_fc["kernel"])[-1]
             log.info(
                 "pretrained head has %d classes, the data set %d: replacing fc with a freshly "
                 "initialised %d-class head",

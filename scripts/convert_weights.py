@@ -5,7 +5,7 @@
 
 `to-flax` reads a torchvision state_dict (.pth/.pt via torch.load(weights_only=True), or
 .safetensors), checks every key and shape against --arch, and writes a directory that
-`resnet_jax.checkpoint.load` (and scripts/evaluate.py, predict.py, train.py --pretrained) read,
+`resnet_jax.model_dir.load` (and scripts/evaluate.py, predict.py, train.py --pretrained) read,
 in float32 whatever the file's float type (float16, bfloat16, float64).
 A 1000-class head is labelled with the ImageNet class names unless --class-names is given. The
 directory records --image-size (default 224, the crop torchvision's ImageNet weights are
@@ -25,9 +25,9 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from resnet_jax import checkpoint, cli_args, convert, models
+from resnet_jax import cli_args, convert, model_dir, models
+from resnet_jax.inference import IMAGENET_NUM_CLASSES, imagenet_class_names
 
-IMAGENET_NUM_CLASSES = 1000
 TORCHVISION_EVAL_SIZE = 224  # torchvision's eval crop for its ImageNet weights
 
 
@@ -73,18 +73,13 @@ def read_class_names(path: Path) -> list[str]:
         names = json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise ValueError(f"{path}: not valid JSON ({err})") from err
-    return names if isinstance(names, list) else checkpoint.read_class_names(path)
-
-
-def _num_classes(variables: dict) -> int | None:
-    fc = variables["params"].get("fc")
-    return None if fc is None else int(np.shape(fc["bias"])[0])
+    return names if isinstance(names, list) else model_dir.read_class_names(path)
 
 
 def _summary(arch: str, variables: dict) -> str:
     """'resnet50, 25,557,032 parameters, 1000 classes' for the printed report."""
     count = sum(int(np.size(leaf)) for leaf in jax.tree.leaves(variables["params"]))
-    num_classes = _num_classes(variables)
+    num_classes = model_dir.num_classes(variables["params"])
     classes = "no classifier head" if num_classes is None else f"{num_classes} classes"
     return f"{arch}, {count:,} parameters, {classes}"
 
@@ -92,16 +87,14 @@ def _summary(arch: str, variables: dict) -> str:
 def to_flax(args: argparse.Namespace) -> str:
     """Convert a torchvision file into a model directory; returns the report line."""
     variables = convert.from_torchvision(args.input, args.arch, num_classes=args.num_classes)
-    num_classes = _num_classes(variables)
+    num_classes = model_dir.num_classes(variables["params"])
     if args.class_names is not None:
         class_names, names_from = read_class_names(args.class_names), str(args.class_names)
     elif num_classes == IMAGENET_NUM_CLASSES:
-        from resnet_jax.inference import imagenet_class_names
-
         class_names, names_from = imagenet_class_names(), "ImageNet"
     else:
         class_names, names_from = None, None
-    checkpoint.save_model(
+    model_dir.save_model(
         args.output,
         arch=args.arch,
         variables=variables,
@@ -117,7 +110,7 @@ def to_torch(args: argparse.Namespace) -> str:
     """Convert a model directory into a torchvision state_dict file; returns the report line."""
     if args.output.exists() and not args.force:
         raise FileExistsError(f"{args.output} already exists; pass --force to overwrite it")
-    loaded = checkpoint.load(args.input, **cli_args.step_selection(args))
+    loaded = model_dir.load(args.input, **cli_args.step_selection(args))
     state_dict = convert.to_torchvision(loaded.variables, loaded.arch)
     convert.save_torchvision(state_dict, args.output)
     step = "" if loaded.step is None else f" (step {loaded.step})"

@@ -22,7 +22,10 @@ from pathlib import Path
 
 import jax
 
-from resnet_jax import checkpoint, cli_args, inference, train
+from resnet_jax import cli_args, evaluation, model_dir, parallel
+from resnet_jax.preprocessing import eval_resize_size
+
+log = logging.getLogger("resnet_jax")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,16 +51,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _data_args(args: argparse.Namespace, loaded: checkpoint.LoadedModel) -> dict:
-    """Keyword arguments of `inference.open_eval_data`: the flags, else the training run's data;
-    the held-out fraction and seed always come from the run (defaults if it recorded none)."""
+def _data_args(args: argparse.Namespace, loaded: model_dir.LoadedModel) -> dict:
+    """Keyword arguments of `evaluation.open_eval_data`: the flags, else the training run's data;
+    the held-out fraction and seed always come from the run (`open_eval_data`'s defaults if it
+    recorded none)."""
     config = loaded.metadata.get("config") or {}
-    kwargs = {
-        "val_fraction": config.get("val_fraction", 0.2),
-        "seed": config.get("seed", 0),
-        "split": args.split,
-        "tfds_data_dir": args.tfds_data_dir,
-    }
+    kwargs = {k: config[k] for k in ("val_fraction", "seed") if k in config}
+    kwargs.update(split=args.split, tfds_data_dir=args.tfds_data_dir)
     if args.data_dir is not None:
         return {**kwargs, "data_dir": args.data_dir}
     if args.dataset is not None:
@@ -73,18 +73,18 @@ def _data_args(args: argparse.Namespace, loaded: checkpoint.LoadedModel) -> dict
     raise ValueError(f"{loaded.path} records no training data; pass --data-dir or --dataset")
 
 
-def format_report(evaluation: inference.Evaluation, title: str) -> str:
+def format_report(result: evaluation.EvalResult, title: str) -> str:
     """Summary line plus the per-class table, as plain text."""
-    width = max(len("class"), *(len(n) for n in evaluation.class_names))
+    width = max(len("class"), *(len(n) for n in result.names))
     lines = [
         title,
-        f"data: {evaluation.data} ({evaluation.count} images"
-        + (f", {len(evaluation.skipped)} unreadable skipped)" if evaluation.skipped else ")"),
-        f"top-1 {evaluation.top1:.4f}  top-5 {evaluation.top5:.4f}  loss {evaluation.loss:.4f}",
+        f"data: {result.data} ({result.count} images"
+        + (f", {len(result.skipped)} unreadable skipped)" if result.skipped else ")"),
+        f"top-1 {result.top1:.4f}  top-5 {result.top5:.4f}  loss {result.loss:.4f}",
         "",
         f"{'class':<{width}}  {'images':>6}  {'correct':>7}  {'accuracy':>8}",
     ]
-    for row in evaluation.per_class():
+    for row in result.per_class():
         accuracy = "-" if row["accuracy"] is None else f"{row['accuracy']:.4f}"
         lines.append(
             f"{row['class']:<{width}}  {row['images']:>6}  {row['correct']:>7}  {accuracy:>8}"
@@ -98,26 +98,26 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     if args.split is not None and args.data_dir is not None:
         parser.error("--split applies to --dataset (image folders use DIR/val)")
-    from resnet_jax import data  # TensorFlow: imported once a run needs it, not for --help
+    cli_args.setup_platform(log)
 
     devices = jax.device_count()
     batch_size = args.batch_size or -(-64 // devices) * devices
     try:  # before anything is loaded; evaluate_checkpoint would only name batch_size
-        train.check_divisible("--batch-size", batch_size, devices)
+        parallel.check_divisible("--batch-size", batch_size, devices)
     except ValueError as err:
         parser.error(str(err))
     # stdout carries only the report (TFDS prints its preparation progress there).
     with contextlib.redirect_stdout(sys.stderr):
         try:
-            loaded = checkpoint.load(args.checkpoint, **cli_args.step_selection(args))
-            image_size = inference.image_size_of(loaded, args.image_size)
+            loaded = model_dir.load(args.checkpoint, **cli_args.step_selection(args))
+            image_size = loaded.image_size(args.image_size)
             cli_args.check_resize_size(parser, args.resize_size, image_size)
-            resize_size = data.eval_resize_size(image_size, args.resize_size)
-            source = inference.open_eval_data(**_data_args(args, loaded))
+            resize_size = eval_resize_size(image_size, args.resize_size)
+            source = evaluation.open_eval_data(**_data_args(args, loaded))
         except (OSError, ValueError, RuntimeError) as err:  # RuntimeError: TFDS preparation
             parser.error(str(err))
         try:
-            evaluation = inference.evaluate_checkpoint(
+            result = evaluation.evaluate_checkpoint(
                 loaded,
                 source,
                 image_size=image_size,
@@ -135,21 +135,21 @@ def main(argv: list[str] | None = None) -> int:
         "arch": loaded.arch,
         "image_size": image_size,
         "resize_size": resize_size,
-        **evaluation.to_json(),
+        **result.to_json(),
     }
     if args.output_dir is not None:
         args.output_dir.mkdir(parents=True, exist_ok=True)
         (args.output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-        inference.plot_confusion(
-            evaluation.confusion,
-            evaluation.class_names,
+        evaluation.plot_confusion(
+            result.confusion,
+            result.names,
             args.output_dir / "confusion.png",
-            title=f"{loaded.arch}: top-1 {evaluation.top1:.3f} on {evaluation.count} images",
+            title=f"{loaded.arch}: top-1 {result.top1:.3f} on {result.count} images",
         )
     if args.json:
         print(json.dumps(metrics, indent=2))
     else:
-        print(format_report(evaluation, title))
+        print(format_report(result, title))
         if args.output_dir is not None:
             print(f"\nwrote {args.output_dir / 'metrics.json'} and confusion.png")
     return 0

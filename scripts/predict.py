@@ -13,11 +13,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from resnet_jax import checkpoint, cli_args, inference, models
+from resnet_jax import cli_args, inference, model_dir, models
+
+log = logging.getLogger("resnet_jax")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _predictor(args: argparse.Namespace, parser: argparse.ArgumentParser) -> inference.Predictor:
-    """The Predictor the flags ask for (weights read before TensorFlow is imported)."""
+    """The Predictor the flags ask for: torchvision weights or a checkpoint."""
     if args.torchvision_weights is not None:
         if args.arch is None:
             parser.error("--torchvision-weights needs --arch")
@@ -68,8 +71,8 @@ def _predictor(args: argparse.Namespace, parser: argparse.ArgumentParser) -> inf
         )
     if args.arch is not None:
         parser.error("--arch applies to --torchvision-weights (a checkpoint records its arch)")
-    loaded = checkpoint.load(args.checkpoint, **cli_args.step_selection(args))
-    image_size = inference.image_size_of(loaded, args.image_size)
+    loaded = model_dir.load(args.checkpoint, **cli_args.step_selection(args))
+    image_size = loaded.image_size(args.image_size)
     cli_args.check_resize_size(parser, args.resize_size, image_size)
     return inference.Predictor.from_loaded(
         loaded, image_size=image_size, resize_size=args.resize_size, batch_size=args.batch_size
@@ -78,7 +81,7 @@ def _predictor(args: argparse.Namespace, parser: argparse.ArgumentParser) -> inf
 
 def find_images(inputs: list[Path]) -> list[Path]:
     """Files as given, folders expanded to their image files (recursive, sorted)."""
-    from resnet_jax import data
+    from resnet_jax import data  # TensorFlow takes seconds to import: not for --help or errors
 
     found = []
     for path in inputs:
@@ -99,7 +102,7 @@ def predict(
 ) -> Iterator[tuple[Path, list[tuple[str, float]] | None, str | None]]:
     """(path, top-k, None) per readable image and (path, None, error) per unreadable one, in
     input order, decoding and predicting one batch at a time."""
-    from resnet_jax import data
+    from resnet_jax import data  # as in find_images: imported once there are images to read
 
     for start in range(0, len(paths), predictor.batch_size):
         chunk = paths[start : start + predictor.batch_size]
@@ -121,6 +124,8 @@ def predict(
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    cli_args.setup_platform(log)
     missing = [str(p) for p in args.inputs if not p.exists()]
     if missing:
         parser.error(f"no such file or folder: {', '.join(missing)}")

@@ -10,18 +10,18 @@ from types import ModuleType
 
 import pytest
 
-from resnet_jax import xla_cpu
+from resnet_jax.cpu import xla_flags
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ROOT / "scripts"
 LAUNCH_TIMEOUT_S = 600  # generous: the machine may be shared; a hang fails here, not forever
-# What importing resnet_jax does to XLA:CPU (xla_cpu, cpu_fusion), for the jaxlibs it does it for;
-# older ones are left alone (test_backend.py::test_older_jaxlib_is_left_alone), and their XLA may
-# not run convolutions on YNNPACK.
-CHECKED_JAXLIB = xla_cpu.jaxlib_version() >= xla_cpu.MIN_JAXLIB
+# What `resnet_jax.cpu.configure` does to XLA:CPU, for the jaxlibs it does it for; older ones are
+# left alone (test_cpu.py::test_configure_applies_what_is_asked), and their XLA may not run
+# convolutions on YNNPACK.
+CHECKED_JAXLIB = xla_flags.supported()
 checked_jaxlib = pytest.mark.skipif(
     not CHECKED_JAXLIB,
-    reason=f"jaxlib older than {xla_cpu.MIN_JAXLIB}: resnet_jax leaves XLA's CPU settings alone",
+    reason=f"jaxlib older than {xla_flags.MIN_JAXLIB}: resnet_jax leaves XLA's CPU settings alone",
 )
 
 
@@ -58,15 +58,12 @@ def run_script(name: str, *args: str, **env: str) -> subprocess.CompletedProcess
     )
 
 
-def cpu_probe(
-    code: str, xla_flags: str, jax_started_first: bool = False, timeout: int = 180, **env: str
-) -> dict:
+def cpu_probe(code: str, xla_flags: str, timeout: int = 180, **env: str) -> dict:
     """Run `code` in a fresh CPU-only Python process with these XLA_FLAGS (XLA reads them once
-    per process) and variables, after a first JAX computation if `jax_started_first`; return the
-    JSON object its last output line prints."""
-    if jax_started_first:
-        code = f"import jax; jax.numpy.ones(1).block_until_ready()\n{code}"
-    environ = dict(os.environ, XLA_FLAGS=xla_flags, JAX_PLATFORMS="cpu", **env)
+    per process) and variables, without glibc's MALLOC_* variables; return the JSON object its
+    last output line prints."""
+    inherited = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    environ = dict(inherited, XLA_FLAGS=xla_flags, JAX_PLATFORMS="cpu", **env)
     proc = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, env=environ, timeout=timeout
     )

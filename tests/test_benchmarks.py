@@ -6,7 +6,10 @@ import re
 import subprocess
 import sys
 
-from helpers import LAUNCH_TIMEOUT_S, ROOT, script_env
+import pytest
+from helpers import CHECKED_JAXLIB, LAUNCH_TIMEOUT_S, ROOT, script_env
+
+pytestmark = pytest.mark.launches
 
 BENCHMARKS = ROOT / "benchmarks"
 TINY = ("--archs", "resnet18", "--batch-sizes", "2", "--image-size", "32", "--rounds", "1")
@@ -87,18 +90,25 @@ def test_convolutions_vs_torch_cover_the_net():
 
 
 def test_model_benchmark_compares_group_caps(tmp_path):
-    """`bench_models.py` times a ResNeXt as the library traces it and with item 19's earlier cap of
-    16 grouped convolutions per layer (`jax-Conv-cap16`), each with its ratio to torch, and writes
-    the table with its command to --output."""
+    """`bench_models.py` applies the library's CPU settings first (all but those left out), times
+    a ResNeXt as the library traces it and with a cap of 16 grouped convolutions per layer
+    (`jax-Conv-cap16`), each with its ratio to torch, and writes the table with its command to
+    --output."""
     report = tmp_path / "report.md"
-    _run(
+    result = _run(
         sys.executable,
         str(BENCHMARKS / "bench_models.py"),
         *("--archs", "resnext50_32x4d", "--batch-sizes", "2", "--image-size", "32"),
         *("--rounds", "1", "--steps", "1", "--modes", "infer"),
         *("--impls", "torch,jax-Conv,jax-Conv-cap16", "--output", str(report)),
+        *("--without-cpu-setting", "retain_host_memory"),
     )
+    settings = "eigen_convolutions, multi_output_fusion" if CHECKED_JAXLIB else "none"
+    assert f"CPU settings: {settings}\n" in result.stderr
     text = report.read_text()
+    assert "freed host memory retained for reuse (retain_host_memory): no" in text
+    eigen = "yes" if CHECKED_JAXLIB else "no"
+    assert f"convolutions on Eigen, not YNNPACK (eigen_convolutions): {eigen}" in text
     assert "--impls torch,jax-Conv,jax-Conv-cap16" in text
     rows = _rows(text, "resnext50_32x4d")
     assert [row[4] for row in rows] == ["torch", "jax-Conv", "jax-Conv-cap16"]

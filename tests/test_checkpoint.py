@@ -1,8 +1,4 @@
-"""Checkpointing: round trips, retention, interrupted writes, `load()` and its errors."""
-
-import functools
-import json
-import logging
+"""Training checkpoints (`TrainCheckpointer`): round trips, retention, interrupted writes."""
 
 import jax
 import jax.numpy as jnp
@@ -10,12 +6,12 @@ import numpy as np
 import optax
 import pytest
 from flax import struct
-from jax.sharding import Mesh, NamedSharding, SingleDeviceSharding
+from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from orbax.checkpoint._src.path import atomicity
 from test_inference import random_variables
 
-from resnet_jax import checkpoint, models
+from resnet_jax import checkpoint, model_dir, models
 
 ARCH = "resnet18"
 CLASSES = ["daisy", "dandelion", "roses", "sunflowers", "tulips"]
@@ -41,11 +37,11 @@ def variables() -> dict:
     return random_variables(models.get_model(ARCH, num_classes=5))
 
 
-def _perturbed(variables: dict, scale: float) -> dict:
+def perturbed(variables: dict, scale: float) -> dict:
     return jax.tree.map(lambda x: x * scale, variables)
 
 
-def _sharded_state(variables: dict, step: int) -> TrainState:
+def sharded_state(variables: dict, step: int) -> TrainState:
     """A TrainState (SGD-momentum trace of 0.5s) laid out over the 4 CPU devices: each leaf
     sharded on its last axis that divides by 4, the rest (scalars, the 5-class bias) replicated.
     Built on the host and placed with one device_put, so nothing is compiled."""
@@ -71,11 +67,11 @@ def _sharded_state(variables: dict, step: int) -> TrainState:
     return jax.device_put(state, shardings)
 
 
-def _meta(**extra) -> dict:
+def step_meta(**extra) -> dict:
     return {"arch": ARCH, "num_classes": 5, "class_names": CLASSES, "image_size": SIZE, **extra}
 
 
-def _assert_trees_equal(actual, expected) -> None:
+def assert_trees_equal(actual, expected) -> None:
     assert jax.tree.structure(actual) == jax.tree.structure(expected)
     for a, e in zip(jax.tree.leaves(actual), jax.tree.leaves(expected), strict=True):
         assert a.dtype == e.dtype
@@ -97,7 +93,7 @@ def test_round_trip_is_exact_and_keeps_shardings(tmp_path):
         "batch_stats": {"bn1": {"mean": rng.normal(size=8), "var": rng.uniform(1, 2, 8)}},
     }
     small = jax.tree.map(lambda x: x.astype(np.float32), small)
-    state = _sharded_state(small, step=7)
+    state = sharded_state(small, step=7)
     expected = jax.device_get(state)
     abstract = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state
@@ -106,7 +102,7 @@ def test_round_trip_is_exact_and_keeps_shardings(tmp_path):
 
     ckpt = checkpoint.TrainCheckpointer(tmp_path)
     assert ckpt.restore(abstract) is None and ckpt.latest_step() is None
-    meta = _meta(epoch=2, config={"lr": np.float32(0.5), "tags": ("a", "b")})
+    meta = step_meta(epoch=2, config={"lr": np.float32(0.5), "tags": ("a", "b")})
     assert ckpt.save(7, state, metadata=meta, metrics={"val_accuracy": np.float32(0.75)})
     # The async save must already hold its own copy: the trainer donates the state's buffers.
     jax.tree.map(lambda x: x.delete(), state)
@@ -118,9 +114,9 @@ def test_round_trip_is_exact_and_keeps_shardings(tmp_path):
     restored, restored_meta = reopened.restore(abstract)
     assert isinstance(restored, TrainState)
     assert isinstance(restored.opt_state[0], optax.TraceState)
-    _assert_trees_equal(restored, expected)
+    assert_trees_equal(restored, expected)
     assert jax.tree.map(lambda x: x.sharding, restored) == shardings
-    assert restored_meta == {**_meta(epoch=2), "config": {"lr": 0.5, "tags": ["a", "b"]}}
+    assert restored_meta == {**step_meta(epoch=2), "config": {"lr": 0.5, "tags": ["a", "b"]}}
     assert reopened.metadata(7) == restored_meta  # without restoring the state
     with pytest.raises(ValueError, match=r"/8/.*unreadable checkpoint metadata"):
         reopened.metadata(8)
@@ -134,7 +130,7 @@ def test_round_trip_is_exact_and_keeps_shardings(tmp_path):
 
 def test_retention_keeps_latest_and_best(tmp_path):
     state = {"w": jnp.arange(4.0)}
-    meta = _meta()
+    meta = step_meta()
     with checkpoint.TrainCheckpointer(tmp_path, max_to_keep=2) as ckpt:
         for step, acc in [(1, 0.2), (2, 0.9), (3, 0.3), (4, 0.4), (5, 0.5)]:
             assert ckpt.save(step, state, metadata=meta, metrics={"val_accuracy": acc})
@@ -157,16 +153,16 @@ def test_retention_without_best_and_save_interval(tmp_path):
     state = {"w": jnp.arange(4.0)}
     with checkpoint.TrainCheckpointer(tmp_path, max_to_keep=2, keep_best=False) as ckpt:
         for step, acc in [(1, 0.9), (2, 0.1), (3, 0.2)]:
-            ckpt.save(step, state, metadata=_meta(), metrics={"val_accuracy": acc})
+            ckpt.save(step, state, metadata=step_meta(), metrics={"val_accuracy": acc})
         ckpt.wait()
         assert _step_dirs(tmp_path) == [2, 3]
 
     workdir = tmp_path / "interval"
     with checkpoint.TrainCheckpointer(workdir, save_interval_steps=5) as ckpt:
-        saved = [s for s in range(12) if ckpt.save(s, state, metadata=_meta())]
+        saved = [s for s in range(12) if ckpt.save(s, state, metadata=step_meta())]
         assert saved == [0, 5, 10]
-        assert ckpt.save(11, state, metadata=_meta(), force=True)
-        assert not ckpt.save(11, state, metadata=_meta())  # not after the latest: skipped
+        assert ckpt.save(11, state, metadata=step_meta(), force=True)
+        assert not ckpt.save(11, state, metadata=step_meta())  # not after the latest: skipped
         ckpt.wait()
         assert _step_dirs(workdir) == [5, 10, 11]
 
@@ -179,19 +175,19 @@ def test_save_validates_metadata_and_metrics(tmp_path):
         with pytest.raises(ValueError, match="Did you mean 'resnet18'"):
             ckpt.save(1, state, metadata={"arch": "resnet81"})
         with pytest.raises(ValueError, match="lack best_metric 'val_accuracy'"):
-            ckpt.save(1, state, metadata=_meta(), metrics={"train_loss": 1.0})
+            ckpt.save(1, state, metadata=step_meta(), metrics={"train_loss": 1.0})
         with pytest.raises(TypeError, match="metadata must be JSON-serialisable"):
-            ckpt.save(1, state, metadata=_meta(bad=object()))
+            ckpt.save(1, state, metadata=step_meta(bad=object()))
         with pytest.raises(TypeError, match=r"metrics\['val_accuracy'\] must be a number"):
-            ckpt.save(1, state, metadata=_meta(), metrics={"val_accuracy": "high"})
+            ckpt.save(1, state, metadata=step_meta(), metrics={"val_accuracy": "high"})
         with pytest.raises(TypeError):
-            ckpt.save(1.5, state, metadata=_meta())
+            ckpt.save(1.5, state, metadata=step_meta())
         assert ckpt.latest_step() is None
 
 
 def test_interrupted_write_is_never_picked(tmp_path, variables, monkeypatch):
     ckpt = checkpoint.TrainCheckpointer(tmp_path)
-    ckpt.save(1, variables, metadata=_meta(), metrics={"val_accuracy": 0.5})
+    ckpt.save(1, variables, metadata=step_meta(), metrics={"val_accuracy": 0.5})
     ckpt.wait()
 
     # Everything written, then the process "dies" before orbax's final rename.
@@ -199,7 +195,7 @@ def test_interrupted_write_is_never_picked(tmp_path, variables, monkeypatch):
         raise OSError("simulated crash before the atomic rename")
 
     monkeypatch.setattr(atomicity.async_path, "rename", crash)
-    ckpt.save(2, _perturbed(variables, 2.0), metadata=_meta(), metrics={"val_accuracy": 0.9})
+    ckpt.save(2, perturbed(variables, 2.0), metadata=step_meta(), metrics={"val_accuracy": 0.9})
     with pytest.raises(OSError, match="simulated crash"):
         ckpt.wait()
     monkeypatch.undo()
@@ -213,75 +209,20 @@ def test_interrupted_write_is_never_picked(tmp_path, variables, monkeypatch):
     assert leftovers == ["2.orbax-checkpoint-tmp", "3.orbax-checkpoint-tmp"]
 
     for where, which in ((tmp_path, "best"), (tmp_path / "checkpoints", "latest")):
-        loaded = checkpoint.load(where, which=which)
+        loaded = model_dir.load(where, which=which)
         assert loaded.step == 1
-        _assert_trees_equal(loaded.variables, variables)
+        assert_trees_equal(loaded.variables, variables)
     with pytest.raises(ValueError, match="unfinished checkpoint"):
-        checkpoint.load(partial)
+        model_dir.load(partial)
 
     reopened = checkpoint.TrainCheckpointer(tmp_path)
     assert (reopened.all_steps(), reopened.best_step()) == ([1], 1)
     restored, _ = reopened.restore(variables)
-    _assert_trees_equal(restored, variables)
-    reopened.save(4, variables, metadata=_meta())
+    assert_trees_equal(restored, variables)
+    reopened.save(4, variables, metadata=step_meta())
     reopened.close()
     assert _step_dirs(tmp_path) == [1, 4]
     assert not any("tmp" in p.name for p in (tmp_path / "checkpoints").iterdir())  # cleaned up
-
-
-def test_load_workdir_step_dir_and_model_dir(tmp_path, variables, caplog):
-    other = _perturbed(variables, 0.5)
-
-    workdir = tmp_path / "run"
-    with checkpoint.TrainCheckpointer(workdir) as ckpt:
-        ckpt.save(
-            10,
-            _sharded_state(variables, 10),
-            metadata=_meta(epoch=1),
-            metrics={"val_accuracy": 0.8},
-        )
-        # A plain {params, batch_stats} host tree is a valid state too.
-        ckpt.save(20, other, metadata=_meta(epoch=2), metrics={"val_accuracy": 0.6})
-
-    with caplog.at_level(logging.WARNING):
-        best = checkpoint.load(workdir)
-    assert "read only" not in caplog.text  # orbax's notice for a read-only manager is dropped
-    assert (best.step, best.arch, best.class_names, best.num_classes) == (10, ARCH, CLASSES, 5)
-    assert best.metadata["epoch"] == 1
-    assert set(best.variables) == {"params", "batch_stats"}
-    device = jax.local_devices()[0]
-    for leaf in jax.tree.leaves(best.variables):
-        assert leaf.sharding == SingleDeviceSharding(device)
-    _assert_trees_equal(best.variables, variables)
-    model = best.model()
-    assert model == models.get_model(ARCH, num_classes=5)
-    forward = jax.jit(functools.partial(model.apply, train=False))
-    x = np.random.default_rng(2).normal(size=(2, SIZE, SIZE, 3)).astype(np.float32)
-    logits = forward(best.variables, x)
-    assert logits.shape == (2, 5) and np.isfinite(logits).all()
-    np.testing.assert_array_equal(logits, forward(jax.device_put(variables, device), x))
-    assert best.model(num_classes=None).num_classes is None  # overrides reach get_model
-
-    for loaded in (
-        checkpoint.load(workdir, which="latest"),
-        checkpoint.load(workdir, step=20),
-        checkpoint.load(workdir / "checkpoints" / "20"),
-    ):
-        assert loaded.step == 20
-        _assert_trees_equal(loaded.variables, other)
-
-    exported = checkpoint.save_model(
-        tmp_path / "export",
-        arch=ARCH,
-        variables=best.variables,
-        class_names=CLASSES,
-        metadata={"source": "test"},
-    )
-    from_model_dir = checkpoint.load(exported)
-    assert from_model_dir.step is None and from_model_dir.class_names == CLASSES
-    assert from_model_dir.metadata["source"] == "test"
-    assert from_model_dir.metadata["format"] == checkpoint.MODEL_FORMAT
-    _assert_trees_equal(from_model_dir.variables, variables)
 
 
 def test_relative_workdir_saves_and_loads(tmp_path, variables, monkeypatch):
@@ -290,103 +231,12 @@ def test_relative_workdir_saves_and_loads(tmp_path, variables, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with checkpoint.TrainCheckpointer("runs/rel") as ckpt:
         assert ckpt.directory.is_absolute()
-        ckpt.save(3, variables, metadata=_meta(epoch=0), metrics={"val_accuracy": 0.5})
+        ckpt.save(3, variables, metadata=step_meta(epoch=0), metrics={"val_accuracy": 0.5})
     assert (tmp_path / "runs" / "rel" / "checkpoints" / "3").is_dir()
     for path in ("runs/rel", "runs/rel/checkpoints", "runs/rel/checkpoints/3"):
-        loaded = checkpoint.load(path)
+        loaded = model_dir.load(path)
         assert loaded.step == 3
-        _assert_trees_equal(loaded.variables, variables)
-
-
-def test_load_errors_name_the_path(tmp_path, variables):
-    with pytest.raises(FileNotFoundError, match=f"{tmp_path / 'missing'}: no such file"):
-        checkpoint.load(tmp_path / "missing")
-    (tmp_path / "weights.pth").write_bytes(b"")
-    with pytest.raises(ValueError, match="weights.pth is a file"):
-        checkpoint.load(tmp_path / "weights.pth")
-    empty = tmp_path / "empty"
-    empty.mkdir()
-    with pytest.raises(FileNotFoundError, match=f"{empty} has no checkpoints"):
-        checkpoint.load(empty)
-    unrelated = tmp_path / "unrelated"
-    (unrelated / "photos" / "7").mkdir(parents=True)
-    (unrelated / "notes.txt").write_text("hello")
-    with pytest.raises(FileNotFoundError, match=f"{unrelated} has no checkpoints"):
-        checkpoint.load(unrelated)
-    with pytest.raises(ValueError, match="which must be"):
-        checkpoint.load(empty, which="first")
-
-    model_dir = checkpoint.save_model(tmp_path / "m", arch=ARCH, variables=variables)
-    with pytest.raises(ValueError, match="single checkpoint; step=3"):
-        checkpoint.load(model_dir, step=3)
-    meta_file = model_dir / "meta" / "metadata"
-    meta = json.loads(meta_file.read_text())
-    meta_file.write_text(json.dumps({**meta, "arch": "resnet81"}))
-    with pytest.raises(ValueError, match=f"{model_dir}: Unknown arch 'resnet81'"):
-        checkpoint.load(model_dir)
-    meta_file.write_text(json.dumps({k: v for k, v in meta.items() if k != "arch"}))
-    with pytest.raises(ValueError, match=f"{model_dir / 'meta'}: metadata has no 'arch'"):
-        checkpoint.load(model_dir)
-    meta_file.write_text(json.dumps({**meta, "arch": "resnet34"}))
-    with pytest.raises(
-        ValueError,
-        match=r"do not match resnet34 .*\n  missing \d+ leaves: .*\['batch_stats'\]\['layer1_2'\]",
-    ):
-        checkpoint.load(model_dir)
-
-    workdir = tmp_path / "run"
-    with checkpoint.TrainCheckpointer(workdir) as ckpt:
-        ckpt.save(1, variables, metadata=_meta())
-    with pytest.raises(FileNotFoundError, match=r"no checkpoint for step 2 .*steps: \[1\]"):
-        checkpoint.load(workdir, step=2)
-    assert checkpoint.load(workdir).step == 1  # no metrics anywhere: best falls back to latest
-
-
-def test_check_variables_names_every_problem(variables):
-    params = jax.tree.map(np.asarray, variables["params"])  # new dicts: the fixture stays intact
-    del params["bn1"]["scale"]
-    params["layer2_0"]["conv1"]["kernel"] = np.zeros((1, 1, 64, 128), np.float32)
-    params["extra"] = {"w": np.zeros(3)}
-    params["layer9_0"] = {"b": np.zeros(2)}
-    broken = {**variables, "params": params}
-    with pytest.raises(ValueError) as err:
-        checkpoint.save_model("unused", arch=ARCH, variables=broken)
-    assert str(err.value).splitlines() == [
-        "save_model(unused): variables do not match resnet18 with num_classes=5:",
-        "  missing 1 leaf: ['params']['bn1']['scale']",
-        "  unexpected 2 leaves: ['params']['extra']['w'], ['params']['layer9_0']['b']",
-        "  wrong shape for ['params']['layer2_0']['conv1']['kernel']: expected (3, 3, 64, 128), "
-        "found (1, 1, 64, 128)",
-    ]
-
-
-def test_save_model_validates_and_protects(tmp_path, variables):
-    path = tmp_path / "model"
-    checkpoint.save_model(path, arch=ARCH, variables=variables)
-    with pytest.raises(FileExistsError, match="pass force=True"):
-        checkpoint.save_model(path, arch=ARCH, variables=_perturbed(variables, 3.0))
-    checkpoint.save_model(path, arch=ARCH, variables=_perturbed(variables, 3.0), force=True)
-    _assert_trees_equal(checkpoint.load(path).variables, _perturbed(variables, 3.0))
-
-    precious = tmp_path / "precious"
-    precious.mkdir()
-    (precious / "thesis.tex").write_text("do not delete")
-    with pytest.raises(FileExistsError, match="not a model directory"):
-        checkpoint.save_model(precious, arch=ARCH, variables=variables, force=True)
-    assert (precious / "thesis.tex").read_text() == "do not delete"
-
-    fresh = tmp_path / "fresh"
-    with pytest.raises(
-        ValueError, match=r"do not match resnet34 with num_classes=5:\n  missing 80 leaves"
-    ):
-        checkpoint.save_model(fresh, arch="resnet34", variables=variables)
-    with pytest.raises(ValueError, match="2 class_names for a model with 5 classes"):
-        checkpoint.save_model(fresh, arch=ARCH, variables=variables, class_names=["a", "b"])
-    with pytest.raises(ValueError, match=r"missing \['batch_stats'\]"):
-        checkpoint.save_model(fresh, arch=ARCH, variables={"params": variables["params"]})
-    with pytest.raises(ValueError, match=r"\['arch'\] contradict"):
-        checkpoint.save_model(fresh, arch=ARCH, variables=variables, metadata={"arch": "resnet50"})
-    assert not fresh.exists()
+        assert_trees_equal(loaded.variables, variables)
 
 
 def test_unwritable_workdir_fails_at_construction(tmp_path):
@@ -397,27 +247,12 @@ def test_unwritable_workdir_fails_at_construction(tmp_path):
         checkpoint.TrainCheckpointer(blocker / "run")
 
 
-def test_class_names_round_trip_and_errors(tmp_path):
-    path = checkpoint.write_class_names(tmp_path, CLASSES)
-    assert json.loads(path.read_text()) == {str(i): c for i, c in enumerate(CLASSES)}
-    assert checkpoint.read_class_names(tmp_path) == CLASSES
-    assert checkpoint.read_class_names(path) == CLASSES
-    with pytest.raises(ValueError, match="duplicates"):
-        checkpoint.write_class_names(tmp_path, ["a", "a"])
-    bad = tmp_path / "bad.json"
-    bad.write_text(json.dumps({"0": "a", "2": "b"}))
-    with pytest.raises(ValueError, match=f"{bad}: expected an object with keys '0'..'n-1'"):
-        checkpoint.read_class_names(bad)
-    with pytest.raises(FileNotFoundError, match="class names file not found"):
-        checkpoint.read_class_names(tmp_path / "none")
-
-
 def test_nan_metric_is_never_best(tmp_path):
     state = {"w": jnp.arange(4.0)}
     with checkpoint.TrainCheckpointer(tmp_path, max_to_keep=1) as ckpt:
-        ckpt.save(1, state, metadata=_meta(), metrics={"val_accuracy": 0.5})
-        ckpt.save(2, state, metadata=_meta(), metrics={"val_accuracy": float("nan")})
+        ckpt.save(1, state, metadata=step_meta(), metrics={"val_accuracy": 0.5})
+        ckpt.save(2, state, metadata=step_meta(), metrics={"val_accuracy": float("nan")})
         assert ckpt.best_step() == 1
-        ckpt.save(3, state, metadata=_meta())
+        ckpt.save(3, state, metadata=step_meta())
         ckpt.wait()
         assert _step_dirs(tmp_path) == [1, 3]

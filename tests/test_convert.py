@@ -3,7 +3,9 @@
 Parity uses random torchvision weights with randomised BN affine parameters and running statistics
 collected from random batches (hand-picked statistics make deep random nets explode). float64 on
 both sides proves the structure (differences are rounding only); float32 is checked with a
-depth-aware tolerance because accumulation order differs between XLA and torch.
+depth-aware tolerance because accumulation order differs between XLA and torch, with JAX's
+float32 matmuls and convolutions at precision "highest" (as `resnet_jax.convert` states: on
+GPUs with TF32, XLA's default precision is coarser than these tolerances).
 """
 
 import torch  # noqa: I001  (torch before anything that could pull in TensorFlow)
@@ -23,6 +25,13 @@ import pytest
 from resnet_jax import convert, models
 
 H, W = 64, 48  # non-square, and 48 reaches odd sizes (3 -> 2) where padding matters
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _highest_matmul_precision():
+    """Full float32 matmuls and convolutions, the precision the parity tolerances hold at."""
+    with jax.default_matmul_precision("highest"):
+        yield
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -1,8 +1,5 @@
 """scripts/convert_weights.py end to end: torchvision file -> Flax directory -> torch file."""
 
-import torch  # noqa: I001  (torch before anything that could pull in TensorFlow)
-import torchvision
-
 import json
 from pathlib import Path
 
@@ -10,9 +7,11 @@ import jax
 import numpy as np
 import pytest
 import safetensors.torch
+import torch
+import torchvision
 from helpers import load_script, run_script
 
-from resnet_jax import checkpoint, inference
+from resnet_jax import checkpoint, inference, model_dir
 
 SCRIPT = "convert_weights.py"
 CLASS_NAMES = ["daisy", "dandelion", "roses", "sunflowers", "tulips"]
@@ -31,30 +30,31 @@ def weights(tmp_path_factory) -> tuple[Path, dict[str, torch.Tensor]]:
     return path, state_dict
 
 
+@pytest.mark.launches
 def test_round_trip_through_the_cli(tmp_path, weights, capsys):
     """to-flax in a process of its own, to-torch (and the error cases below) in this one."""
     pth, state_dict = weights
     names = tmp_path / "names.txt"
     names.write_text("\n".join(CLASS_NAMES) + "\n")
-    model_dir = tmp_path / "flax"
+    flax_dir = tmp_path / "flax"
     proc = run_script(
-        SCRIPT, "to-flax", "--arch", "resnet18", "--input", str(pth), "--output", str(model_dir),
+        SCRIPT, "to-flax", "--arch", "resnet18", "--input", str(pth), "--output", str(flax_dir),
         "--class-names", str(names),
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
-    assert f"wrote {model_dir}: resnet18, 11,179,077 parameters, 5 classes" in proc.stdout
-    loaded = checkpoint.load(model_dir)
+    assert f"wrote {flax_dir}: resnet18, 11,179,077 parameters, 5 classes" in proc.stdout
+    loaded = model_dir.load(flax_dir)
     assert (loaded.arch, loaded.class_names) == ("resnet18", CLASS_NAMES)
     assert loaded.metadata["converted_from"] == str(pth)
     # predict.py / evaluate.py / Predictor read the eval size from the directory: torchvision's.
     assert loaded.metadata["image_size"] == 224
-    assert inference.Predictor.from_checkpoint(model_dir).image_size == 224
+    assert inference.Predictor.from_checkpoint(flax_dir).image_size == 224
 
     out = tmp_path / "back.safetensors"
-    to_torch = ["to-torch", "--input", str(model_dir), "--output", str(out)]
+    to_torch = ["to-torch", "--input", str(flax_dir), "--output", str(out)]
     assert load_script(SCRIPT).main(to_torch) == 0
     report = capsys.readouterr().out
-    assert f"wrote {out} from {model_dir}: resnet18, 11,179,077 parameters, 5 classes" in report
+    assert f"wrote {out} from {flax_dir}: resnet18, 11,179,077 parameters, 5 classes" in report
     back = safetensors.torch.load_file(out)
     assert back.keys() == state_dict.keys()
     for key, value in state_dict.items():
@@ -88,23 +88,23 @@ def test_bad_to_flax_arguments_are_usage_errors(tmp_path, weights, capsys, args,
 
 
 def test_to_flax_records_the_image_size(tmp_path, weights, capsys):
-    model_dir = tmp_path / "flax"
+    flax_dir = tmp_path / "flax"
     argv = ["to-flax", "--arch", "resnet18", "--input", str(weights[0]), "--output",
-            str(model_dir), "--image-size", "48"]  # fmt: skip
+            str(flax_dir), "--image-size", "48"]  # fmt: skip
     assert load_script(SCRIPT).main(argv) == 0
-    assert checkpoint.load(model_dir).metadata["image_size"] == 48
-    predictor = inference.Predictor.from_checkpoint(model_dir)
+    assert model_dir.load(flax_dir).metadata["image_size"] == 48
+    predictor = inference.Predictor.from_checkpoint(flax_dir)
     assert (predictor.image_size, predictor.class_names) == (48, ["0", "1", "2", "3", "4"])
 
 
 def test_to_flax_writes_float32_from_a_float16_file(tmp_path, weights):
     half = {k: v.half() if v.is_floating_point() else v for k, v in weights[1].items()}
     torch.save(half, tmp_path / "half.pth")
-    model_dir = tmp_path / "flax"
+    flax_dir = tmp_path / "flax"
     argv = ["to-flax", "--arch", "resnet18", "--input", str(tmp_path / "half.pth"),
-            "--output", str(model_dir)]  # fmt: skip
+            "--output", str(flax_dir)]  # fmt: skip
     assert load_script(SCRIPT).main(argv) == 0
-    variables = checkpoint.load(model_dir).variables
+    variables = model_dir.load(flax_dir).variables
     assert {leaf.dtype for leaf in jax.tree.leaves(variables)} == {np.dtype(np.float32)}
     var = np.asarray(variables["batch_stats"]["bn1"]["var"])
     np.testing.assert_array_equal(var, half["bn1.running_var"].float().numpy())
@@ -152,8 +152,8 @@ def test_class_names_files(tmp_path):
     script = load_script(SCRIPT)
     (tmp_path / "list.json").write_text(json.dumps(CLASS_NAMES))
     (tmp_path / "lines.txt").write_text("\n".join(CLASS_NAMES) + "\n\n")
-    checkpoint.write_class_names(tmp_path, CLASS_NAMES)
-    for name in ("list.json", "lines.txt", checkpoint.CLASS_NAMES_FILE):
+    model_dir.write_class_names(tmp_path, CLASS_NAMES)
+    for name in ("list.json", "lines.txt", model_dir.CLASS_NAMES_FILE):
         assert script.read_class_names(tmp_path / name) == CLASS_NAMES
 
 

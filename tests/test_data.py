@@ -1,6 +1,12 @@
-"""Input pipeline: sources, determinism, resumption, sharding, padding, bad files, TFDS."""
+"""Input pipeline: sources, determinism, resumption, sharding, padding, bad files, the
+file-list cache, TFDS shares and the offline failure."""
 
 import itertools
+import json
+import shutil
+import socket
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -8,7 +14,7 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from resnet_jax import data
+from resnet_jax import data, image_folders, tfds_sources
 
 FLOWER_CLASSES = ["daisy", "dandelion", "roses", "sunflowers", "tulips"]
 # Normalised values of pixel 0 and 255 per channel.
@@ -57,6 +63,11 @@ def flowers(flowers_dir):
 
 
 @pytest.fixture(scope="module")
+def synthetic(synthetic_folders):
+    return data.open_source(data_dir=synthetic_folders)
+
+
+@pytest.fixture(scope="module")
 def small(tmp_path_factory) -> Path:
     """Three classes of 8, 7 and 6 small JPEGs, no val/ folder."""
     return make_folder(tmp_path_factory.mktemp("small"), {"cat": 8, "dog": 7, "emu": 6})
@@ -74,56 +85,64 @@ def test_flowers_source(flowers):
         data.steps_per_epoch(flowers, 4000)
 
 
-def test_train_batches_deterministic_and_resumable(flowers):
+def test_synthetic_source(synthetic):
+    assert synthetic.class_names == ["blue", "green", "red", "yellow"]
+    assert (synthetic.num_train, synthetic.num_eval) == (48, 16) and synthetic.skipped == ()
+    assert np.bincount(synthetic.eval_split.labels).tolist() == [4, 4, 4, 4]
+
+
+def test_train_batches_deterministic_and_resumable(synthetic):
+    source = synthetic  # mixed formats, modes and sizes
     args = dict(batch_size=8, image_size=32, seed=3)
-    first = take(data.train_batches(flowers, epoch=0, **args), 3)
+    first = take(data.train_batches(source, epoch=0, **args), 3)
     for batch in first:
         assert batch.keys() == {"image", "label"}
         assert batch["image"].shape == (8, 32, 32, 3) and batch["image"].dtype == np.float32
         assert batch["label"].shape == (8,) and batch["label"].dtype == np.int32
-        assert np.all((batch["label"] >= 0) & (batch["label"] < 5))
+        assert np.all((batch["label"] >= 0) & (batch["label"] < 4))
         image = batch["image"]
         assert np.all(image >= LOW - 1e-5) and np.all(image <= HIGH + 1e-5)
-        assert image.std() > 0.3  # real photos, not a constant
+        assert image.std() > 0.3  # coloured noise, not a constant
         # Resized crops are rounded to uint8 before normalising, as torchvision's PIL path does.
         pixels = (image * np.array(data.IMAGENET_STD) + np.array(data.IMAGENET_MEAN)) * 255
         np.testing.assert_allclose(pixels, np.round(pixels), atol=1e-3)
-    assert_same_batches(first, take(data.train_batches(flowers, epoch=0, **args), 3))
-    other = take(data.train_batches(flowers, epoch=1, **args), 3)
+    assert_same_batches(first, take(data.train_batches(source, epoch=0, **args), 3))
+    other = take(data.train_batches(source, epoch=1, **args), 3)
     assert not np.array_equal(first[0]["image"], other[0]["image"])
     assert not all(
         np.array_equal(a["label"], b["label"]) for a, b in zip(first, other, strict=True)
     )
-    resumed = take(data.train_batches(flowers, epoch=0, start_batch=2, **args), 1)
+    resumed = take(data.train_batches(source, epoch=0, start_batch=2, **args), 1)
     assert_same_batches(resumed, first[2:3])
-    one_thread = take(data.train_batches(flowers, epoch=0, num_workers=1, **args), 1)
+    one_thread = take(data.train_batches(source, epoch=0, num_workers=1, **args), 1)
     assert_same_batches(one_thread, first[:1])
 
 
-def test_eval_covers_every_example_once(flowers):
-    size, batch, procs = 32, 100, 2
+def test_eval_covers_every_example_once(synthetic):
+    source = synthetic
+    size, batch, procs = 32, 3, 2
     per_process = [
         list(
             data.eval_batches(
-                flowers, batch_size=batch, image_size=size, process_index=p, process_count=procs
+                source, batch_size=batch, image_size=size, process_index=p, process_count=procs
             )
         )
         for p in range(procs)
     ]
-    assert [len(b) for b in per_process] == [4, 4]  # ceil(736 / 200)
+    assert [len(b) for b in per_process] == [3, 3]  # ceil(16 / 6)
     merged = {
         k: np.concatenate([b[k] for bs in per_process for b in bs]) for k in per_process[0][0]
     }
     real = merged["mask"]
-    assert merged["mask"].dtype == np.bool_ and real.sum() == 736 and (~real).sum() == 800 - 736
-    np.testing.assert_array_equal(np.sort(merged["index"][real]), np.arange(736))
+    assert merged["mask"].dtype == np.bool_ and real.sum() == 16 and (~real).sum() == 18 - 16
+    np.testing.assert_array_equal(np.sort(merged["index"][real]), np.arange(16))
     assert np.all(merged["index"][~real] == -1) and np.all(merged["image"][~real] == 0)
     np.testing.assert_array_equal(
-        merged["label"][real], np.asarray(flowers.eval_split.labels)[merged["index"][real]]
+        merged["label"][real], np.asarray(source.eval_split.labels)[merged["index"][real]]
     )
     # A pipeline image equals the single-image helpers used for prediction.
-    where = int(np.flatnonzero(merged["index"] == 123)[0])
-    expected = data.preprocess_for_eval(data.load_image(flowers.eval_split.paths[123]), size)
+    where = int(np.flatnonzero(merged["index"] == 13)[0])
+    expected = data.preprocess_for_eval(data.load_image(source.eval_split.paths[13]), size)
     np.testing.assert_allclose(merged["image"][where], expected, atol=1e-6)
 
 
@@ -362,7 +381,9 @@ def test_argument_errors(small):
             data.train_batches(source, **args)
 
 
-def test_tfds_mock_tf_flowers(tmp_path):
+def test_tfds_mock_tf_flowers(tmp_path, monkeypatch):
+    # mock_data replaces the download, not the download host check
+    monkeypatch.setattr(tfds_sources, "check_download_hosts", lambda *args: None)
     with tfds.testing.mock_data(num_examples=20):  # random PNGs; every split yields 20
         source = data.open_source(dataset="tf_flowers", tfds_data_dir=str(tmp_path))
         assert sorted(source.class_names) == FLOWER_CLASSES
@@ -379,7 +400,8 @@ def test_tfds_mock_tf_flowers(tmp_path):
 
 def test_tfds_prepared_dataset_matches_folder_pipeline(small, tmp_path):
     """A real (tiny) TFDS dataset built offline from the `small` JPEGs: records, shuffled files,
-    resumption and sharding work, and its eval images equal the image-folder pipeline's."""
+    resumption and per-process shares work, and its eval images equal the image-folder
+    pipeline's."""
     folder = data.open_source(data_dir=small, val_fraction=0.25)
 
     class ResnetJaxTinyPets(tfds.core.GeneratorBasedBuilder):
@@ -414,15 +436,42 @@ def test_tfds_prepared_dataset_matches_folder_pipeline(small, tmp_path):
     assert_same_batches(list(data.train_batches(source, start_batch=5, **args)), full[5:])
     other = list(data.train_batches(source, **dict(args, epoch=2)))
     assert not all(np.array_equal(a["image"], b["image"]) for a, b in zip(full, other, strict=True))
-    shards = [
-        list(
-            data.train_batches(source, process_index=p, process_count=2, **dict(args, batch_size=1))
+    # Two processes: each reads its own contiguous share; training shares are equal (7 of 15
+    # each, one dropped) and disjoint, eval shares (3 + 3) cover the split once.
+    opened = [
+        data.open_source(
+            dataset="resnet_jax_tiny_pets",
+            tfds_data_dir=str(tmp_path),
+            process_index=p,
+            process_count=2,
         )
         for p in range(2)
     ]
-    for step, batch in enumerate(full):
-        joined = np.concatenate([shards[0][step]["image"], shards[1][step]["image"]])
-        np.testing.assert_array_equal(joined, batch["image"])
+    train_records = [[r[0] for r in o.train_split.records().as_numpy_iterator()] for o in opened]
+    assert [len(r) for r in train_records] == [7, 7]
+    assert not set(train_records[0]) & set(train_records[1])
+    assert [o.eval_split.share_offset for o in opened] == [0, 3]
+    shards = [
+        list(data.train_batches(o, process_index=p, process_count=2, **dict(args, batch_size=1)))
+        for p, o in enumerate(opened)
+    ]
+    assert [len(b) for b in shards] == [len(full), len(full)]  # 15 // 2 global batches of 2
+    seen = [im.tobytes() for b in shards for batch in b for im in batch["image"]]
+    assert len(set(seen)) == len(seen)
+    with pytest.raises(ValueError, match="opened for process 0 of 2, not 1 of 2"):
+        data.train_batches(opened[0], process_index=1, process_count=2, **args)
+    evals = [
+        list(data.eval_batches(o, batch_size=2, image_size=16, process_index=p, process_count=2))
+        for p, o in enumerate(opened)
+    ]
+    assert [len(e) for e in evals] == [2, 2]  # ceil(6 / 4) each, so collectives stay in step
+    indices = np.concatenate([b["index"][b["mask"]] for e in evals for b in e])
+    np.testing.assert_array_equal(np.sort(indices), np.arange(6))
+    whole = list(data.eval_batches(source, batch_size=6, image_size=16))[0]
+    for e in evals:
+        for b in e:
+            for image, index in zip(b["image"][b["mask"]], b["index"][b["mask"]], strict=True):
+                np.testing.assert_array_equal(image, whole["image"][index])
     # TFDS shuffles records when preparing, so compare eval images as sets: bit-identical.
     images = {}
     for name, src in (("tfds", source), ("folder", folder)):
@@ -440,7 +489,134 @@ def test_tfds_errors(monkeypatch, tmp_path):
         raise ConnectionError("no route to download.tensorflow.org")
 
     monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare", offline)
-    with pytest.raises(RuntimeError, match="could not prepare TFDS dataset 'tf_flowers'.*network"):
-        data.open_source(dataset="tf_flowers", tfds_data_dir=str(tmp_path))
+    with monkeypatch.context() as patch:
+        patch.setattr(tfds_sources, "check_download_hosts", lambda *args: None)
+        with pytest.raises(RuntimeError, match="could not prepare TFDS dataset 'tf_flowers'.*netw"):
+            data.open_source(dataset="tf_flowers", tfds_data_dir=str(tmp_path))
     with pytest.raises(RuntimeError, match="by hand.*tfds_manual_dir.*ILSVRC2012_img_train.tar"):
         data.open_source(dataset="imagenet2012", tfds_data_dir=str(tmp_path))
+
+
+def closed_port() -> int:
+    """A local TCP port nothing listens on (connections are refused at once)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_tfds_download_without_network_fails_fast(monkeypatch, tmp_path):
+    """No network: opening a TFDS dataset that needs downloading fails within seconds, naming
+    the dataset and pointing to image folders, before TFDS starts its download retries."""
+    unreachable = {f"http://127.0.0.1:{closed_port()}/flower_photos.tgz": None}
+    monkeypatch.setattr(tfds.core.DatasetBuilder, "url_infos", property(lambda self: unreachable))
+
+    def download(self, *args, **kwargs):
+        raise AssertionError("download_and_prepare must not run without network")
+
+    monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare", download)
+    start = time.monotonic()
+    with pytest.raises(RuntimeError) as err:
+        data.open_source(dataset="tf_flowers", tfds_data_dir=str(tmp_path))
+    assert time.monotonic() - start < 10
+    message = str(err.value)
+    assert message.startswith("could not prepare TFDS dataset 'tf_flowers': no network")
+    assert "--data-dir" in message and "127.0.0.1" in message
+
+    with pytest.raises(
+        RuntimeError, match="'x': no network connection to its download host nothing.invalid:443"
+    ):
+        data.check_download_hosts("x", ["https://nothing.invalid/a.tar"], timeout=2)
+    with socket.socket() as server:  # a host that answers passes
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        data.check_download_hosts("x", [f"http://127.0.0.1:{server.getsockname()[1]}/a"])
+
+
+def copy_folders(source: Path, target: Path) -> Path:
+    """A copy of a (session) folder tree that a test may change."""
+    shutil.copytree(source, target)
+    return target
+
+
+def test_file_list_cache_is_written_then_reused(synthetic_folders, tmp_path, monkeypatch):
+    root = copy_folders(synthetic_folders, tmp_path / "data")
+    truncated = (root / "train" / "red" / "00_rgb.jpg").read_bytes()[:200]
+    (root / "train" / "red" / "99_bad.jpg").write_bytes(truncated)
+    cache = tmp_path / "run" / "files.json"
+    with pytest.warns(data.BadImageWarning, match="99_bad.jpg"):
+        fresh = data.open_source(data_dir=root, file_list_cache=cache)
+    written = json.loads(cache.read_text())
+    assert written["format"] == image_folders.CACHE_FORMAT and len(written["fingerprint"]) == 64
+    assert written["splits"]["train"]["red"][0] == "train/red/00_rgb.jpg"
+    assert written["skipped"] == [["train/red/99_bad.jpg", fresh.skipped[0][1]]]
+
+    def no_decoding(paths):
+        raise AssertionError(f"decoded {len(paths)} files despite the cache")
+
+    monkeypatch.setattr(image_folders, "_decodes", no_decoding)
+    with pytest.warns(data.BadImageWarning, match="99_bad.jpg"):
+        cached = data.open_source(data_dir=root, file_list_cache=cache)
+    assert cached == fresh  # same lists in the same order: resumed runs read the same batches
+    args = dict(batch_size=4, image_size=16, seed=2, epoch=1)
+    assert_same_batches(
+        take(data.train_batches(cached, **args), 2), take(data.train_batches(fresh, **args), 2)
+    )
+
+
+def test_file_list_cache_is_rebuilt_when_the_folders_change(synthetic_folders, tmp_path):
+    root = copy_folders(synthetic_folders, tmp_path / "data")
+    cache = tmp_path / "files.json"
+    before = data.open_source(data_dir=root, file_list_cache=cache)
+    shutil.copy(root / "train" / "blue" / "00_rgb.jpg", root / "train" / "blue" / "50_new.jpg")
+    after = data.open_source(data_dir=root, file_list_cache=cache)
+    assert after.num_train == before.num_train + 1
+    assert str(root / "train" / "blue" / "50_new.jpg") in after.train_split.paths
+    assert "train/blue/50_new.jpg" in json.loads(cache.read_text())["splits"]["train"]["blue"]
+    cache.write_text("{not json")  # an unreadable cache is rebuilt too
+    assert data.open_source(data_dir=root, file_list_cache=cache) == after
+    assert json.loads(cache.read_text())["splits"]["train"]["blue"][-1] == "train/blue/50_new.jpg"
+
+
+def test_processes_vet_their_share_of_the_files(synthetic_folders, tmp_path, monkeypatch):
+    """Two processes (threads here, joined by a stand-in allgather) each decode every second
+    file, share the results and get the source one process gets; only process 0 writes the
+    cache."""
+    single = data.open_source(data_dir=synthetic_folders)
+    decoded: dict[int, list[str]] = {0: [], 1: []}
+    real_decodes = image_folders._decodes
+    barrier, slots = threading.Barrier(2), {}
+
+    def recording(paths):
+        decoded[int(threading.current_thread().name)].extend(paths)
+        return real_decodes(paths)
+
+    def allgather(x):
+        slots[int(threading.current_thread().name)] = np.asarray(x)
+        barrier.wait(timeout=60)
+        gathered = np.stack([slots[0], slots[1]])
+        barrier.wait(timeout=60)
+        return gathered
+
+    monkeypatch.setattr(image_folders, "_decodes", recording)
+    caches = [tmp_path / f"p{p}" / "files.json" for p in range(2)]
+    results = {}
+
+    def open_as(p: int) -> None:
+        results[p] = data.open_source(
+            data_dir=synthetic_folders,
+            file_list_cache=caches[p],
+            process_index=p,
+            process_count=2,
+            allgather=allgather,
+        )
+
+    threads = [threading.Thread(target=open_as, args=(p,), name=str(p)) for p in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert results[0] == results[1] == single
+    everything = [*single.train_split.paths, *single.eval_split.paths]
+    assert sorted(decoded[0] + decoded[1]) == sorted(everything)
+    assert not set(decoded[0]) & set(decoded[1]) and abs(len(decoded[0]) - len(decoded[1])) <= 1
+    assert caches[0].is_file() and not caches[1].exists()

@@ -1,8 +1,8 @@
-"""scripts/predict.py and scripts/evaluate.py on a few real flower photos.
+"""scripts/predict.py and scripts/evaluate.py on a few synthetic images (JPEG and PNG, several
+sizes and modes), and the `evaluation` functions behind evaluate.py.
 
-Their main() runs in this process, except for predict.py with torchvision weights (which must
-read them before TensorFlow is imported, so only a process of its own shows that it does);
-tests/test_transfer.py runs evaluate.py as a process, on the trained flowers checkpoint.
+Their main() runs in this process, except for predict.py with torchvision weights, which runs
+as a process of its own to show that a fresh process reads torch weights and decodes images.
 """
 
 import json
@@ -18,32 +18,43 @@ from helpers import load_script, run_script
 from PIL import Image
 from test_inference import random_variables
 
-from resnet_jax import checkpoint, data, inference, models
+from resnet_jax import data, evaluation, inference, model_dir, models
 
 PREDICT, EVALUATE = "predict.py", "evaluate.py"
-CLASSES = ["daisy", "dandelion", "roses", "sunflowers", "tulips"]
 PER_CLASS = 2
 SIZE = 32
 
 
 @pytest.fixture(scope="module")
-def work(tmp_path_factory, flowers_dir):
-    """tmp/data/val/<class>/ with 2 real photos per class, and a random 5-class checkpoint."""
+def classes(synthetic_folders) -> list[str]:
+    """The synthetic data set's class names, sorted (the order of the checkpoint's classes)."""
+    return sorted(p.name for p in (synthetic_folders / "val").iterdir())
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory, synthetic_folders, classes):
+    """tmp/data/val/<class>/ with the first 2 synthetic val images of each class, and a random
+    checkpoint for those classes."""
     root = tmp_path_factory.mktemp("cli")
-    for name in CLASSES:
+    for name in classes:
         target = root / "data" / "val" / name
         target.mkdir(parents=True)
-        for photo in sorted((flowers_dir / "val" / name).iterdir())[:PER_CLASS]:
-            shutil.copy(photo, target)
-    variables = random_variables(models.get_model("resnet18", num_classes=len(CLASSES)), seed=3)
-    checkpoint.save_model(
+        for image in sorted((synthetic_folders / "val" / name).iterdir())[:PER_CLASS]:
+            shutil.copy(image, target)
+    variables = random_variables(models.get_model("resnet18", num_classes=len(classes)), seed=3)
+    model_dir.save_model(
         root / "model",
         arch="resnet18",
         variables=variables,
-        class_names=CLASSES,
+        class_names=classes,
         metadata={"image_size": SIZE},
     )
     return root
+
+
+def _images(work: Path) -> list[Path]:
+    """The copied val images, sorted by path."""
+    return sorted(p for p in (work / "data" / "val").rglob("*") if p.is_file())
 
 
 @pytest.fixture(scope="module")
@@ -54,8 +65,8 @@ def predictor(work):
 def test_predict_json_on_folders_with_gray_rgba_and_a_broken_file(
     work, predictor, tmp_path, capsys
 ):
-    photos = sorted((work / "data" / "val").rglob("*.jpg"))
-    rgb = np.asarray(Image.open(photos[0]))
+    files = _images(work)
+    rgb = np.asarray(Image.open(files[0]).convert("RGB"))
     (tmp_path / "nested" / "deeper").mkdir(parents=True)
     Image.fromarray(rgb).convert("L").save(tmp_path / "nested" / "gray.png")
     Image.fromarray(rgb).convert("RGBA").save(tmp_path / "nested" / "deeper" / "rgba.PNG")
@@ -63,7 +74,7 @@ def test_predict_json_on_folders_with_gray_rgba_and_a_broken_file(
     broken = tmp_path / "broken.jpg"
     broken.write_bytes(b"\xff\xd8\xff\xe0 truncated")
 
-    inputs = [*photos[:3], tmp_path / "nested", broken, photos[3]]
+    inputs = [*files[:3], tmp_path / "nested", broken, files[3]]
     code = load_script(PREDICT).main(["--checkpoint", str(work / "model"), "--json", "--top-k",
                                       "3", "--batch-size", "4", *map(str, inputs)])  # fmt: skip
     out, err = capsys.readouterr()
@@ -72,11 +83,11 @@ def test_predict_json_on_folders_with_gray_rgba_and_a_broken_file(
     assert "1 of 7 image(s) could not be read" in err
     records = json.loads(out)
     expected_paths = [
-        *photos[:3],
+        *files[:3],
         tmp_path / "nested" / "gray.png",  # a folder's own files come before its subfolders'
         tmp_path / "nested" / "deeper" / "rgba.PNG",
         broken,
-        photos[3],
+        files[3],
     ]
     assert [r["path"] for r in records] == [str(p) for p in expected_paths]
     assert "predictions" not in records[5] and str(broken) in records[5]["error"]
@@ -89,25 +100,27 @@ def test_predict_json_on_folders_with_gray_rgba_and_a_broken_file(
         np.testing.assert_allclose([p["probability"] for p in ranked], [p for _, p in expected],
                                    rtol=1e-4)  # fmt: skip
         assert ranked[0]["probability"] >= ranked[1]["probability"] >= ranked[2]["probability"]
-    # The RGBA PNG is the photo with alpha dropped: same prediction as the JPEG's pixels.
+    # The RGBA PNG is the first image with alpha dropped: same prediction as its RGB pixels.
     np.testing.assert_allclose(
         [p["probability"] for p in got[4]], [p for _, p in predictor.top_k(rgb, k=3)[0]], rtol=1e-4
     )
 
 
-def test_resize_size_flag_reaches_predict_and_evaluate(work, predictor, capsys):
+def test_resize_size_flag_reaches_predict_and_evaluate(work, classes, predictor, capsys):
     """--resize-size 32 (= the crop) gives the Predictor's numbers at that resize, which differ
     from the default resize (37 for 32)."""
     tight = inference.Predictor.from_checkpoint(work / "model", resize_size=SIZE, batch_size=4)
-    photos = sorted((work / "data" / "val").rglob("*.jpg"))[:2]
+    files = _images(work)[:2]
+    k = len(classes)
     code = load_script(PREDICT).main(["--checkpoint", str(work / "model"), "--resize-size",
-                                      str(SIZE), "--json", *map(str, photos)])  # fmt: skip
+                                      str(SIZE), "--top-k", str(k), "--json",
+                                      *map(str, files)])  # fmt: skip
     out, err = capsys.readouterr()
     assert code == 0, err
     got = [[p["probability"] for p in r["predictions"]] for r in json.loads(out)]
-    want = [[p for _, p in row] for row in tight.top_k(photos, k=5)]
+    want = [[p for _, p in row] for row in tight.top_k(files, k=k)]
     np.testing.assert_allclose(got, want, rtol=1e-4)
-    assert not np.allclose(got, [[p for _, p in row] for row in predictor.top_k(photos, k=5)])
+    assert not np.allclose(got, [[p for _, p in row] for row in predictor.top_k(files, k=k)])
 
     code = load_script(EVALUATE).main(["--checkpoint", str(work / "model"), "--data-dir",
                                        str(work / "data"), "--resize-size", str(SIZE),
@@ -116,24 +129,25 @@ def test_resize_size_flag_reaches_predict_and_evaluate(work, predictor, capsys):
     assert code == 0, stderr
     metrics = json.loads(stdout)
     assert metrics["resize_size"] == SIZE and metrics["image_size"] == SIZE
-    labels, probs = _expected(work, tight)
+    labels, probs = _expected(work, classes, tight)
     np.testing.assert_array_equal(metrics["confusion"], _confusion(labels, probs))
     loss = -np.mean(np.log(probs[np.arange(len(labels)), labels]))
     assert metrics["loss"] == pytest.approx(loss, rel=1e-4)
 
 
+@pytest.mark.launches
 def test_predict_torchvision_weights_gives_imagenet_classes(work, tmp_path):
     torch.manual_seed(0)
     net = torchvision.models.resnet18().eval()
     weights = tmp_path / "resnet18.pth"
     torch.save(net.state_dict(), weights)
-    photos = sorted((work / "data" / "val").rglob("*.jpg"))[:2]
+    files = _images(work)[:2]
     proc = run_script(PREDICT, "--torchvision-weights", str(weights), "--arch", "resnet18",
-                      "--image-size", str(SIZE), "--json", *map(str, photos))  # fmt: skip
+                      "--image-size", str(SIZE), "--json", *map(str, files))  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     records = json.loads(proc.stdout)
     names = inference.imagenet_class_names()
-    batch = np.stack([data.preprocess_for_eval(data.load_image(p), SIZE) for p in photos])
+    batch = np.stack([data.preprocess_for_eval(data.load_image(p), SIZE) for p in files])
     with torch.no_grad():
         probs = torch.softmax(net(torch.from_numpy(batch).permute(0, 3, 1, 2)), 1).numpy()
     for record, row in zip(records, probs, strict=True):
@@ -142,10 +156,12 @@ def test_predict_torchvision_weights_gives_imagenet_classes(work, tmp_path):
         assert record["predictions"][0]["probability"] == pytest.approx(row.max(), abs=1e-5)
 
 
-def _expected(work: Path, predictor: inference.Predictor) -> tuple[np.ndarray, np.ndarray]:
-    """(labels, probabilities) of the val photos from the Predictor, one image at a time."""
+def _expected(
+    work: Path, classes: list[str], predictor: inference.Predictor
+) -> tuple[np.ndarray, np.ndarray]:
+    """(labels, probabilities) of the val images from the Predictor."""
     labels, paths = [], []
-    for index, name in enumerate(CLASSES):
+    for index, name in enumerate(classes):
         files = sorted((work / "data" / "val" / name).iterdir())
         labels += [index] * len(files)
         paths += files
@@ -153,15 +169,16 @@ def _expected(work: Path, predictor: inference.Predictor) -> tuple[np.ndarray, n
 
 
 def _confusion(labels: np.ndarray, probs: np.ndarray) -> np.ndarray:
-    counts = np.zeros((len(CLASSES), len(CLASSES)), np.int64)
+    n = probs.shape[1]
+    counts = np.zeros((n, n), np.int64)
     np.add.at(counts, (labels, probs.argmax(1)), 1)
     return counts
 
 
-def test_evaluate_folder_json_table_and_confusion_png(work, predictor, capsys):
+def test_evaluate_folder_json_table_and_confusion_png(work, classes, predictor, capsys):
     out = work / "eval"
     code = load_script(EVALUATE).main(["--checkpoint", str(work / "model"), "--data-dir",
-                                       str(work / "data"), "--batch-size", "8", "--json",
+                                       str(work / "data"), "--batch-size", "12", "--json",
                                        "--output-dir", str(out)])  # fmt: skip
     stdout, stderr = capsys.readouterr()
     assert code == 0, stderr
@@ -169,14 +186,15 @@ def test_evaluate_folder_json_table_and_confusion_png(work, predictor, capsys):
     assert metrics == json.loads((out / "metrics.json").read_text())
     assert (out / "confusion.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
-    total = PER_CLASS * len(CLASSES)
-    assert metrics["count"] == total and metrics["class_names"] == CLASSES
+    total = PER_CLASS * len(classes)
+    assert metrics["count"] == total and metrics["class_names"] == classes
     assert metrics["image_size"] == SIZE and metrics["resize_size"] == round(SIZE * 256 / 224)
-    assert [row["images"] for row in metrics["per_class"]] == [PER_CLASS] * len(CLASSES)
+    assert [row["images"] for row in metrics["per_class"]] == [PER_CLASS] * len(classes)
     assert sum(row["images"] for row in metrics["per_class"]) == total
 
-    # The same numbers from the Predictor (batch 10 = 8 + a padded, masked 2 over 4 devices).
-    labels, probs = _expected(work, predictor)
+    # The same numbers from the Predictor: the 8 images went in one batch of 12 over 4 devices,
+    # its 4 padding rows masked out.
+    labels, probs = _expected(work, classes, predictor)
     want = _confusion(labels, probs)
     np.testing.assert_array_equal(metrics["confusion"], want)
     assert metrics["top1"] == pytest.approx(np.trace(want) / total)
@@ -188,18 +206,19 @@ def test_evaluate_folder_json_table_and_confusion_png(work, predictor, capsys):
         assert row["correct"] == correct and row["accuracy"] == pytest.approx(correct / PER_CLASS)
 
 
-def test_evaluate_tfds_split_maps_classes_by_name(work, predictor, capsys, tmp_path):
-    """A real (tiny) TFDS dataset of the same photos whose classes come in reverse order: the
-    labels are translated to the checkpoint's by name, giving the folder's confusion matrix."""
-    examples = [(p, p.parent.name) for p in sorted((work / "data" / "val").rglob("*.jpg"))]
+def test_evaluate_tfds_split_maps_classes_by_name(work, classes, predictor, capsys, tmp_path):
+    """A real (tiny) TFDS dataset of the same images (their decoded pixels, stored as lossless
+    PNG) whose classes come in reverse order: the labels are translated to the checkpoint's by
+    name, giving the folder's confusion matrix."""
+    examples = [(data.load_image(p), p.parent.name) for p in _images(work)]
 
-    class ResnetJaxEvalFlowers(tfds.core.GeneratorBasedBuilder):
+    class ResnetJaxEvalSynthetic(tfds.core.GeneratorBasedBuilder):
         VERSION = tfds.core.Version("1.0.0")
 
         def _info(self):
             features = {
-                "image": tfds.features.Image(encoding_format="jpeg"),
-                "label": tfds.features.ClassLabel(names=CLASSES[::-1]),
+                "image": tfds.features.Image(encoding_format="png"),
+                "label": tfds.features.ClassLabel(names=classes[::-1]),
             }
             return tfds.core.DatasetInfo(
                 builder=self, features=tfds.features.FeaturesDict(features)
@@ -209,47 +228,48 @@ def test_evaluate_tfds_split_maps_classes_by_name(work, predictor, capsys, tmp_p
             return {"train": self._generate_examples()}
 
         def _generate_examples(self):
-            for i, (path, name) in enumerate(examples):
-                yield i, {"image": path, "label": name}
+            for i, (image, name) in enumerate(examples):
+                yield i, {"image": image, "label": name}
 
-    name, tfds_dir = "resnet_jax_eval_flowers", str(tmp_path)
+    name, tfds_dir = "resnet_jax_eval_synthetic", str(tmp_path)
     evaluate = load_script(EVALUATE)
     evaluate.main(["--checkpoint", str(work / "model"), "--dataset", name, "--split", "train",
-                   "--tfds-data-dir", tfds_dir, "--batch-size", "8", "--json"])  # fmt: skip
+                   "--tfds-data-dir", tfds_dir, "--batch-size", "4", "--json"])  # fmt: skip
     metrics = json.loads(capsys.readouterr().out)
-    assert "(train)" in metrics["data"] and metrics["class_names"] == CLASSES
+    assert "(train)" in metrics["data"] and metrics["class_names"] == classes
     assert metrics["count"] == len(examples)
-    np.testing.assert_array_equal(metrics["confusion"], _confusion(*_expected(work, predictor)))
+    want = _confusion(*_expected(work, classes, predictor))
+    np.testing.assert_array_equal(metrics["confusion"], want)  # totalled over 2 batches of 4
 
-    half = inference.open_eval_data(dataset=name, split="train[:50%]", tfds_data_dir=tfds_dir)
+    half = evaluation.open_eval_data(dataset=name, split="train[:50%]", tfds_data_dir=tfds_dir)
     assert half.num_eval == len(examples) // 2
     with pytest.raises(ValueError, match="split 'tset': Unknown split 'tset'"):
-        inference.open_eval_data(dataset=name, split="tset", tfds_data_dir=tfds_dir)
+        evaluation.open_eval_data(dataset=name, split="tset", tfds_data_dir=tfds_dir)
 
 
-def test_open_eval_data_folder_layouts(work, tmp_path):
+def test_open_eval_data_folder_layouts(work, classes, tmp_path):
     """DIR/val wins; DIR/train alone gives training's held-out part; else DIR's class folders."""
     val = work / "data" / "val"
-    plain = inference.open_eval_data(data_dir=val)
-    assert plain.class_names == CLASSES and plain.num_eval == PER_CLASS * len(CLASSES)
-    with_val = inference.open_eval_data(data_dir=work / "data")
+    plain = evaluation.open_eval_data(data_dir=val)
+    assert plain.class_names == classes and plain.num_eval == PER_CLASS * len(classes)
+    with_val = evaluation.open_eval_data(data_dir=work / "data")
     assert with_val.eval_split == plain.eval_split and "val" in with_val.origin
 
     shutil.copytree(val, tmp_path / "train")
-    held = inference.open_eval_data(data_dir=tmp_path, val_fraction=0.5, seed=3)
+    held = evaluation.open_eval_data(data_dir=tmp_path, val_fraction=0.5, seed=3)
     same = data.open_source(data_dir=tmp_path, val_fraction=0.5, seed=3)
-    assert held.eval_split == same.eval_split and held.num_eval == len(CLASSES)
+    assert held.eval_split == same.eval_split and held.num_eval == len(classes)
     with pytest.raises(ValueError, match="exactly one of data_dir"):
-        inference.open_eval_data()
+        evaluation.open_eval_data()
 
 
 def test_evaluate_checkpoint_batch_must_split_over_devices(work):
     loaded, source = (
-        checkpoint.load(work / "model"),
-        inference.open_eval_data(data_dir=work / "data"),
+        model_dir.load(work / "model"),
+        evaluation.open_eval_data(data_dir=work / "data"),
     )
     with pytest.raises(ValueError, match="^batch_size 6 is not divisible by the number of dev"):
-        inference.evaluate_checkpoint(loaded, source, image_size=SIZE, batch_size=6)
+        evaluation.evaluate_checkpoint(loaded, source, image_size=SIZE, batch_size=6)
 
 
 @pytest.mark.parametrize(
@@ -257,8 +277,12 @@ def test_evaluate_checkpoint_batch_must_split_over_devices(work):
     [
         (PREDICT, ["--checkpoint", "{work}/nowhere", "{work}/data"], "{work}/nowhere"),
         (PREDICT, ["--checkpoint", "{work}/model", "{work}/missing.jpg"], "missing.jpg"),
-        (PREDICT, ["--checkpoint", "{work}/model", "{work}/model"], "has no image files"),
-        (PREDICT, ["--checkpoint", "{work}/model", "--top-k", "6", "{work}/data"], "[1, 5]"),
+        (
+            PREDICT,
+            ["--checkpoint", "{work}/model", "--top-k", "{n}", "{work}/model"],
+            "has no image files",
+        ),
+        (PREDICT, ["--checkpoint", "{work}/model", "--top-k", "{n1}", "{work}/data"], "[1, {n}]"),
         (PREDICT, ["--torchvision-weights", "{work}/w.pth", "{work}/data"], "needs --arch"),
         (
             PREDICT,
@@ -341,12 +365,15 @@ def test_evaluate_checkpoint_batch_must_split_over_devices(work):
         ),
     ],
 )
-def test_errors_are_usage_errors_naming_the_problem(script, args, message, work, capsys):
+def test_errors_are_usage_errors_naming_the_problem(script, args, message, work, classes, capsys):
+    """`{work}` in the arguments and message is the module's work directory, `{n}` the number of
+    classes and `{n1}` one more."""
     odd = work / "odd" / "cactus"
     odd.mkdir(parents=True, exist_ok=True)
-    shutil.copy(next((work / "data" / "val" / "roses").iterdir()), odd)
+    shutil.copy(_images(work)[0], odd)
+    fields = {"work": work, "n": len(classes), "n1": len(classes) + 1}
     module = load_script(script)
     with pytest.raises(SystemExit) as exit_info:
-        module.main([a.format(work=work) for a in args])
+        module.main([a.format(**fields) for a in args])
     assert exit_info.value.code == 2
-    assert message.format(work=work) in capsys.readouterr().err
+    assert message.format(**fields) in capsys.readouterr().err

@@ -10,7 +10,7 @@ import torch
 import torchvision
 from PIL import Image
 
-from resnet_jax import checkpoint, convert, data, inference, models
+from resnet_jax import checkpoint, convert, data, inference, model_dir, models
 
 ARCH = "resnet18"
 CLASSES = ["cat", "dog", "fish"]
@@ -36,19 +36,19 @@ def random_variables(model: models.ResNet, seed: int = 0) -> dict:
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
+def saved_model(tmp_path_factory):
     """A save_model directory: random 3-class resnet18 trained (nominally) at 32 px."""
     path = tmp_path_factory.mktemp("inference") / "model"
     variables = random_variables(models.get_model(ARCH, num_classes=len(CLASSES)))
-    checkpoint.save_model(
+    model_dir.save_model(
         path, arch=ARCH, variables=variables, class_names=CLASSES, metadata={"image_size": SIZE}
     )
     return path
 
 
 @pytest.fixture(scope="module")
-def predictor(model_dir):
-    return inference.Predictor.from_checkpoint(model_dir, batch_size=4)
+def predictor(saved_model):
+    return inference.Predictor.from_checkpoint(saved_model, batch_size=4)
 
 
 @pytest.fixture(scope="module")
@@ -117,8 +117,8 @@ def test_gray_rgba_png_and_jpeg_inputs(predictor, images, tmp_path):
     )
 
 
-def test_loads_workdir_step_dir_and_overrides(model_dir, predictor, images, tmp_path):
-    loaded = checkpoint.load(model_dir)
+def test_loads_workdir_step_dir_and_overrides(saved_model, predictor, images, tmp_path):
+    loaded = model_dir.load(saved_model)
     with checkpoint.TrainCheckpointer(tmp_path / "run", async_save=False) as ckpt:
         ckpt.save(
             3, loaded.variables, metadata={"arch": ARCH, "class_names": CLASSES, "image_size": SIZE}
@@ -129,7 +129,7 @@ def test_loads_workdir_step_dir_and_overrides(model_dir, predictor, images, tmp_
         assert other.class_names == CLASSES and other.image_size == SIZE
         # Other batch sizes tile the matmuls differently: float32 round-off, not a mismatch.
         np.testing.assert_allclose(other.predict_proba(images[:2]), want, rtol=1e-4, atol=1e-6)
-    bigger = inference.Predictor.from_checkpoint(model_dir, image_size=48, batch_size=2)
+    bigger = inference.Predictor.from_checkpoint(saved_model, image_size=48, batch_size=2)
     assert bigger.image_size == 48 and bigger.preprocess(images[0]).shape == (48, 48, 3)
     assert not np.allclose(bigger.predict_proba(images[:1]), want[:1])
 
@@ -140,8 +140,8 @@ def test_loads_workdir_step_dir_and_overrides(model_dir, predictor, images, tmp_
     assert direct.top_k(images[0], k=3)[0][0][0] == ["a", "b", "c"][int(want[0].argmax())]
 
 
-def test_resize_size_reaches_preprocessing(model_dir, predictor, images):
-    loaded = checkpoint.load(model_dir)
+def test_resize_size_reaches_preprocessing(saved_model, predictor, images):
+    loaded = model_dir.load(saved_model)
     tight = inference.Predictor.from_loaded(loaded, resize_size=SIZE, batch_size=4)
     assert tight.image_size == SIZE and tight.resize_size == SIZE
     assert predictor.resize_size == round(SIZE * 256 / 224)
@@ -149,15 +149,15 @@ def test_resize_size_reaches_preprocessing(model_dir, predictor, images):
     np.testing.assert_array_equal(tight.preprocess(images[0]), want)
     assert np.abs(want - predictor.preprocess(images[0])).max() > 0.1
     assert not np.allclose(tight.predict_proba(images[:2]), predictor.predict_proba(images[:2]))
-    same = inference.Predictor.from_checkpoint(model_dir, resize_size=SIZE, batch_size=4)
+    same = inference.Predictor.from_checkpoint(saved_model, resize_size=SIZE, batch_size=4)
     np.testing.assert_array_equal(same.preprocess(images[1]), tight.preprocess(images[1]))
     with pytest.raises(ValueError, match=f"resize_size {SIZE - 1} is smaller than image_size"):
-        inference.Predictor.from_checkpoint(model_dir, resize_size=SIZE - 1)
+        inference.Predictor.from_checkpoint(saved_model, resize_size=SIZE - 1)
     with pytest.raises(ValueError, match="resize_size must be a positive integer, got 0"):
         inference.Predictor(loaded.model(), loaded.variables, CLASSES, SIZE, resize_size=0)
 
 
-def test_errors_are_clear(model_dir, predictor, images, tmp_path):
+def test_errors_are_clear(saved_model, predictor, images, tmp_path):
     with pytest.raises(FileNotFoundError, match="nowhere"):
         inference.Predictor.from_checkpoint(tmp_path / "nowhere")
     bad = tmp_path / "bad.jpg"
@@ -170,7 +170,7 @@ def test_errors_are_clear(model_dir, predictor, images, tmp_path):
         predictor.predict_proba(np.zeros((8, 8, 2), np.uint8))
     with pytest.raises(ValueError, match="k=4 exceeds the model's 3 classes"):
         predictor.top_k(images[0], k=4)
-    loaded = checkpoint.load(model_dir)
+    loaded = model_dir.load(saved_model)
     with pytest.raises(ValueError, match="one name per class: the model has 3 classes, got 2"):
         inference.Predictor(loaded.model(), loaded.variables, ["a", "b"], SIZE)
     with pytest.raises(ValueError, match="batch_size must be a positive integer"):
@@ -184,15 +184,15 @@ def test_errors_are_clear(model_dir, predictor, images, tmp_path):
         params["fc"] = {"kernel": loaded.variables["params"]["fc"]["kernel"]}
         inference.Predictor(loaded.model(), {**loaded.variables, "params": params}, CLASSES, SIZE)
     no_size = tmp_path / "no_size"
-    checkpoint.save_model(no_size, arch=ARCH, variables=loaded.variables, class_names=CLASSES)
+    model_dir.save_model(no_size, arch=ARCH, variables=loaded.variables, class_names=CLASSES)
     with pytest.raises(ValueError, match="no_size: checkpoint metadata has no image_size"):
         inference.Predictor.from_checkpoint(no_size)
     with pytest.raises(ValueError, match="pass class_names"):
         inference.Predictor.from_torchvision(convert.to_torchvision(loaded.variables, ARCH), ARCH)
 
 
-def test_half_precision_torchvision_weights_become_float32(model_dir):
-    loaded = checkpoint.load(model_dir)
+def test_half_precision_torchvision_weights_become_float32(saved_model):
+    loaded = model_dir.load(saved_model)
     half = {
         k: v.half() if v.is_floating_point() else v
         for k, v in convert.to_torchvision(loaded.variables, ARCH).items()

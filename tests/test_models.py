@@ -1,4 +1,5 @@
-"""Structure of the Flax ResNets: parameter counts, options, feature taps, BatchNorm semantics."""
+"""Structure of the Flax ResNets: parameter counts, options, feature taps, BatchNorm semantics,
+and programs for GPU/TPU free of CPU code."""
 
 import functools
 
@@ -6,8 +7,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax import export
 
-from resnet_jax import models
+from resnet_jax import models, steps
+from resnet_jax.cpu import xla_flags
 
 # torchvision.models.<arch>().parameters() totals (also checked against torchvision itself in
 # tests/test_convert.py).
@@ -204,3 +207,74 @@ def test_conv_init_is_torchs_kaiming_normal_fan_out():
     kernel = models.conv_kernel_init(jax.random.key(0), (3, 3, 64, 256))
     np.testing.assert_allclose(np.std(kernel), np.sqrt(2 / (3 * 3 * 256)), rtol=0.02)
     assert np.abs(kernel).max() > 3 * np.sqrt(2 / (3 * 3 * 256))  # not truncated at 2 sigma
+
+
+@pytest.fixture
+def backend_compiles(monkeypatch):
+    """The names of the functions XLA compiles while the test runs (JAX's compile events)."""
+    compiled = []
+
+    def listener(event: str, _duration: float, **kwargs) -> None:
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiled.append(kwargs.get("fun_name", "?"))
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    yield compiled
+    jax.monitoring.unregister_event_duration_listener(listener)
+
+
+def test_accelerator_train_step_has_no_cpu_code(monkeypatch, backend_compiles):
+    """The library's ResNet-50 bf16 train step at batch 256, 224 px, exported for CUDA and for
+    TPU: tracing runs no probe of XLA:CPU and compiles nothing, and the program holds no platform
+    branch (`stablehlo.case`) and no matmul besides the classifier's (its forward and two
+    gradients): every convolution is XLA's own."""
+
+    def no_probe(*args, **kwargs):
+        raise AssertionError("XLA:CPU probed while tracing for an accelerator")
+
+    for probe in ("compiled_on_cpu", "cpu_backend_convolutions_on_eigen", "multi_output_fusion"):
+        monkeypatch.setattr(xla_flags, probe, no_probe)
+    batch = {
+        "image": jax.ShapeDtypeStruct((256, 224, 224, 3), jnp.uint8),
+        "label": jax.ShapeDtypeStruct((256,), jnp.int32),
+    }
+    for platform in ("cuda", "tpu"):
+        model = models.resnet50(dtype=jnp.bfloat16, platform=platform)
+        tx = steps.create_optimizer(schedule=0.1)
+        state = jax.eval_shape(
+            lambda v, tx=tx: steps.create_train_state(v, tx), models.variable_shapes(model)
+        )
+        step = steps.make_train_step(model, tx, axis_name=None)
+        before = len(backend_compiles)
+        text = export.export(jax.jit(step), platforms=(platform,))(state, batch).mlir_module()
+        assert backend_compiles[before:] == [], platform
+        assert text.count("stablehlo.case") == 0, platform
+        assert text.count("stablehlo.dot_general") == 3, platform
+        # 53 convolutions, each with its input gradient and weight gradient; the stem's input
+        # gradient is not needed
+        assert text.count("stablehlo.convolution") == 53 * 3 - 1, platform
+    jax.jit(lambda x: x + 1)(jnp.ones(3))  # the listener sees a compile
+    assert len(backend_compiles) > 0
+
+
+def test_platform_reaches_every_convolution():
+    """`ResNet(platform=...)` builds each of its convolutions with that platform; with the
+    default None a model can take `flax.linen.Conv` (which has no such field)."""
+    import flax.linen as nn
+
+    shapes = jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32)
+    for platform in ("cpu", "tpu"):
+        model = tiny_bottleneck(num_classes=3, platform=platform)
+        convs = []
+
+        def record(next_fun, args, kwargs, context, convs=convs):
+            if isinstance(context.module, models.Conv):
+                convs.append(context.module.platform)
+            return next_fun(*args, **kwargs)
+
+        with nn.intercept_methods(record):
+            jax.eval_shape(model.init, KEY, shapes)
+        assert convs == [platform] * 17  # stem, 4 x (3 + downsample)
+    flax_conv = tiny_bottleneck(num_classes=3, conv=nn.Conv)
+    own_conv = tiny_bottleneck(num_classes=3)
+    assert models.variable_shapes(flax_conv) == models.variable_shapes(own_conv)

@@ -4,7 +4,7 @@ The end-to-end test runs scripts/train.py as real `jax.distributed` processes on
 (gloo collectives): one run is interrupted by SIGTERM sent to process 1 only and resumed by
 both processes, another runs on one process with 4 devices. Both see the same global batches
 on the same 4-device mesh, so checkpoints, training metrics and evaluation must agree. The
-cheap tests check how `resnet_jax.distributed.initialize` calls `jax.distributed`.
+cheap tests check how `resnet_jax.parallel.initialize` calls `jax.distributed`.
 """
 
 import json
@@ -22,12 +22,14 @@ import numpy as np
 import pytest
 from helpers import metrics_records
 
-from resnet_jax import checkpoint, distributed
+from resnet_jax import model_dir, parallel
+
+pytestmark = pytest.mark.launches
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = ROOT / "scripts" / "train.py"
 STEPS = 3
-NUM_VAL = 736  # flower_photos/val
+NUM_VAL = 16  # synthetic_folders/val
 PHASE_TIMEOUT_S = 900  # per launch; a collective that never completes fails here, not forever
 
 # Why --lr 0.001 and not bit-exact: gloo sums the 4 devices' gradients and BatchNorm statistics
@@ -42,7 +44,7 @@ PHASE_TIMEOUT_S = 900  # per launch; a collective that never completes fails her
 FLAGS = [
     "--arch", "resnet18", "--image-size", "32", "--batch-size", "8", "--eval-batch-size", "64",
     "--epochs", "1", "--warmup-epochs", "0", "--lr", "0.001", "--max-steps", str(STEPS),
-    "--checkpoint-every", "1", "--num-workers", "1",
+    "--checkpoint-every", "1", "--num-workers", "1", "--sync-bn",
 ]  # fmt: skip
 ATOL = 1e-5
 
@@ -77,8 +79,8 @@ def _env(devices: int, cache: Path) -> dict[str, str]:
 class _Launcher:
     """Starts scripts/train.py processes with logs in files; kills what is left on exit."""
 
-    def __init__(self, root: Path, flowers_dir: Path):
-        self.root, self.flags = root, [*FLAGS, "--data-dir", str(flowers_dir)]
+    def __init__(self, root: Path, data_dir: Path):
+        self.root, self.flags = root, [*FLAGS, "--data-dir", str(data_dir)]
         self.procs: list[subprocess.Popen] = []
 
     def start(self, name: str, workdir: Path, devices: int, *extra: str) -> subprocess.Popen:
@@ -146,11 +148,11 @@ def _wait_for_train_step(metrics: Path, step: int, procs, deadline: float) -> No
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, flowers_dir) -> dict:
+def runs(tmp_path_factory, synthetic_folders) -> dict:
     """Run everything once: the interrupted and resumed 2-process run, the 1-process run."""
     root = tmp_path_factory.mktemp("multihost")
     multi, single = root / "multi", root / "single"
-    launcher = _Launcher(root, flowers_dir)
+    launcher = _Launcher(root, synthetic_folders)
     started = time.monotonic()
     try:
         deadline = started + PHASE_TIMEOUT_S
@@ -202,8 +204,8 @@ def test_checkpoints_match_the_single_process_run_and_load_in_one_process(runs):
     """Every 2-process checkpoint (before the stop and after resuming) restores in this single
     process and equals the 1-process run's at the same step."""
     for step in range(1, STEPS + 1):
-        multi = checkpoint.load(runs["multi"], step=step)
-        single = checkpoint.load(runs["single"], step=step)
+        multi = model_dir.load(runs["multi"], step=step)
+        single = model_dir.load(runs["single"], step=step)
         assert multi.arch == "resnet18" and multi.class_names == single.class_names
         assert multi.step == step
         for collection in ("params", "batch_stats"):
@@ -217,8 +219,8 @@ def test_checkpoints_match_the_single_process_run_and_load_in_one_process(runs):
                     a, b, rtol=0, atol=ATOL, err_msg=f"step {step} {jax.tree_util.keystr(path)}"
                 )
     # The parameters really moved between checkpoints: the tolerance is far below an update.
-    first = checkpoint.load(runs["single"], step=1).variables["params"]
-    last = checkpoint.load(runs["single"], step=STEPS).variables["params"]
+    first = model_dir.load(runs["single"], step=1).variables["params"]
+    last = model_dir.load(runs["single"], step=STEPS).variables["params"]
     moved = jax.tree.map(lambda a, b: np.abs(np.asarray(a) - np.asarray(b)).max(), first, last)
     assert max(jax.tree.leaves(moved)) > 10 * ATOL
 
@@ -263,12 +265,12 @@ def test_only_process_zero_writes_logs_and_progress(runs):
 
 
 # --------------------------------------------------------------------------------------------
-# distributed.initialize: what it asks of jax.distributed (no processes started)
+# parallel.initialize: what it asks of jax.distributed (no processes started)
 
 
 @pytest.fixture
 def fake_jax_distributed(monkeypatch):
-    """Record jax.distributed.initialize calls instead of joining a cluster."""
+    """Record jax.parallel.initialize calls instead of joining a cluster."""
     calls = []
     monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: calls.append(kw))
     return calls
@@ -284,7 +286,7 @@ def cpu_collectives():
 
 
 def test_explicit_flags_turn_off_cluster_detection(fake_jax_distributed):
-    distributed.initialize("10.0.0.1:1234", 4, 3)
+    parallel.initialize("10.0.0.1:1234", 4, 3)
     assert fake_jax_distributed == [
         {
             "coordinator_address": "10.0.0.1:1234",
@@ -296,12 +298,12 @@ def test_explicit_flags_turn_off_cluster_detection(fake_jax_distributed):
 
 
 def test_auto_lets_jax_detect_everything(fake_jax_distributed):
-    distributed.initialize(auto=True)
+    parallel.initialize(auto=True)
     assert fake_jax_distributed == [{}]
 
 
 def test_single_process_does_not_touch_jax_distributed(fake_jax_distributed):
-    distributed.initialize()
+    parallel.initialize()
     assert fake_jax_distributed == []
 
 
@@ -316,23 +318,23 @@ def test_single_process_does_not_touch_jax_distributed(fake_jax_distributed):
 )
 def test_bad_distributed_arguments(args, message, fake_jax_distributed):
     with pytest.raises(ValueError, match=message):
-        distributed.initialize(*args)
+        parallel.initialize(*args)
     assert fake_jax_distributed == []
 
 
 @pytest.mark.usefixtures("fake_jax_distributed", "cpu_collectives")
 @pytest.mark.parametrize(("on_cpu", "expected"), [(True, "gloo"), (False, None)])
 def test_gloo_only_for_cpu_runs(on_cpu, expected, monkeypatch):
-    monkeypatch.setattr(distributed, "platform_is_cpu", lambda: on_cpu)
+    monkeypatch.setattr(parallel, "platform_is_cpu", lambda: on_cpu)
     jax.config.update("jax_cpu_collectives_implementation", None)
-    distributed.initialize(auto=True)
+    parallel.initialize(auto=True)
     assert jax.config.jax_cpu_collectives_implementation == expected
 
 
 @pytest.mark.usefixtures("fake_jax_distributed", "cpu_collectives")
 def test_an_explicit_cpu_collectives_choice_is_kept():
     jax.config.update("jax_cpu_collectives_implementation", "mpi")
-    distributed.initialize(auto=True)
+    parallel.initialize(auto=True)
     assert jax.config.jax_cpu_collectives_implementation == "mpi"
 
 
@@ -344,14 +346,14 @@ def test_platform_from_jax_platforms(platforms, on_cpu):
     before = jax.config.jax_platforms  # only read when backends start: already done here
     jax.config.update("jax_platforms", platforms)
     try:
-        assert distributed.platform_is_cpu() is on_cpu
+        assert parallel.platform_is_cpu() is on_cpu
     finally:
         jax.config.update("jax_platforms", before)
 
 
 def test_distributed_auto_without_a_cluster_says_what_to_do(tmp_path):
     env = _env(1, tmp_path / "cache")
-    code = "from resnet_jax import distributed; distributed.initialize(auto=True)"
+    code = "from resnet_jax import parallel; parallel.initialize(auto=True)"
     proc = subprocess.run(
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
     )

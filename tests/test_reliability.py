@@ -37,10 +37,12 @@ import pytest
 from helpers import LAUNCH_TIMEOUT_S, ROOT, SCRIPTS, load_script, metrics_records
 from orbax.checkpoint._src.path import atomicity
 
-from resnet_jax import checkpoint, models, trainer
+from resnet_jax import checkpoint, metrics_log, model_dir, models
+
+pytestmark = pytest.mark.launches
 
 TRAIN = SCRIPTS / "train.py"
-TRAIN_PER_CLASS, VAL_PER_CLASS = 6, 1  # 30 images: 3 steps per epoch of 8
+TRAIN_PER_CLASS, VAL_PER_CLASS = 6, 1  # 24 images: 3 steps per epoch of 8
 STEPS_PER_EPOCH, EPOCHS = 3, 2
 STEPS = STEPS_PER_EPOCH * EPOCHS
 FLAGS = [
@@ -65,12 +67,12 @@ class Setup(NamedTuple):
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory, flowers_dir: Path) -> Setup:
-    """A few of the flower photos, linked: 6 train and 1 val image per class."""
+def setup(tmp_path_factory, synthetic_folders: Path) -> Setup:
+    """A few of the `synthetic_folders` images, linked: 6 train and 1 val image per class."""
     root = tmp_path_factory.mktemp("reliability")
     data = root / "data"
     for split, count in (("train", TRAIN_PER_CLASS), ("val", VAL_PER_CLASS)):
-        for class_dir in sorted((flowers_dir / split).iterdir()):
+        for class_dir in sorted((synthetic_folders / split).iterdir()):
             (data / split / class_dir.name).mkdir(parents=True)
             for image in sorted(class_dir.iterdir())[:count]:
                 (data / split / class_dir.name / image.name).symlink_to(image)
@@ -215,7 +217,7 @@ def chain(setup: Setup, reference: Path) -> dict:
     a.wait_until(tmp2.exists, "checkpoint 2's temporary directory")
     a.kill()
     seen["after_A"] = _step_dirs(workdir)
-    seen["latest_after_A"] = checkpoint.load(workdir, which="latest").step
+    seen["latest_after_A"] = model_dir.load(workdir, which="latest").step
 
     # B: SIGTERM while it computes step 3, the last of epoch 0 (a step takes over a second here):
     # it stops right after it, before that epoch's evaluation, which the next launch runs first.
@@ -225,7 +227,7 @@ def chain(setup: Setup, reference: Path) -> dict:
     b.proc.send_signal(signal.SIGTERM)
     seen["B_code"] = b.wait()
     seen["after_B"] = _step_dirs(workdir)
-    seen["latest_after_B"] = checkpoint.load(workdir, which="latest").step
+    seen["latest_after_B"] = model_dir.load(workdir, which="latest").step
     seen["records_after_B"] = metrics_records(workdir)
 
     # C: every file it writes is limited to 1 MiB (ulimit -f counts KiB), so its first
@@ -233,7 +235,7 @@ def chain(setup: Setup, reference: Path) -> dict:
     ulimit = ("/bin/sh", "-c", f'ulimit -f {FILE_SIZE_LIMIT // 1024} && exec "$0" "$@"')
     c = _Launch("C", workdir, setup, prefix=ulimit)
     seen["C_code"] = c.wait()
-    seen["loaded_after_C"] = checkpoint.load(workdir, which="latest")
+    seen["loaded_after_C"] = model_dir.load(workdir, which="latest")
 
     # D: finishes.
     d = _Launch("D", workdir, setup)
@@ -247,7 +249,7 @@ def test_sigkill_while_writing_a_checkpoint_leaves_it_unused(chain):
     launch resumes from the last complete checkpoint and removes it."""
     assert f"2{TMP_SUFFIX}" in chain["after_A"]
     assert "2" not in chain["after_A"] and "1" in chain["after_A"]
-    assert chain["latest_after_A"] == 1  # checkpoint.load ignores it too
+    assert chain["latest_after_A"] == 1  # model_dir.load ignores it too
     assert _resumed_at(chain["launches"]["B"]) == 1
     assert not [name for name in chain["after_B"] if TMP_SUFFIX in name]
 
@@ -287,7 +289,7 @@ def test_full_disk_mid_run_is_one_clear_line_and_keeps_the_checkpoints(chain, re
     loaded = chain["loaded_after_C"]  # the latest complete checkpoint, read right after C
     assert int(failed) == start + 1 and int(intact) == start == loaded.step
     assert "rerun to resume" in error
-    _assert_same_variables(loaded.variables, checkpoint.load(reference, step=start).variables)
+    _assert_same_variables(loaded.variables, model_dir.load(reference, step=start).variables)
     assert _resumed_at(chain["launches"]["D"]) == start
 
 
@@ -308,7 +310,7 @@ def _assert_finished_like(workdir: Path, reference: Path) -> None:
     assert not [name for name in kept if not name.isdigit()], kept  # no temporary dirs left
     assert sorted(kept) == _step_dirs(reference) == [str(s) for s in range(1, STEPS + 1)]
     for step in range(1, STEPS + 1):
-        got, want = (checkpoint.load(w, step=step).variables for w in (workdir, reference))
+        got, want = (model_dir.load(w, step=step).variables for w in (workdir, reference))
         _assert_same_variables(got, want, f"step {step}: ")
     # The same batches in the same order: every step's loss and accuracy, once each, and the
     # evaluations at each epoch's end (also one a SIGTERM at an epoch's last step postponed).
@@ -316,7 +318,7 @@ def _assert_finished_like(workdir: Path, reference: Path) -> None:
     train_steps = [r["step"] for r in metrics_records(workdir) if "train_loss" in r]
     assert train_steps == list(range(1, STEPS + 1))
     # Training really moves the weights from step to step, so equality is not trivially true.
-    earlier, last = (checkpoint.load(reference, step=s).variables for s in (STEPS - 1, STEPS))
+    earlier, last = (model_dir.load(reference, step=s).variables for s in (STEPS - 1, STEPS))
     assert not np.array_equal(earlier["params"]["fc"]["kernel"], last["params"]["fc"]["kernel"])
 
 
@@ -352,7 +354,7 @@ def test_sigkill_at_many_moments_then_finishes_bit_identical(setup, reference):
         run.kill()
         complete = [int(name) for name in _step_dirs(workdir) if name.isdigit()]
         if complete:  # whatever the moment, the newest finished step directory loads
-            assert checkpoint.load(workdir, which="latest").step == max(complete), what
+            assert model_dir.load(workdir, which="latest").step == max(complete), what
     last = _Launch("finish", workdir, setup)
     assert last.wait() == 0, last.tail()
     assert f"done: step {STEPS}" in last.log()
@@ -365,13 +367,13 @@ def test_sigkill_at_many_moments_then_finishes_bit_identical(setup, reference):
 
 def _refuse_to_compile(monkeypatch) -> None:
     """Make reaching model initialisation or step compilation fail the test."""
-    from resnet_jax import train
+    from resnet_jax import parallel
 
     def forbidden(*args, **kwargs):
         raise AssertionError("got past the workdir check")
 
     monkeypatch.setattr(models, "init_variables", forbidden)
-    monkeypatch.setattr(train, "parallelize", forbidden)
+    monkeypatch.setattr(parallel, "parallelize", forbidden)
 
 
 @pytest.mark.parametrize("problem", ["parent is a file", "not writable"])
@@ -475,10 +477,10 @@ def test_resumed_metrics_drop_what_was_logged_after_the_checkpoint(tmp_path):
     ]
     path = tmp_path / "metrics.jsonl"
     path.write_text("\n".join(lines))
-    trainer._keep_records_up_to(path, 2)
+    metrics_log.keep_records_up_to(path, 2)
     assert path.read_text() == "".join(line + "\n" for line in lines[:3])
-    trainer._keep_records_up_to(path, 2, drop_eval_at_step=True)
+    metrics_log.keep_records_up_to(path, 2, drop_eval_at_step=True)
     assert path.read_text() == "".join(line + "\n" for line in lines[:2])
     path.write_text(lines[0])  # complete, but the kill came before its newline
-    trainer._keep_records_up_to(path, 5)
+    metrics_log.keep_records_up_to(path, 5)
     assert path.read_text() == lines[0] + "\n"

@@ -1,10 +1,12 @@
-"""End to end: scripts/train.py on the real flower photos (fine-tuning torchvision weights, resume,
+"""End to end: scripts/train.py on synthetic image folders (fine-tuning torchvision weights, resume,
 evaluate and predict on the result), and argument errors.
 
 `finetuned_run` (2 steps, then resumed to step 3) is the suite's one run over the whole data set."""
 
 import dataclasses
+import importlib.util
 import json
+import math
 import os
 import shutil
 import signal
@@ -17,11 +19,14 @@ import numpy as np
 import pytest
 import torch
 import torchvision
-from helpers import load_script, metrics_records, run_script
+from helpers import ROOT, load_script, metrics_records, run_script
+from jax.experimental import multihost_utils
 from PIL import Image
 from test_transfer import _changed_stages
 
-from resnet_jax import checkpoint, convert, models, train, trainer, transfer
+from resnet_jax import checkpoint, convert, model_dir, models, parallel, trainer, transfer
+
+pytestmark = pytest.mark.launches
 
 
 class FineTuneRun(NamedTuple):
@@ -36,10 +41,10 @@ class FineTuneRun(NamedTuple):
 
 
 @pytest.fixture(scope="module")
-def finetuned_run(tmp_path_factory, flowers_dir) -> FineTuneRun:
-    """The suite's one end-to-end training on the whole flower data set (the tests below check
-    what it writes, the resume, the fine-tuning, and evaluate.py and predict.py on the result):
-    scripts/train.py starts from torchvision resnet18 weights (an
+def finetuned_run(tmp_path_factory, synthetic_folders) -> FineTuneRun:
+    """The suite's one end-to-end training on a whole data set, `synthetic_folders` (the tests
+    below check what it writes, the resume, the fine-tuning, and evaluate.py and predict.py on
+    the result): scripts/train.py starts from torchvision resnet18 weights (an
     ImageNet-shaped 1000-class head, non-trivial BatchNorm statistics), replaces the head and
     trains layer4 and the head for 2 steps at 32 px; the same command then resumes to step 3
     (its compilations come from the persistent cache the first launch filled)."""
@@ -56,7 +61,7 @@ def finetuned_run(tmp_path_factory, flowers_dir) -> FineTuneRun:
     workdir = root / "run"
     flags = [
         "--arch", "resnet18", "--pretrained", str(weights), "--freeze", "stages",
-        "--trainable", "layer4,fc", "--data-dir", str(flowers_dir), "--image-size", "32",
+        "--trainable", "layer4,fc", "--data-dir", str(synthetic_folders), "--image-size", "32",
         "--batch-size", "8", "--eval-batch-size", "64", "--epochs", "1", "--warmup-epochs", "0",
         "--lr", "0.5", "--workdir", str(workdir),
     ]  # fmt: skip
@@ -79,7 +84,7 @@ def test_train_writes_everything_and_resumes(finetuned_run):
     assert "done: step 2" in out
     first = run.after_first  # the workdir as the first launch left it (checkpoints listed)
     assert json.loads((first / "class_names.json").read_text()) == {
-        "0": "daisy", "1": "dandelion", "2": "roses", "3": "sunflowers", "4": "tulips",
+        "0": "blue", "1": "green", "2": "red", "3": "yellow",
     }  # fmt: skip
     assert "2" in run.steps_after_first
     assert (first / "curves.png").stat().st_size > 0
@@ -101,22 +106,22 @@ def test_train_writes_everything_and_resumes(finetuned_run):
     assert (run.workdir / "checkpoints" / "3").is_dir()
 
 
-def test_finetune_from_torchvision_file_on_flowers(finetuned_run, flowers_dir, capsys):
+def test_finetune_from_torchvision_file(finetuned_run, synthetic_folders, capsys):
     """The tutorial's flow (`finetuned_run`): torchvision ImageNet-shaped weights
-    -> new 5-class head -> train the last stage and the head; everything else must stay exactly
+    -> new 4-class head -> train the last stage and the head; everything else must stay exactly
     as loaded, also after the run is resumed."""
     run = finetuned_run
-    assert "head has 1000 classes, the data set 5" in run.first.stderr
-    loaded = checkpoint.load(run.workdir, which="latest")
-    assert loaded.num_classes == 5 and loaded.class_names[0] == "daisy"
+    assert "head has 1000 classes, the data set 4" in run.first.stderr
+    loaded = model_dir.load(run.workdir, which="latest")
+    assert loaded.num_classes == 4 and loaded.class_names[0] == "blue"
     start = convert.from_torchvision(run.weights, "resnet18")
     start["params"].pop("fc")
     heads = []
     for step in (2, 3):  # the first launch's last checkpoint, and the resumed launch's
-        variables = checkpoint.load(run.workdir, step=step).variables
+        variables = model_dir.load(run.workdir, step=step).variables
         after = {k: dict(v) for k, v in variables.items()}
         heads.append(after["params"].pop("fc"))
-        assert heads[-1]["kernel"].shape == (512, 5)
+        assert heads[-1]["kernel"].shape == (512, 4)
         for collection in ("params", "batch_stats"):
             same, changed = _changed_stages(start[collection], after[collection])
             assert same == {"stem", "layer1", "layer2", "layer3"}, (step, collection)
@@ -126,12 +131,12 @@ def test_finetune_from_torchvision_file_on_flowers(finetuned_run, flowers_dir, c
 
     # ... then evaluate and predict with the fine-tuned checkpoint through the CLIs.
     proc = run_script("evaluate.py", "--checkpoint", str(run.workdir), "--data-dir",
-                      str(flowers_dir), "--batch-size", "64", "--json")  # fmt: skip
+                      str(synthetic_folders), "--batch-size", "64", "--json")  # fmt: skip
     assert proc.returncode == 0, proc.stdout + proc.stderr
     report = json.loads(proc.stdout)
-    assert report["count"] == 736 and 0 <= report["top1"] <= 1
-    assert sum(c["images"] for c in report["per_class"]) == 736
-    photos = sorted((flowers_dir / "val" / "roses").glob("*.jpg"))[:3]
+    assert report["count"] == 16 and 0 <= report["top1"] <= 1
+    assert sum(c["images"] for c in report["per_class"]) == 16
+    photos = sorted((synthetic_folders / "val" / "red").iterdir())[:3]
     args = ["--checkpoint", str(run.workdir), "--top-k", "2", "--json", *map(str, photos)]
     assert load_script("predict.py").main(args) == 0  # its own process: tests/test_eval_predict_cli
     predictions = json.loads(capsys.readouterr().out)
@@ -151,10 +156,7 @@ def test_finetune_from_torchvision_file_on_flowers(finetuned_run, flowers_dir, c
             ["--epochs", "2", "--warmup-epochs", "3"],
             "--warmup-epochs 3.0 must be in [0, --epochs 2]\n",
         ),
-        (
-            ["--epochs", "2"],
-            "--warmup-epochs 5.0 must be in [0, --epochs 2] (that is its default: give a shorter",
-        ),
+        (["--log-every", "0"], "--log-every must be >= 1, got 0"),
         (["--data-dir", "/nonexistent/flowers"], "/nonexistent/flowers"),
         (["--num-processes", "2"], "go together"),
         (["--freeze", "backbone"], "--freeze backbone needs --pretrained"),
@@ -212,35 +214,80 @@ def test_pmap_checkpoints_resume_and_load_like_shard_map(tiny_data, tmp_path, mo
     assert final["step"] == 1
     resumed = trainer.fit(_tiny_config("train/..", workdir, parallel="pmap", max_steps=2))
     assert resumed["step"] == 2
-    loaded = checkpoint.load(workdir, which="latest")
+    loaded = model_dir.load(workdir, which="latest")
     assert loaded.step == 2 and loaded.variables["params"]["fc"]["kernel"].shape == (512, 2)
     assert loaded.metadata["config"]["data_dir"] == str(tiny_data)
 
 
-def test_next_batch_reaches_the_devices_while_a_step_runs(tiny_data, tmp_path, monkeypatch):
-    """fit places batch k+1 on the devices before it waits for step k's metrics, so the copy
-    overlaps the (asynchronously dispatched) step instead of leaving the accelerator idle.
-    Training batches travel as uint8 (the step normalises them), evaluation's as float32."""
+def test_the_loop_fetches_and_agrees_only_at_log_points(tiny_data, tmp_path, monkeypatch):
+    """Between log points (every --log-every 2 steps and at the epoch ends, 3 and 6) the loop
+    neither fetches from the devices nor calls a cross-process collective: the steps run under
+    a disallowing device-to-host transfer guard, every fetch of metrics or state and every
+    all-gather of stop requests (here a pretended 2-process run) happens at a log point or in
+    evaluation."""
+    run = trainer.prepare(_tiny_config(tiny_data, tmp_path / "run", epochs=2, log_every=2))
+    dispatched = [0]
+    guarded = []
     events = []
-    prepare_batch, fetch_state = train.prepare_batch, train.fetch_state
+    train_step = run.train_step
 
-    def prepare(batch, *args, **kwargs):
-        events.append(f"put {batch['image'].dtype}")
-        return prepare_batch(batch, *args, **kwargs)
+    def step(state, batch):
+        state, metrics = train_step(state, batch)
+        dispatched[0] += 1
+        # (host CPU arrays are no transfer, so on CPU the guard is checked as a setting)
+        guarded.append(jax.config.jax_transfer_guard_device_to_host)
+        return state, metrics
+
+    fetch_state = parallel.fetch_state
 
     def fetch(tree, *args, **kwargs):
-        if isinstance(tree, dict) and "loss" in tree:
-            events.append("metrics")
+        events.append(("fetch", dispatched[0]))
         return fetch_state(tree, *args, **kwargs)
 
-    monkeypatch.setattr(train, "prepare_batch", prepare)
-    monkeypatch.setattr(train, "fetch_state", fetch)
-    # pmap and 2 steps: the programs the other tiny pmap runs here compiled (persistent cache)
-    final = trainer.fit(_tiny_config(tiny_data, tmp_path / "run", parallel="pmap", max_steps=2))
-    assert final["step"] == 2
-    training = events[: events.index("put float32")]  # then the evaluation's batches
-    # Batch 3 is read ahead during step 2 and not used (max_steps).
-    assert training == ["put uint8", "put uint8", "metrics", "put uint8", "metrics"], events
+    def allgather(value):
+        events.append(("allgather", dispatched[0]))
+        return np.zeros(2, np.int32)
+
+    run.train_step = step
+    monkeypatch.setattr(parallel, "fetch_state", fetch)
+    monkeypatch.setattr(multihost_utils, "process_allgather", allgather)
+    loop = trainer.Loop(run, stop=trainer.StopRequest(process_count=2))
+    try:
+        loop.run_epoch()
+        loop.run_epoch()
+    finally:
+        loop.close()
+    assert loop.step == 6 and guarded == ["disallow"] * 6
+    assert {at for _, at in events} == {0, 2, 3, 4, 6}  # 0: the restored streak counter
+    gathers = [at for what, at in events if what == "allgather"]
+    # one per log point, and one per evaluation (a single batch of 4 images)
+    assert gathers == [2, 3, 3, 4, 6, 6]
+    records = metrics_records(tmp_path / "run")
+    assert [r["step"] for r in records if "train_loss" in r] == [1, 2, 3, 4, 5, 6]
+    with_speed = [r["step"] for r in records if "images_per_sec" in r]
+    assert with_speed == [2, 3, 4, 6]
+
+
+def test_flags_come_from_the_config_fields(capsys):
+    """Every TrainConfig field is a flag with its field's help; --sync-bn is a switch; the
+    default warm-up of a 1-epoch run is none (a 5-epoch default would not fit)."""
+    parser = load_script("train.py").build_parser()
+    args = vars(parser.parse_args(["--sync-bn", "--log-every", "7", "--epochs", "1"]))
+    assert args["sync_bn"] is True and args["log_every"] == 7
+    names = {f.name for f in dataclasses.fields(trainer.TrainConfig)}
+    config = trainer.TrainConfig(**{k: v for k, v in args.items() if k in names})
+    assert config.warmup == 0.0
+    config.validate(4)
+    assert trainer.TrainConfig(epochs=30).warmup == 5.0
+    with pytest.raises(
+        trainer.ConfigError, match=r"--warmup-epochs 2 must be in \[0, --epochs 1\]"
+    ):
+        trainer.TrainConfig(epochs=1, warmup_epochs=2).validate(4)
+    help_text = parser.format_help()
+    for field in dataclasses.fields(trainer.TrainConfig):
+        assert "--" + field.name.replace("_", "-") in help_text
+    assert "synchronised BatchNorm" in help_text
+    assert "HELP" not in vars(load_script("train.py"))
 
 
 def _refuse_to_compile(monkeypatch) -> None:
@@ -250,7 +297,7 @@ def _refuse_to_compile(monkeypatch) -> None:
         raise AssertionError("got past the argument checks")
 
     monkeypatch.setattr(models, "init_variables", forbidden)
-    monkeypatch.setattr(train, "parallelize", forbidden)
+    monkeypatch.setattr(parallel, "parallelize", forbidden)
 
 
 def test_a_new_head_that_stays_frozen_is_a_usage_error(tiny_data, tmp_path, capsys, monkeypatch):
@@ -423,3 +470,17 @@ def test_sigterm_during_evaluation_checkpoints_without_waiting_for_it(
     final = trainer.fit(config)
     assert final["step"] == 1 and 0 <= final["val_accuracy"] <= 1
     assert [r["step"] for r in metrics_records(workdir) if "val_loss" in r] == [1]
+
+
+def test_bench_train_measures_the_loop_and_the_bare_step(tmp_path):
+    """benchmarks/bench_train.py at its smallest: both speeds and the overhead come out."""
+    spec = importlib.util.spec_from_file_location(
+        "bench_train", ROOT / "benchmarks" / "bench_train.py"
+    )
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    result = bench.main(
+        ["--image-size", "32", "--batch-size", "8", "--steps", "6", "--log-every", "2"]
+    )
+    assert result["loop_images_per_sec"] > 0 and result["bare_step_images_per_sec"] > 0
+    assert math.isfinite(result["loop_overhead_percent"])

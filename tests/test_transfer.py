@@ -7,8 +7,10 @@ import jax
 import numpy as np
 import optax
 import pytest
+import torch
+import torchvision
 
-from resnet_jax import models, train, transfer
+from resnet_jax import models, steps, transfer
 
 tiny = functools.partial(models.ResNet, stage_sizes=(1, 1, 1, 1), block_cls=models.BasicBlock)
 
@@ -61,14 +63,14 @@ def test_freeze_modes_update_exactly_the_trainable_stages(
     stages = transfer.trainable_stages(freeze, trainable)
     assert set(stages) == trained
     model = tiny(num_classes=5, frozen_bn=transfer.frozen_bn(stages))
-    tx = train.create_optimizer(
+    tx = steps.create_optimizer(
         schedule=0.1,
         param_labels=transfer.param_labels(start_variables["params"], stages),
         head_lr_multiplier=2.0,
     )
-    state = train.create_train_state(start_variables, tx)
+    state = steps.create_train_state(start_variables, tx)
     mask = transfer.trainable_mask(start_variables["params"], stages)
-    step = jax.jit(train.make_train_step(model, tx, axis_name=None, trainable=mask))
+    step = jax.jit(steps.make_train_step(model, tx, axis_name=None, trainable=mask))
     rng = np.random.default_rng(0)
     for _ in range(2):
         batch = {
@@ -89,10 +91,10 @@ def _frozen_step(freeze: str, variables: dict):
     stages = transfer.trainable_stages(freeze, None)
     model = tiny(num_classes=5, frozen_bn=transfer.frozen_bn(stages))
     labels = transfer.param_labels(variables["params"], stages)
-    tx = train.create_optimizer(schedule=0.1, param_labels=labels)
+    tx = steps.create_optimizer(schedule=0.1, param_labels=labels)
     mask = transfer.trainable_mask(variables["params"], stages)
-    step = jax.jit(train.make_train_step(model, tx, axis_name=None, trainable=mask))
-    return step, train.create_train_state(variables, tx), model
+    step = jax.jit(steps.make_train_step(model, tx, axis_name=None, trainable=mask))
+    return step, steps.create_train_state(variables, tx), model
 
 
 def test_frozen_params_get_no_gradient_work(start_variables):
@@ -118,7 +120,7 @@ def test_frozen_params_get_no_gradient_work(start_variables):
             train=True,
             mutable=["batch_stats"],
         )
-        return train.cross_entropy_loss(logits, batch["label"], num_classes=5)
+        return steps.cross_entropy_loss(logits, batch["label"], num_classes=5)
 
     head_grads = jax.jit(jax.grad(loss))(start_variables["params"])["fc"]
     _, metrics = step(state, batch)
@@ -168,9 +170,6 @@ def test_merge_replaces_a_head_with_another_class_count(start_variables, caplog)
 
 
 def test_load_pretrained_reads_torchvision_files_in_any_case(tmp_path):
-    import torch  # conftest imported it before tensorflow
-    import torchvision
-
     path = tmp_path / "RESNET18.PTH"
     torch.save(torchvision.models.resnet18(num_classes=3).state_dict(), path)
     loaded = transfer.load_pretrained(path, "resnet18")

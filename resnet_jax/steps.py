@@ -1,38 +1,29 @@
-"""Training and evaluation steps: state, loss, optimizer, schedule, data-parallel wrappers.
+"""Per-replica training and evaluation steps: state, loss, optimizer and learning-rate schedule.
 
 One per-replica step function serves every layout: plain `jax.jit` on one device
-(`axis_name=None`), `jax.jit(jax.shard_map(...))` over a 1-D mesh, or `jax.pmap`. Gradients,
-metrics and BatchNorm statistics are averaged over the mapped axis, so the data-parallel step
-computes the same update as one device on the whole global batch. No data loading, checkpoint
-I/O or flag parsing lives here.
+(`axis_name=None`), or data-parallel through `resnet_jax.parallel` (`jit(shard_map)` over a 1-D
+mesh, or `pmap`), where gradients and metrics are averaged over the mapped axis. No data
+loading, checkpoint I/O or flag parsing lives here.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import flax
 import flax.linen as nn
 import jax
+import jax.flatten_util
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import Mesh, NamedSharding
-from jax.sharding import PartitionSpec as P
 
+from resnet_jax.parallel import BATCH_AXIS
 from resnet_jax.preprocessing import normalize_images
 
-BATCH_AXIS = "batch"
 OPTIMIZERS = ("sgd", "adamw")
 PARAM_LABELS = ("train", "frozen", "head")
-PARALLEL_KINDS = ("shard_map", "pmap")
-# Output layouts for `parallelize`: the train step returns (state, metrics), both replicated;
-# the eval step returns (replicated sums, per-example outputs sharded along the batch).
-TRAIN_OUT_SPECS = (P(), P())
-EVAL_OUT_SPECS = (P(), P(BATCH_AXIS))
-
-StepFn = Callable[..., tuple[Any, Any]]
 
 
 @flax.struct.dataclass
@@ -217,12 +208,14 @@ def _model_input(images: jax.Array) -> jax.Array:
 
 
 def _check_model(model: nn.Module, axis_name: str | None) -> int:
-    """The model's class count, after checking its BatchNorm syncs over `axis_name`."""
-    if getattr(model, "axis_name", None) != axis_name:
+    """The model's class count, after checking its BatchNorm axis: None (each replica normalises
+    with its own batch) or the step's `axis_name` (synchronised BatchNorm)."""
+    model_axis = getattr(model, "axis_name", None)
+    if model_axis is not None and model_axis != axis_name:
         raise ValueError(
-            f"model.axis_name is {getattr(model, 'axis_name', None)!r} but the step maps over "
-            f"{axis_name!r}; build the model with axis_name={axis_name!r} so BatchNorm "
-            "statistics are averaged across replicas"
+            f"model.axis_name is {model_axis!r} but the step maps over {axis_name!r}; build the "
+            f"model with axis_name={axis_name!r} (synchronised BatchNorm) or None (per-replica "
+            "BatchNorm statistics)"
         )
     num_classes = getattr(model, "num_classes", None)
     if num_classes is None:
@@ -258,9 +251,14 @@ def make_train_step(
     """Per-replica training step `(state, {"image", "label"}) -> (state, metrics)`.
 
     With `axis_name`, gradients and metrics are averaged over that mapped axis (wrap with
-    `parallelize`); with `None` it is a single-device step for `jax.jit`. A non-finite loss,
-    gradient or BatchNorm statistic skips the update: params, batch_stats and opt_state stay
-    as they were, `step` still advances (the data position stays consistent),
+    `parallelize`); with `None` it is a single-device step for `jax.jit`. BatchNorm under a
+    mapped step follows `model.axis_name`: the step's axis synchronises the batch statistics
+    across replicas (inside the model, one collective per layer and pass); None lets each
+    replica normalise with its own batch, and the step then averages the updated running
+    statistics over the axis (one all-reduce per step) so the state stays replicated.
+
+    A non-finite loss, gradient or BatchNorm statistic skips the update: params, batch_stats
+    and opt_state stay as they were, `step` still advances (the data position stays consistent),
     `nonfinite_steps` and `nonfinite_streak` grow; a finite step resets the streak. Metrics:
     loss, accuracy, grad_norm, nonfinite (0/1), and learning_rate when `schedule` is given
     (evaluated at the optimizer's own count `step - nonfinite_steps`, which skipped steps do not
@@ -279,6 +277,7 @@ def make_train_step(
     as already normalised. Any other dtype raises ValueError naming it (when the step is traced).
     """
     num_classes = _check_model(model, axis_name)
+    per_replica_bn = getattr(model, "axis_name", None) is None
 
     def loss_fn(params, batch_stats, batch):
         logits, updates = model.apply(
@@ -313,6 +312,9 @@ def make_train_step(
         accuracy = (jnp.argmax(logits, -1) == batch["label"]).mean(dtype=jnp.float32)
         if axis_name is not None:
             grads, loss, accuracy = jax.lax.pmean((grads, loss, accuracy), axis_name)
+            if per_replica_bn:  # as one vector: one all-reduce, not one per statistic
+                flat, unflatten = jax.flatten_util.ravel_pytree(batch_stats)
+                batch_stats = unflatten(jax.lax.pmean(flat, axis_name))
 
         it = iter(grads)
         full_grads = treedef.unflatten(
@@ -398,125 +400,3 @@ def make_eval_step(
         return sums, top[:, 0].astype(jnp.int32)
 
     return step
-
-
-def make_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """1-D data-parallel mesh with axis "batch" over `devices` (default: all, every process)."""
-    devices = jax.devices() if devices is None else list(devices)
-    if not devices:
-        raise ValueError("make_mesh: no devices given")
-    return Mesh(np.asarray(devices), (BATCH_AXIS,))
-
-
-def check_divisible(what: str, batch_size: int, num_devices: int) -> None:
-    """Raise naming `what` (the argument), the batch and the device count unless `batch_size`
-    splits evenly over `num_devices` (every device gets the same positive share)."""
-    if batch_size <= 0 or batch_size % num_devices:
-        raise ValueError(
-            f"{what} {batch_size} is not divisible by the number of devices {num_devices}; "
-            f"use a positive multiple of {num_devices}"
-        )
-
-
-def _check_kind(kind: str) -> None:
-    if kind not in PARALLEL_KINDS:
-        raise ValueError(f"Unknown parallel kind {kind!r}; choices: {', '.join(PARALLEL_KINDS)}")
-
-
-def parallelize(
-    step_fn: StepFn,
-    mesh: Mesh,
-    *,
-    kind: str = "shard_map",
-    donate: bool = True,
-    out_specs: Any = TRAIN_OUT_SPECS,
-) -> StepFn:
-    """Compile a per-replica `(state, batch)` step for data parallelism over `mesh`.
-
-    "shard_map": `jit(shard_map)` with the state replicated and the batch sharded on dim 0
-    (`out_specs`: TRAIN_OUT_SPECS or EVAL_OUT_SPECS). "pmap": `jax.pmap` with the state stacked
-    per local device and batches shaped [devices, per_device, ...]; every output gets the
-    leading device axis (`out_specs` unused). Use `place_state` / `prepare_batch` for inputs
-    and `fetch_state` / `fetch_batch` for outputs; `donate=False` for the eval step.
-    """
-    _check_kind(kind)
-    donate_argnums = (0,) if donate else ()
-    if kind == "pmap":
-        return jax.pmap(
-            step_fn,
-            axis_name=BATCH_AXIS,
-            devices=list(mesh.devices.flat),
-            donate_argnums=donate_argnums,
-        )
-    # Replication checking stays on (check_vma=True): every replicated output is a pmean/psum
-    # or computed from replicated inputs, so shard_map proves `P()` outputs correct.
-    mapped = jax.shard_map(step_fn, mesh=mesh, in_specs=(P(), P(BATCH_AXIS)), out_specs=out_specs)
-    return jax.jit(mapped, donate_argnums=donate_argnums)
-
-
-def place_state(state: Any, mesh: Mesh, kind: str = "shard_map") -> Any:
-    """Copy a state tree (via the host) to where the parallelized step expects it.
-
-    Going through the host guarantees fresh device buffers: a plain `device_put` to a
-    replicated sharding reuses the buffer already on device 0, and the donating step would then
-    delete the caller's original `state`.
-    """
-    _check_kind(kind)
-    host = jax.device_get(state)
-    if kind == "shard_map":
-        return jax.device_put(host, NamedSharding(mesh, P()))
-    n = mesh.local_mesh.size
-    stacked = jax.tree.map(lambda x: np.broadcast_to(x, (n, *np.shape(x))), host)
-    return jax.device_put(stacked, NamedSharding(mesh.local_mesh, P(BATCH_AXIS)))
-
-
-def fetch_state(state: Any, kind: str = "shard_map") -> Any:
-    """One host (numpy) copy of a replicated output tree: state, metrics or eval sums."""
-    _check_kind(kind)
-
-    def one(x: jax.Array) -> np.ndarray:
-        local = np.asarray(x.addressable_data(0))
-        return local[0] if kind == "pmap" else local
-
-    return jax.tree.map(one, state)
-
-
-def _leading_size(batch: dict) -> int:
-    """The shared leading (batch) dimension of every array in `batch`."""
-    sizes = {
-        jax.tree_util.keystr(p): np.shape(x)[0] if np.ndim(x) else None
-        for p, x in jax.tree_util.tree_leaves_with_path(batch)
-    }
-    if not sizes or len(set(sizes.values())) != 1 or None in sizes.values():
-        raise ValueError(f"batch arrays must share a leading batch dimension, got {sizes}")
-    return next(iter(sizes.values()))
-
-
-def prepare_batch(batch: dict, mesh: Mesh, kind: str = "shard_map") -> dict:
-    """Shard this process's slice of the global batch over its devices for the step.
-
-    shard_map: a global array sharded on dim 0 (works multi-host: each process passes its
-    own rows). pmap: arrays reshaped to [local_devices, per_device, ...].
-    """
-    _check_kind(kind)
-    n = len(mesh.local_devices)
-    check_divisible("process-local batch size", _leading_size(batch), n)
-    if kind == "shard_map":
-        sharding = NamedSharding(mesh, P(BATCH_AXIS))
-        return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), batch)
-    sharding = NamedSharding(mesh.local_mesh, P(BATCH_AXIS))
-    stacked = jax.tree.map(lambda x: np.reshape(x, (n, -1, *np.shape(x)[1:])), batch)
-    return jax.device_put(stacked, sharding)
-
-
-def fetch_batch(outputs: Any, kind: str = "shard_map") -> Any:
-    """This process's rows of a batch-sharded output (e.g. eval predictions) as numpy."""
-    _check_kind(kind)
-
-    def rows(x: jax.Array) -> np.ndarray:
-        if kind == "pmap":
-            return np.asarray(x).reshape(-1, *x.shape[2:])
-        shards = sorted(x.addressable_shards, key=lambda s: s.index[0].start or 0)
-        return np.concatenate([np.asarray(s.data) for s in shards])
-
-    return jax.tree.map(rows, outputs)

@@ -99,25 +99,48 @@ def _relu_jvp(primals, tangents):
         return y, jnp.where(y != 0, x_dot, jnp.zeros_like(x_dot))
 
 
-def _channel_sum(x: jax.Array, axis_name: str | None) -> jax.Array:
-    """Sum over every axis but the last (features), and over `axis_name` replicas if given."""
-    total = x.sum(tuple(range(x.ndim - 1)))
-    return total if axis_name is None else lax.psum(total, axis_name)
+def _channel_sum(x: jax.Array) -> jax.Array:
+    """Sum over every axis but the last (features)."""
+    return x.sum(tuple(range(x.ndim - 1)))
 
 
-def batch_count(x: jax.Array, axis_name: str | None) -> int | jax.Array:
-    """Values per feature that BatchNorm statistics average over (all replicas included)."""
+def batch_count(x: jax.Array, axis_name: str | None) -> int:
+    """Values per feature that BatchNorm statistics average over (all replicas included).
+
+    A Python int: every replica holds the same static shape, so the count needs no collective.
+    """
     count = x.size // x.shape[-1]
-    return count if axis_name is None else count * lax.psum(1, axis_name)
+    return count if axis_name is None else count * lax.axis_size(axis_name)
+
+
+def _batch_moments(x: jax.Array, axis_name: str | None) -> tuple[jax.Array, jax.Array, int]:
+    """`(mean, biased variance, count)` per feature, over all replicas of `axis_name` if given.
+
+    Each replica computes its own mean and sum of squared deviations M2 in two passes (no
+    cancellation); with `axis_name` one `all_gather` of the stacked `[mean, M2]` brings every
+    replica's pair and Chan et al.'s parallel formula combines them exactly (equal counts):
+    mean = mean of the means, M2 = sum of the M2s + n_local * sum (mean_i - mean)^2.
+    """
+    n_local = x.size // x.shape[-1]
+    mean = _channel_sum(x) / n_local
+    centred = x - mean
+    m2 = _channel_sum(centred * centred)
+    if axis_name is None:
+        return mean, m2 / n_local, n_local
+    # "invarying": the result is the same on every replica, so what is computed from it may be a
+    # replicated (P()) output of shard_map, like the running statistics.
+    gathered = lax.all_gather(jnp.stack([mean, m2]), axis_name, to="invarying")
+    means, m2s = gathered[:, 0], gathered[:, 1]
+    mean = means.mean(0)
+    m2 = m2s.sum(0) + n_local * jnp.square(means - mean).sum(0)
+    n = n_local * gathered.shape[0]
+    return mean, m2 / n, n
 
 
 def _batch_norm_primal(x, scale, bias, epsilon, axis_name):
-    n = batch_count(x, axis_name)
-    mean = _channel_sum(x, axis_name) / n
-    centred = x - mean
-    var = _channel_sum(centred * centred, axis_name) / n  # two-pass: no cancellation
+    mean, var, n = _batch_moments(x, axis_name)
     rstd = lax.rsqrt(var + epsilon)
-    return centred * (scale * rstd) + bias, mean, var, rstd, n
+    return (x - mean) * (scale * rstd) + bias, mean, var, rstd, n
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(3, 4))
@@ -127,7 +150,10 @@ def batch_norm_train(
     """Training-mode BatchNorm over all but the last axis: `(y, batch mean, biased variance)`.
 
     With `axis_name`, the statistics are those of the global batch across replicas
-    (synchronised BatchNorm). Compute in float32 or wider; the caller casts.
+    (synchronised BatchNorm) at one collective per pass: one `all_gather` of each replica's
+    `[mean, M2]` forward (`_batch_moments`) and one `psum` of two stacked channel sums in the
+    tangent, so one all-reduce in the backward pass. Compute in float32 or wider; the caller
+    casts.
     """
     y, mean, var, *_ = _batch_norm_primal(x, scale, bias, epsilon, axis_name)
     return y, mean, var
@@ -144,11 +170,23 @@ def _batch_norm_jvp(epsilon, axis_name, primals, tangents):
 
 
 def _batch_norm_tangent(x, mean, scale, rstd, x_dot, scale_dot, bias_dot, *, axis_name, n):
-    """The tangents of `(y, mean, var)`; linear in `x_dot`, `scale_dot`, `bias_dot`."""
+    """The tangents of `(y, mean, var)`; linear in `x_dot`, `scale_dot`, `bias_dot`.
+
+    The two channel sums are stacked into one `psum`. The replicated sums are made
+    device-varying once, as a whole, before `y_dot` uses them: the transpose of that one cast is
+    the backward pass's single all-reduce (a cast per sum would be one all-reduce each).
+    """
     centred = x - mean
-    mean_dot = _channel_sum(x_dot, axis_name) / n
-    var_dot = 2 * _channel_sum(centred * x_dot, axis_name) / n  # sum(centred) == 0
+    sums = jnp.stack([_channel_sum(x_dot), _channel_sum(centred * x_dot)]) / n
+    if axis_name is not None:
+        sums = lax.psum(sums, axis_name)
+    mean_dot, var_dot = sums[0], 2 * sums[1]  # sum(centred) == 0
+    if axis_name is not None:
+        local = lax.pcast(sums, axis_name, to="varying")
+        local_mean_dot, local_var_dot = local[0], 2 * local[1]
+    else:
+        local_mean_dot, local_var_dot = mean_dot, var_dot
     a = scale * rstd
-    a_dot = scale_dot * rstd - 0.5 * a * rstd * rstd * var_dot
-    y_dot = (x_dot - mean_dot) * a + centred * a_dot + bias_dot
+    a_dot = scale_dot * rstd - 0.5 * a * rstd * rstd * local_var_dot
+    y_dot = (x_dot - local_mean_dot) * a + centred * a_dot + bias_dot
     return y_dot, mean_dot, var_dot

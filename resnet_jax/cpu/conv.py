@@ -1,39 +1,37 @@
-"""2-D convolution whose training step is fast on XLA:CPU, a drop-in for the `nn.Conv` used here.
+"""Convolution formulations that make ResNet training fast on XLA:CPU (`conv2d`).
 
-On CPU this module computes 1x1 convolutions as matmuls (so forward, input- and weight-gradients
-are all matmuls) and outputs of <= 64 pixels as one im2col matmul. Other kxk convolutions keep
-XLA's convolution; their weight gradient becomes per-tap matmuls when XLA:CPU runs convolutions
-on YNNPACK (not the default once `resnet_jax` is imported, see `resnet_jax.xla_cpu`), whose
-weight-gradient convolution is slow, on Eigen for batches of 1 or 2, where Eigen's is, and at
-the few shapes where XLA:CPU's multi-output fusion would turn a convolution into a plain loop.
-Grouped convolutions (ResNeXt) become one dense XLA convolution per merged group of channels
-(adjacent groups merged into at least 16 input channels, block-diagonal kernels): XLA:CPU's
-grouped convolution is up to 3x slower than those, and its weight gradient, a batch-grouped
-convolution, 80-220x slower (a ResNeXt-50 train step took 90 s instead of 3.3 s for torch). Their
-weight gradient is then the dense convolutions' own or, where ungrouped ones take matmuls, per-tap
-matmuls batched over the groups. GPU/TPU keep XLA's native convolution (cuDNN on GPU): the choice is
-made with `lax.platform_dependent` when the computation is lowered, so it works under `jit`; the
-Eigen/YNNPACK choice is asked of the CPU backend when the function is traced
-(`xla_cpu.eigen_convolutions`).
+`conv2d` computes `lax.conv_general_dilated`'s result (NHWC input, HWIO kernel) in the form
+XLA:CPU runs fastest, picked from the shapes when it is traced; `resnet_jax.models.Conv` calls it
+when its platform is cpu (elsewhere it emits the plain convolution). 1x1 convolutions are
+matmuls (so forward, input- and weight-gradients are all matmuls) and outputs of <= 64 pixels
+one im2col matmul. Other kxk convolutions keep XLA's convolution; their weight gradient becomes
+per-tap matmuls when XLA:CPU runs convolutions on YNNPACK (its default; `resnet_jax.cpu.configure`
+moves them to Eigen), whose weight-gradient convolution is slow, on Eigen for batches of 1 or 2,
+where Eigen's is, and at the few shapes where XLA:CPU's multi-output fusion would turn a
+convolution into a plain loop. Grouped convolutions (ResNeXt) become one dense XLA convolution per
+merged group of channels (adjacent groups merged into at least 16 input channels, block-diagonal
+kernels): XLA:CPU's grouped convolution is up to 3x slower than those, and its weight gradient, a
+batch-grouped convolution, 80-220x slower. Their weight gradient is then the dense convolutions'
+own or, where ungrouped ones take matmuls, per-tap matmuls batched over the groups. Which kernels
+and fusion XLA:CPU uses is asked of the CPU backend when a convolution is traced
+(`xla_flags.eigen_convolutions`, `xla_flags.multi_output_fusion`); docs/performance.md has the
+figures and the benchmarks behind each choice.
 """
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Sequence
-from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-from resnet_jax import cpu_fusion, ops, xla_cpu
-from resnet_jax.ops import Pads
+from resnet_jax import layers
+from resnet_jax.cpu import xla_flags
+from resnet_jax.layers import Pads
+from resnet_jax.models import DIMENSION_NUMBERS
 
-Dtype = Any
-Padding = str | int | Sequence[int | tuple[int, int]]
-DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
 # Below this many input channels one im2col matmul beats a matmul per kernel tap (the stem).
 PER_TAP_MIN_CHANNELS = 16
 # Outputs with at most this many pixels per image are computed as one im2col matmul.
@@ -48,8 +46,6 @@ MATMUL_WEIGHT_GRAD_MAX_BATCH = 2
 MERGED_GROUP_CHANNELS = 16
 MAX_GROUP_CONVOLUTIONS = 32
 
-default_kernel_init = nn.initializers.lecun_normal()
-
 
 def _lax_conv(
     x: jax.Array,
@@ -58,7 +54,7 @@ def _lax_conv(
     padding: Pads,
     groups: int,
 ) -> jax.Array:
-    """XLA's native NHWC/HWIO convolution (the reference and the GPU/TPU path)."""
+    """XLA's own NHWC/HWIO convolution (the reference, and the form kept where it is fastest)."""
     return lax.conv_general_dilated(
         x, w, strides, padding, dimension_numbers=DIMENSION_NUMBERS, feature_group_count=groups
     )
@@ -86,7 +82,7 @@ def _matmul_conv(
     Grouped: per tap, one matmul batched over the groups.
     """
     kh, kw, cin_per_group, k = w.shape
-    taps = ops.window_taps(ops.pad_spatial(x, padding), (kh, kw), strides)
+    taps = layers.window_taps(layers.pad_spatial(x, padding), (kh, kw), strides)
     if groups > 1:
         w = w.reshape(kh, kw, cin_per_group, groups, k // groups)
         y = functools.reduce(
@@ -126,7 +122,7 @@ def _output_shift_conv(x: jax.Array, w: jax.Array, padding: Pads, groups: int = 
     shifted = []
     for i in range(kh):
         for j in range(kw):
-            z = ops.pad_spatial(product(w[i, j]).reshape(n, h, width, k), padding)
+            z = layers.pad_spatial(product(w[i, j]).reshape(n, h, width, k), padding)
             shifted.append(lax.slice(z, (0, i, j, 0), (n, i + ho, j + wo, k)))
     return functools.reduce(jnp.add, shifted)
 
@@ -240,11 +236,11 @@ def _weight_grad_copies_collide(x_shape: Sequence[int], y_shape: Sequence[int]) 
     risks a convolution emitted as a plain loop.
 
     XLA:CPU's weight-gradient convolution reads layout copies of `x`, (C, H, W, N), and of `dy`,
-    (Ho, Wo, N, K). Multi-output fusion (`resnet_jax.cpu_fusion`) fuses siblings of equal shape
-    that read the same operand, and counts a convolution as fusible: the forward convolution with
-    the copy of `x` when the two shapes are equal, the input-gradient convolution (N, H, W, C)
-    with the copy of `dy`. A convolution inside a fusion is emitted as a plain loop, 10x slower
-    or worse (resnet18 at batch 16, 64 px: its 16x16x64 convolutions).
+    (Ho, Wo, N, K). Multi-output fusion (`xla_flags.MULTI_OUTPUT_FUSION_FLAG`) fuses siblings of
+    equal shape that read the same operand, and counts a convolution as fusible: the forward
+    convolution with the copy of `x` when the two shapes are equal, the input-gradient
+    convolution (N, H, W, C) with the copy of `dy`. A convolution inside a fusion is emitted as
+    a plain loop, 10x slower or worse (resnet18 at batch 16, 64 px: its 16x16x64 convolutions).
     """
     n, h, w, c = x_shape
     _, ho, wo, k = y_shape
@@ -267,10 +263,10 @@ def _cpu_formulation(
     # convolution into a loop
     merged = groups // _merge_factor(w_shape[2], groups)
     own_weight_grad = (
-        xla_cpu.eigen_convolutions()
+        xla_flags.eigen_convolutions()
         and x_shape[0] > MATMUL_WEIGHT_GRAD_MAX_BATCH
         and not (
-            cpu_fusion.in_effect()
+            xla_flags.multi_output_fusion()
             and _weight_grad_copies_collide(
                 (*x_shape[:3], x_shape[3] // merged), (x_shape[0], ho, wo, w_shape[3] // merged)
             )
@@ -296,97 +292,17 @@ def conv2d(
     padding: Sequence[Sequence[int]] = ((0, 0), (0, 0)),
     groups: int = 1,
 ) -> jax.Array:
-    """NHWC x HWIO convolution equal to `lax.conv_general_dilated`, with CPU-fast gradients.
+    """NHWC x HWIO convolution equal to `lax.conv_general_dilated`, in XLA:CPU's fastest form.
 
-    On CPU: grouped -> one XLA convolution per merged group of channels (block-diagonal kernels);
-    1x1 -> matmul; small outputs -> im2col matmul; otherwise XLA's convolution (with a matmul
-    weight gradient if XLA:CPU's convolutions are on YNNPACK or the batch is tiny). Other platforms:
-    `lax.conv_general_dilated` and its own gradients.
+    Grouped -> one XLA convolution per merged group of channels (block-diagonal kernels);
+    1x1 -> matmul; small outputs -> im2col matmul; otherwise XLA's convolution, with a matmul
+    weight gradient if XLA:CPU's convolutions are on YNNPACK or the batch is tiny. The form is
+    chosen in Python when traced, for whatever backend the program is compiled for: use it for
+    XLA:CPU programs (GPU/TPU run XLA's plain convolution faster).
     """
     strides = tuple(strides)
     padding = tuple(tuple(p) for p in padding)
     fast = _cpu_formulation(x.shape, w.shape, strides, padding, groups)
     if fast is None:
         return _lax_conv(x, w, strides, padding, groups)
-    return lax.platform_dependent(
-        x,
-        w,
-        cpu=lambda x, w: fast(x, w, strides, padding),
-        default=lambda x, w: _lax_conv(x, w, strides, padding, groups),
-    )
-
-
-def _pair(value: int | Sequence[int], name: str) -> tuple[int, int]:
-    """Broadcast an int to a pair; reject anything that is not one or two positive ints."""
-    pair = (value, value) if isinstance(value, int) else tuple(value)
-    if len(pair) != 2 or not all(isinstance(v, int) and v > 0 for v in pair):
-        raise ValueError(f"Conv: {name} must be a positive int or a pair of them, got {value!r}")
-    return pair
-
-
-def _padding(
-    padding: Padding, spatial: Sequence[int], kernel_size: tuple[int, int], strides: tuple[int, int]
-) -> tuple[tuple[int, int], ...]:
-    """Explicit ((lo, hi), (lo, hi)) padding from 'SAME', 'VALID', an int or explicit pairs."""
-    if isinstance(padding, str):
-        if padding not in ("SAME", "VALID"):
-            raise ValueError(
-                f"Conv: padding must be 'SAME', 'VALID', an int or pairs, got {padding!r}"
-            )
-        return tuple(lax.padtype_to_pads(spatial, kernel_size, strides, padding))
-    if isinstance(padding, int):
-        return ((padding, padding),) * 2
-    pairs = tuple((p, p) if isinstance(p, int) else tuple(p) for p in padding)
-    if len(pairs) != 2 or any(len(p) != 2 for p in pairs):
-        raise ValueError(f"Conv: padding must be ((lo, hi), (lo, hi)) for 2-D, got {padding!r}")
-    return pairs
-
-
-class Conv(nn.Module):
-    """2-D convolution with `nn.Conv`'s parameters (`kernel` HWIO, optional `bias`) and result.
-
-    Supports the subset of `nn.Conv` used by the ResNets: NHWC input, `strides`,
-    `padding` ('SAME', 'VALID' or explicit `((lo, hi), (lo, hi))`), `feature_group_count`,
-    `use_bias`, `dtype`, `param_dtype`, `kernel_init`, `bias_init`.
-    """
-
-    features: int
-    kernel_size: Sequence[int]
-    strides: int | Sequence[int] = 1
-    padding: Padding = "SAME"
-    feature_group_count: int = 1
-    use_bias: bool = True
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
-    kernel_init: Callable = default_kernel_init
-    bias_init: Callable = nn.initializers.zeros_init()
-
-    @nn.compact
-    def __call__(self, inputs: jax.Array) -> jax.Array:
-        """Convolve an NHWC batch; returns NHWC with `features` channels."""
-        if inputs.ndim != 4:
-            raise ValueError(f"Conv: expected an NHWC input (4 dims), got shape {inputs.shape}")
-        kernel_size = _pair(self.kernel_size, "kernel_size")
-        strides = _pair(self.strides, "strides")
-        groups = self.feature_group_count
-        in_features = inputs.shape[-1]
-        if in_features % groups or self.features % groups:
-            raise ValueError(
-                f"Conv: input channels ({in_features}) and features ({self.features}) must be "
-                f"divisible by feature_group_count ({groups})"
-            )
-        padding = _padding(self.padding, inputs.shape[1:3], kernel_size, strides)
-        kernel = self.param(
-            "kernel",
-            self.kernel_init,
-            (*kernel_size, in_features // groups, self.features),
-            self.param_dtype,
-        )
-        bias = (
-            self.param("bias", self.bias_init, (self.features,), self.param_dtype)
-            if self.use_bias
-            else None
-        )
-        inputs, kernel, bias = nn.dtypes.promote_dtype(inputs, kernel, bias, dtype=self.dtype)
-        y = conv2d(inputs, kernel, strides, padding, groups)
-        return y if bias is None else y + bias
+    return fast(x, w, strides, padding)

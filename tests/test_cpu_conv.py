@@ -1,13 +1,14 @@
-"""`resnet_jax.conv.Conv` is a drop-in for `nn.Conv`: same parameters, values and gradients.
+"""`resnet_jax.models.Conv` is a drop-in for `nn.Conv`: same parameters, values and gradients.
 
-Its CPU formulations (1x1 as matmul, weight gradient by im2col or per-tap matmuls, grouped
-convolutions as one dense convolution per merged group of channels) are checked against flax's
-`nn.Conv` in float32 and, with x64 enabled, to float64 round-off, with XLA:CPU's convolutions on
-Eigen (the default, `resnet_jax.xla_cpu`) and on YNNPACK, which pick different formulations; other
-platforms must lower to plain convolutions (checked by exporting for CUDA/TPU, which needs no
-GPU).
+On CPU it computes `resnet_jax.cpu.conv.conv2d`, whose formulations (1x1 as matmul, weight gradient
+by im2col or per-tap matmuls, grouped convolutions as one dense convolution per merged group of
+channels) are checked against flax's `nn.Conv` in float32 and, with x64 enabled, to float64
+round-off, with XLA:CPU's convolutions on Eigen (what `resnet_jax.cpu.configure` sets) and on
+YNNPACK, which pick different formulations. For other platforms `Conv` lowers to plain
+convolutions (checked by exporting for CUDA/TPU, which needs no GPU).
 """
 
+import functools
 import re
 
 import flax.linen as nn
@@ -17,8 +18,10 @@ import numpy as np
 import pytest
 from jax import export
 
-from resnet_jax import conv, models, xla_cpu
-from resnet_jax.conv import Conv, conv2d
+from resnet_jax import models
+from resnet_jax.cpu import conv, xla_flags
+from resnet_jax.cpu.conv import conv2d
+from resnet_jax.models import Conv
 
 P0, P1, P3 = ((0, 0), (0, 0)), ((1, 1), (1, 1)), ((3, 3), (3, 3))
 # kernel, stride, padding, groups, spatial size, in channels, features, use_bias. On CPU the
@@ -56,7 +59,7 @@ EXACT = (1, 3, 4, 7, 10, 11, 14, 16)
 @pytest.fixture(params=["eigen", "ynn"])
 def cpu_convs(request):
     """Trace `conv2d` as if XLA:CPU's convolutions were on Eigen (the default) or YNNPACK."""
-    with xla_cpu.assume_eigen_convolutions(request.param == "eigen"):
+    with xla_flags.assume_eigen_convolutions(request.param == "eigen"):
         yield request.param
 
 
@@ -115,7 +118,7 @@ def _pair(case, dtype):
         param_dtype=dtype,
     )
     x = jax.random.normal(jax.random.key(1), (BATCH, size, size, cin), dtype)
-    return nn.Conv(**kw), Conv(**kw), x
+    return nn.Conv(**kw), Conv(**kw, platform="cpu"), x
 
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)
@@ -168,6 +171,33 @@ def _lowered(fn, platform: str, *shapes) -> str:
     return export.export(jax.jit(fn), platforms=(platform,))(*specs).mlir_module()
 
 
+def _conv_grads(platform: str, strides: int, padding, groups: int = 1):
+    """(x, kernel) -> the input and kernel gradients of `Conv(platform=platform)`'s summed output,
+    features = kernel.shape[3]."""
+
+    def grads(x, w):
+        module = Conv(
+            w.shape[3],
+            w.shape[:2],
+            strides,
+            padding,
+            feature_group_count=groups,
+            use_bias=False,
+            platform=platform,
+        )
+        return jax.grad(lambda x, w: module.apply({"params": {"kernel": w}}, x).sum(), (0, 1))(x, w)
+
+    return grads
+
+
+def _lowered_conv(platform: str, strides: int, padding, groups: int, *shapes) -> str:
+    """The exported gradients of `Conv(platform=platform)`, lowered for that platform: no
+    platform branch (`stablehlo.case`) in any of them."""
+    text = _lowered(_conv_grads(platform, strides, padding, groups), platform, *shapes)
+    assert "stablehlo.case" not in text
+    return text
+
+
 @pytest.mark.parametrize(
     ("kernel", "size", "batch", "xla_convs"),
     [(1, 9, 3, 0), (3, 9, 3, 0), (3, 17, 3, {"eigen": 2, "ynn": 1}), (3, 17, 2, 1)],
@@ -175,18 +205,16 @@ def _lowered(fn, platform: str, *shapes) -> str:
     ids=["1x1 matmul", "5x5-output im2col", "9x9 output", "9x9 output, batch 2"],
 )
 def test_fast_formulation_only_on_cpu(kernel, size, batch, xla_convs, cpu_convs):
+    """`Conv(platform="cpu")` computes `conv2d`'s formulations (matmuls, fewer XLA
+    convolutions); for CUDA/TPU it is XLA's plain convolution and its own gradients."""
     pad = ((kernel // 2,) * 2,) * 2
-
-    def grads(x, w):
-        return jax.grad(lambda x, w: conv2d(x, w, (2, 2), pad).sum(), (0, 1))(x, w)
-
     shapes = ((batch, size, size, 16), (kernel, kernel, 16, 8))
-    cpu = _lowered(grads, "cpu", *shapes)
+    cpu = _lowered_conv("cpu", 2, pad, 1, *shapes)
     xla_convs = xla_convs if isinstance(xla_convs, int) else xla_convs[cpu_convs]
     assert ("stablehlo.dot_general" in cpu) is (xla_convs < 2)
     assert cpu.count("stablehlo.convolution") == xla_convs
     for platform in ("cuda", "tpu"):
-        other = _lowered(grads, platform, *shapes)
+        other = _lowered_conv(platform, 2, pad, 1, *shapes)
         assert "stablehlo.dot_general" not in other
         assert other.count("stablehlo.convolution") == 2  # XLA's/cuDNN's dx and dW
 
@@ -225,21 +253,18 @@ def test_grouped_weight_gradient_alone_matches_xla():
     ids=["batch 2: matmul dW", "batch 2, strided", "batch 8: per-group dW", "batch 8, strided"],
 )
 def test_grouped_convolutions_are_dense_only_on_cpu(batch, stride, convolutions, matmul_dw):
-    """On CPU a grouped convolution (here 4 merged groups of 16 channels) is one dense XLA
-    convolution per merged group, never XLA's grouped one nor its batch-grouped weight gradient;
-    other platforms keep XLA's/cuDNN's own grouped dx and dW convolutions."""
+    """On CPU (convolutions on Eigen) a grouped convolution (here 4 merged groups of 16 channels)
+    is one dense XLA convolution per merged group, never XLA's grouped one nor its batch-grouped
+    weight gradient; other platforms keep XLA's/cuDNN's own grouped dx and dW convolutions."""
     groups = 16
-
-    def grads(x, w):
-        return jax.grad(lambda x, w: conv2d(x, w, (stride,) * 2, P1, groups).sum(), (0, 1))(x, w)
-
     shapes = ((batch, 17, 17, 64), (3, 3, 64 // groups, 64))
-    cpu = _lowered(grads, "cpu", *shapes)
+    with xla_flags.assume_eigen_convolutions(True):
+        cpu = _lowered_conv("cpu", stride, P1, groups, *shapes)
     assert ("stablehlo.dot_general" in cpu) is matmul_dw
     assert cpu.count("stablehlo.convolution") == convolutions  # dx (and dW) per merged group
     assert re.search(r"(batch|feature)_group_count = (?!1\b)", cpu) is None
     for platform in ("cuda", "tpu"):
-        other = _lowered(grads, platform, *shapes)
+        other = _lowered_conv(platform, stride, P1, groups, *shapes)
         assert "stablehlo.dot_general" not in other
         assert other.count("stablehlo.convolution") == 2
         assert f"batch_group_count = {groups}" in other
@@ -261,9 +286,14 @@ def _convolutions_inside_fusions(hlo: str) -> int:
 )
 def test_no_convolution_is_fused_into_a_loop(x_shape, features, groups):
     """Shapes at which XLA's own weight gradient makes layout copies of the shape of a
-    convolution reading the same operand: with `resnet_jax.cpu_fusion`'s multi-output fusion
-    XLA:CPU would fuse the convolution with the copy (a plain loop, 10x slower), so `conv2d`
-    takes the matmul weight gradient there (optimisation level 2: the tests run at 0)."""
+    convolution reading the same operand: with multi-output fusion (`resnet_jax.cpu.configure`,
+    which tests/conftest.py calls) XLA:CPU would fuse the convolution with the copy (a plain
+    loop, 10x slower), so `conv2d` takes the matmul weight gradient there (optimisation level 2:
+    the tests run at 0)."""
+    assert xla_flags.multi_output_fusion(), (
+        "this process runs without multi-output fusion: tests/conftest.py must call "
+        "resnet_jax.cpu.configure() before JAX starts"
+    )
 
     def grads(x, w):
         y, vjp = jax.vjp(lambda x, w: conv2d(x, w, (1, 1), P1, groups), x, w)
@@ -292,7 +322,7 @@ def test_small_resnet_grads_match_nn_conv():
                 param_dtype=jnp.float64,
                 conv=conv,
             )
-            for conv in (nn.Conv, Conv)
+            for conv in (nn.Conv, functools.partial(Conv, platform="cpu"))
         )
         shapes = models.variable_shapes(ref)
         assert models.variable_shapes(ours) == shapes

@@ -1,4 +1,4 @@
-"""`resnet_jax.ops`: max pooling, training BatchNorm and ReLU equal torch / plain autodiff, every
+"""`resnet_jax.layers`: max pooling, training BatchNorm and ReLU equal torch / plain autodiff, every
 mode."""
 
 import flax.linen as nn
@@ -10,7 +10,7 @@ import torch
 from helpers import CHECKED_JAXLIB
 from jax.sharding import Mesh, PartitionSpec
 
-from resnet_jax import ops
+from resnet_jax import layers
 
 POOLS = [(3, 2, 1, 17), (3, 2, 1, 16), (2, 2, 0, 9), (3, 1, 1, 7), (3, 3, 0, 10)]
 POOL_IDS = [f"k{k}s{s}p{p}h{h}" for k, s, p, h in POOLS]
@@ -30,7 +30,7 @@ def test_max_pool_matches_torch_including_ties(kernel, stride, padding, size):
     x = rng.integers(-2, 3, (2, size, size + 1, 3)).astype(np.float32)
     ho, wo = ((n + 2 * padding - kernel) // stride + 1 for n in (size, size + 1))
     g = rng.standard_normal((2, ho, wo, 3)).astype(np.float32)
-    y, vjp = jax.vjp(lambda x: ops.max_pool(x, kernel, stride, padding), jnp.asarray(x))
+    y, vjp = jax.vjp(lambda x: layers.max_pool(x, kernel, stride, padding), jnp.asarray(x))
     y_torch, dx_torch = _torch_pool_and_grad(x, g, kernel, stride, padding)
     np.testing.assert_array_equal(np.asarray(y), y_torch)
     np.testing.assert_allclose(np.asarray(vjp(jnp.asarray(g))[0]), dx_torch, rtol=0, atol=1e-6)
@@ -52,7 +52,7 @@ def _assert_every_mode_matches(ours, ref, shape) -> None:
 def test_max_pool_forward_mode_and_hvp_match_nn_max_pool():
     """Without ties the result is unique, so every differentiation mode equals flax's."""
     _assert_every_mode_matches(
-        lambda x: ops.max_pool(x, 3, 2, 1),
+        lambda x: layers.max_pool(x, 3, 2, 1),
         lambda x: nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1))),
         (2, 11, 11, 4),
     )
@@ -63,18 +63,18 @@ def test_relu_values_and_gradient_match_torch_including_zeros_and_nan():
     g = np.arange(1, x.size + 1, dtype=np.float32)
     xt = torch.tensor(x, requires_grad=True)
     torch.relu(xt).backward(torch.tensor(g))
-    y, vjp = jax.vjp(ops.relu, jnp.asarray(x))
+    y, vjp = jax.vjp(layers.relu, jnp.asarray(x))
     np.testing.assert_array_equal(np.asarray(y), np.asarray(jax.nn.relu(x)))
     np.testing.assert_array_equal(np.asarray(vjp(jnp.asarray(g))[0]), xt.grad.numpy())
 
 
 def test_relu_forward_mode_and_hvp_match_jax_nn_relu():
-    _assert_every_mode_matches(ops.relu, jax.nn.relu, (3, 7))
+    _assert_every_mode_matches(layers.relu, jax.nn.relu, (3, 7))
 
 
 def test_relu_backward_keeps_the_output_not_the_pre_activation():
     """In a layer -> scale/shift -> relu -> layer chain, the backward pass needs the relu output
-    for the second layer's weight gradient anyway; with `ops.relu` nothing else of that size is
+    for the second layer's weight gradient anyway; with `layers.relu` nothing else of that size is
     kept, with `jax.nn.relu` the pre-activation is too (the XLA of the jaxlibs checked; older ones
     keep the same for both)."""
     x = jnp.ones((512, 256))
@@ -88,7 +88,7 @@ def test_relu_backward_keeps_the_output_not_the_pre_activation():
         return compiled.memory_analysis().temp_size_in_bytes
 
     saved = x.size * x.dtype.itemsize if CHECKED_JAXLIB else 0
-    assert temporaries(ops.relu) <= temporaries(jax.nn.relu) - saved
+    assert temporaries(layers.relu) <= temporaries(jax.nn.relu) - saved
 
 
 def _reference_batch_norm(x, scale, bias, epsilon=1e-5):
@@ -114,7 +114,7 @@ def test_batch_norm_train_equals_autodiff_of_two_pass_formula_float64():
         tangents = jax.tree.map(lambda a: jnp.sin(a * 5.0), args)
 
         def ours(*a):
-            return ops.batch_norm_train(*a, 1e-5, None)
+            return layers.batch_norm_train(*a, 1e-5, None)
 
         out, vjp = jax.vjp(ours, *args)
         ref_out, ref_vjp = jax.vjp(_reference_batch_norm, *args)
@@ -138,7 +138,7 @@ def test_batch_norm_train_synchronised_over_replicas_equals_global_batch():
     ct = jnp.cos(x * 3.0)
 
     def loss(x, scale, bias, axis_name):
-        y, _, _ = ops.batch_norm_train(x, scale, bias, 1e-5, axis_name)
+        y, _, _ = layers.batch_norm_train(x, scale, bias, 1e-5, axis_name)
         return jnp.sum(y * ct_local(axis_name))
 
     def ct_local(axis_name):
@@ -148,7 +148,7 @@ def test_batch_norm_train_synchronised_over_replicas_equals_global_batch():
         return jax.lax.dynamic_slice_in_dim(ct, i * 2, 2)
 
     def per_replica(x, scale, bias):
-        y, mean, var = ops.batch_norm_train(x, scale, bias, 1e-5, "batch")
+        y, mean, var = layers.batch_norm_train(x, scale, bias, 1e-5, "batch")
         dx, dscale, dbias = jax.grad(loss, argnums=(0, 1, 2))(x, scale, bias, "batch")
         return y, mean, var, dx, dscale, dbias
 
@@ -161,7 +161,94 @@ def test_batch_norm_train_synchronised_over_replicas_equals_global_batch():
             + (PartitionSpec("batch"), PartitionSpec(), PartitionSpec()),
         )
     )(x, scale, bias)
-    y, mean, var = ops.batch_norm_train(x, scale, bias, 1e-5, None)
+    y, mean, var = layers.batch_norm_train(x, scale, bias, 1e-5, None)
     grads = jax.grad(loss, argnums=(0, 1, 2))(x, scale, bias, None)
     for a, b in zip(sharded, (y, mean, var, *grads), strict=True):
         np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-5)
+
+
+def test_synchronised_batch_norm_equals_global_batch_float64():
+    """Chan's combination of per-replica moments: values, VJP and JVP over 4 replicas equal the
+    global batch's two-pass formula to float64 round-off (the batch has a large common offset,
+    where a one-pass E[x^2] - E[x]^2 would lose digits)."""
+    mesh = Mesh(np.array(jax.devices()[:4]), ("batch",))
+    with jax.enable_x64(True):
+        x, scale, bias = _bn_inputs(jnp.float64, shape=(8, 5, 3, 6))
+        x = x + 1e4
+        ct_y = jnp.cos(x * 7.0)
+        x_dot = jnp.sin(x * 5.0)
+
+        def per_replica(x, scale, bias):
+            i = jax.lax.axis_index("batch")
+            ct = jax.lax.dynamic_slice_in_dim(ct_y, i * 2, 2)
+            tangent = jax.lax.dynamic_slice_in_dim(x_dot, i * 2, 2)
+            _, vjp = jax.vjp(
+                lambda *a: layers.batch_norm_train(*a, 1e-5, "batch")[0], x, scale, bias
+            )
+            dx, dscale, dbias = vjp(ct)
+            _, (y_dot, mean_dot, var_dot) = jax.jvp(
+                lambda x: layers.batch_norm_train(x, scale, bias, 1e-5, "batch"), (x,), (tangent,)
+            )
+            out = layers.batch_norm_train(x, scale, bias, 1e-5, "batch")
+            # the cotangents of the replicated scale and bias come summed over the replicas
+            return (out[0], dx, y_dot), (dscale, dbias), (out[1:], mean_dot, var_dot)
+
+        sharded = jax.jit(
+            jax.shard_map(
+                per_replica,
+                mesh=mesh,
+                in_specs=(PartitionSpec("batch"), PartitionSpec(), PartitionSpec()),
+                out_specs=(PartitionSpec("batch"), PartitionSpec(), PartitionSpec()),
+            )
+        )(x, scale, bias)
+        ref_out, ref_vjp = jax.vjp(lambda *a: _reference_batch_norm(*a)[0], x, scale, bias)
+        dx, dscale, dbias = ref_vjp(ct_y)
+        _, (y_dot, mean_dot, var_dot) = jax.jvp(
+            lambda x: _reference_batch_norm(x, scale, bias), (x,), (x_dot,)
+        )
+        _, mean, var = _reference_batch_norm(x, scale, bias)
+        want = ((ref_out, dx, y_dot), (dscale, dbias), ((mean, var), mean_dot, var_dot))
+        for got, ref in zip(jax.tree.leaves(sharded), jax.tree.leaves(want), strict=True):
+            np.testing.assert_allclose(got, ref, rtol=1e-11, atol=1e-11)
+
+
+def _collectives(lowered_text: str) -> dict[str, int]:
+    """Counts of the collective ops in lowered StableHLO text."""
+    ops = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all", "collective_permute")
+    return {op: lowered_text.count(f"stablehlo.{op}") for op in ops}
+
+
+def test_synchronised_batch_norm_is_one_collective_per_pass():
+    """Forward: one all_gather (the count is static: no collective); forward and backward of a
+    gradient: that all_gather and one all_reduce."""
+    mesh = Mesh(np.array(jax.devices()[:4]), ("batch",))
+    args = _bn_inputs(jnp.float32, shape=(8, 5, 3, 6))
+    spec = PartitionSpec("batch")
+
+    def forward(x, scale, bias):
+        return layers.batch_norm_train(x, scale, bias, 1e-5, "batch")
+
+    def gradients(x, scale, bias):
+        # scale and bias device-varying: their gradients stay per replica, so shard_map adds no
+        # all-reduce of its own for them
+        scale, bias = jax.lax.pcast((scale, bias), "batch", to="varying")
+
+        def loss(x, scale, bias):
+            return jnp.sum(jnp.sin(layers.batch_norm_train(x, scale, bias, 1e-5, "batch")[0]))
+
+        dx, dscale, dbias = jax.grad(loss, argnums=(0, 1, 2))(x, scale, bias)
+        return dx, dscale[None], dbias[None]
+
+    def collectives(fn, out_specs):
+        mapped = jax.shard_map(
+            fn, mesh=mesh, in_specs=(spec, PartitionSpec(), PartitionSpec()), out_specs=out_specs
+        )
+        return _collectives(jax.jit(mapped).lower(*args).as_text())
+
+    none = dict.fromkeys(("all_reduce", "all_gather", "reduce_scatter", "all_to_all",
+                          "collective_permute"), 0)  # fmt: skip
+    fwd = collectives(forward, (spec, PartitionSpec(), PartitionSpec()))
+    assert fwd == none | {"all_gather": 1}, fwd
+    grad = collectives(gradients, (spec, spec, spec))
+    assert grad == none | {"all_gather": 1, "all_reduce": 1}, grad
+    assert layers.batch_count(args[0], None) == 8 * 5 * 3

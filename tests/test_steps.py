@@ -9,8 +9,7 @@ import numpy as np
 import optax
 import pytest
 
-from resnet_jax import models
-from resnet_jax import train as T
+from resnet_jax import models, parallel, steps
 from resnet_jax.preprocessing import normalize_images
 
 NUM_CLASSES = 5
@@ -60,7 +59,7 @@ def _trees_equal(a, b) -> bool:
     return all(jax.tree.leaves(equal))
 
 
-SCHEDULE = T.learning_rate_schedule(
+SCHEDULE = steps.learning_rate_schedule(
     global_batch_size=GLOBAL_BATCH, steps_per_epoch=4, epochs=3, warmup_epochs=0.5
 )
 
@@ -68,16 +67,20 @@ SCHEDULE = T.learning_rate_schedule(
 @pytest.fixture(scope="module")
 def setup():
     """Initial state, optimizer, and the three compiled train steps (shared across tests)."""
-    tx = T.create_optimizer(schedule=SCHEDULE)
-    state = T.create_train_state(_random_variables(tiny()), tx)
-    mesh = T.make_mesh()
+    tx = steps.create_optimizer(schedule=SCHEDULE)
+    state = steps.create_train_state(_random_variables(tiny()), tx)
+    mesh = parallel.make_mesh()
     sharded = tiny(axis_name="batch")
-    steps = {
-        "single": jax.jit(T.make_train_step(tiny(), tx, schedule=SCHEDULE, axis_name=None)),
-        "shard_map": T.parallelize(T.make_train_step(sharded, tx, schedule=SCHEDULE), mesh),
-        "pmap": T.parallelize(T.make_train_step(sharded, tx, schedule=SCHEDULE), mesh, kind="pmap"),
+    step_fns = {
+        "single": jax.jit(steps.make_train_step(tiny(), tx, schedule=SCHEDULE, axis_name=None)),
+        "shard_map": parallel.parallelize(
+            steps.make_train_step(sharded, tx, schedule=SCHEDULE), mesh
+        ),
+        "pmap": parallel.parallelize(
+            steps.make_train_step(sharded, tx, schedule=SCHEDULE), mesh, kind="pmap"
+        ),
     }
-    return {"state": _host(state), "mesh": mesh, "steps": steps}
+    return {"state": _host(state), "mesh": mesh, "steps": step_fns}
 
 
 def _run(setup, kind, batches, state=None):
@@ -89,10 +92,10 @@ def _run(setup, kind, batches, state=None):
         for b in batches:
             state, metrics = step(state, b)
         return _host(state), _host(metrics)
-    state = T.place_state(state, mesh, kind)
+    state = parallel.place_state(state, mesh, kind)
     for b in batches:
-        state, metrics = step(state, T.prepare_batch(b, mesh, kind))
-    return T.fetch_state(state, kind), T.fetch_state(metrics, kind)
+        state, metrics = step(state, parallel.prepare_batch(b, mesh, kind))
+    return parallel.fetch_state(state, kind), parallel.fetch_state(metrics, kind)
 
 
 @pytest.mark.parametrize("kind", ["shard_map", "pmap"])
@@ -152,17 +155,17 @@ def test_eval_step_sums_ignore_padding(setup, kind):
     logits = np.asarray(jax.jit(model.apply)(variables, batch["image"]), np.float64)
 
     mesh = setup["mesh"]
-    step = T.parallelize(
-        T.make_eval_step(tiny(axis_name="batch")),
+    step = parallel.parallelize(
+        steps.make_eval_step(tiny(axis_name="batch")),
         mesh,
         kind=kind,
         donate=False,
-        out_specs=T.EVAL_OUT_SPECS,
+        out_specs=parallel.EVAL_OUT_SPECS,
     )
     sums, predictions = step(
-        T.place_state(variables, mesh, kind), T.prepare_batch(batch, mesh, kind)
+        parallel.place_state(variables, mesh, kind), parallel.prepare_batch(batch, mesh, kind)
     )
-    sums, predictions = T.fetch_state(sums, kind), T.fetch_batch(predictions, kind)
+    sums, predictions = parallel.fetch_state(sums, kind), parallel.fetch_batch(predictions, kind)
 
     keep = batch["mask"]
     real, labels = logits[keep], batch["label"][keep]
@@ -208,7 +211,7 @@ def test_uint8_batch_is_normalised_on_device(setup, kind):
 
     model = tiny()
     variables = {"params": want_state.params, "batch_stats": want_state.batch_stats}
-    eval_step = jax.jit(T.make_eval_step(model, axis_name=None))
+    eval_step = jax.jit(steps.make_eval_step(model, axis_name=None))
     jax.tree.map(close, eval_step(variables, pixels[0]), eval_step(variables, normalised[0]))
 
 
@@ -219,14 +222,14 @@ def test_image_dtype_neither_uint8_nor_float_is_an_error(setup):
     state = setup["state"]
     variables = {"params": state.params, "batch_stats": state.batch_stats}
     with pytest.raises(ValueError, match="got dtype int32"):
-        T.make_eval_step(tiny(), axis_name=None)(variables, ints)
+        steps.make_eval_step(tiny(), axis_name=None)(variables, ints)
 
 
 def test_bfloat16_step_keeps_float32_params_and_loss():
     model = tiny(dtype=jnp.bfloat16)
-    tx = T.create_optimizer(schedule=0.01)
-    state = T.create_train_state(_random_variables(model), tx)
-    new, metrics = jax.jit(T.make_train_step(model, tx, axis_name=None))(state, _batch(6))
+    tx = steps.create_optimizer(schedule=0.01)
+    state = steps.create_train_state(_random_variables(model), tx)
+    new, metrics = jax.jit(steps.make_train_step(model, tx, axis_name=None))(state, _batch(6))
     assert metrics["loss"].dtype == jnp.float32 and np.isfinite(metrics["loss"])
     assert metrics["nonfinite"] == 0
     dtypes = {x.dtype for x in jax.tree.leaves((new.params, new.batch_stats))}
@@ -245,7 +248,7 @@ def _path_name(path) -> str:
 @pytest.mark.parametrize("name", ["sgd", "adamw"])
 def test_weight_decay_only_touches_kernels(name):
     params = _params()
-    tx = T.create_optimizer(name=name, schedule=1.0, weight_decay=0.1, momentum=0.0)
+    tx = steps.create_optimizer(name=name, schedule=1.0, weight_decay=0.1, momentum=0.0)
     zero_grads = jax.tree.map(np.zeros_like, params)
     updates, _ = jax.jit(tx.update)(zero_grads, jax.jit(tx.init)(params), params)
 
@@ -271,8 +274,8 @@ def test_frozen_and_head_labels():
     labels = jax.tree_util.tree_map_with_path(label, params)
     grads = jax.tree.map(lambda p: np.full_like(p, 0.5), params)
     kwargs = {"schedule": optax.constant_schedule(0.1), "weight_decay": 1e-2}
-    tx = T.create_optimizer(param_labels=labels, head_lr_multiplier=10.0, **kwargs)
-    plain = T.create_optimizer(**kwargs)
+    tx = steps.create_optimizer(param_labels=labels, head_lr_multiplier=10.0, **kwargs)
+    plain = steps.create_optimizer(**kwargs)
     opt_state = jax.jit(tx.init)(params)
     updates, _ = jax.jit(tx.update)(grads, opt_state, params)
     want, _ = jax.jit(plain.update)(grads, jax.jit(plain.init)(params), params)
@@ -300,33 +303,33 @@ def test_frozen_and_head_labels():
 
 def test_optimizer_argument_errors():
     with pytest.raises(ValueError, match="'lamb'.*sgd, adamw"):
-        T.create_optimizer(name="lamb", schedule=0.1)
+        steps.create_optimizer(name="lamb", schedule=0.1)
     with pytest.raises(ValueError, match="param_labels"):
-        T.create_optimizer(schedule=0.1, head_lr_multiplier=10.0)
+        steps.create_optimizer(schedule=0.1, head_lr_multiplier=10.0)
     params = _params()
     bad = jax.tree.map(lambda _: "freeze", params)
     with pytest.raises(ValueError, match="unknown labels \\['freeze'\\]"):
-        T.create_optimizer(schedule=0.1, param_labels=bad)
+        steps.create_optimizer(schedule=0.1, param_labels=bad)
     partial_labels = {k: jax.tree.map(lambda _: "train", v) for k, v in params.items() if k != "fc"}
-    tx = T.create_optimizer(schedule=0.1, param_labels=partial_labels)
+    tx = steps.create_optimizer(schedule=0.1, param_labels=partial_labels)
     with pytest.raises(ValueError, match="missing labels for.*fc"):
         tx.init(params)
 
 
 def test_schedule_warmup_then_cosine():
-    sched = T.learning_rate_schedule(
+    sched = steps.learning_rate_schedule(
         base_lr=0.1, global_batch_size=512, steps_per_epoch=10, epochs=10, warmup_epochs=2
     )
     peak = 0.1 * 512 / 256
-    steps = np.array([0, 10, 20, 60, 100])
+    at = np.array([0, 10, 20, 60, 100])
     want = [0.0, peak / 2, peak, peak / 2, 0.0]  # warmup ends at 20; cosine midpoint at 60
-    np.testing.assert_allclose([sched(s) for s in steps], want, rtol=1e-5, atol=1e-7)
-    no_warmup = T.learning_rate_schedule(
+    np.testing.assert_allclose([sched(s) for s in at], want, rtol=1e-5, atol=1e-7)
+    no_warmup = steps.learning_rate_schedule(
         global_batch_size=256, steps_per_epoch=5, epochs=2, warmup_epochs=0
     )
     np.testing.assert_allclose(no_warmup(0), 0.1)
     with pytest.raises(ValueError, match="warmup_epochs"):
-        T.learning_rate_schedule(
+        steps.learning_rate_schedule(
             global_batch_size=256, steps_per_epoch=5, epochs=2, warmup_epochs=3
         )
 
@@ -339,39 +342,92 @@ def test_cross_entropy_label_smoothing_by_hand():
     targets = np.full((2, k), eps / k)
     targets[np.arange(2), labels] += 1 - eps
     per_example = -(targets * log_p).sum(1)
-    got = T.cross_entropy_loss(
+    got = steps.cross_entropy_loss(
         jnp.asarray(logits, jnp.bfloat16), labels, num_classes=k, label_smoothing=eps
     )
     assert got.dtype == jnp.float32
     np.testing.assert_allclose(got, per_example.mean(), rtol=2e-2)  # bf16 logits
-    exact = T.cross_entropy_loss(logits, labels, num_classes=k, label_smoothing=eps)
+    exact = steps.cross_entropy_loss(logits, labels, num_classes=k, label_smoothing=eps)
     np.testing.assert_allclose(exact, per_example.mean(), rtol=1e-6)
-    masked = T.cross_entropy_loss(
+    masked = steps.cross_entropy_loss(
         logits, labels, num_classes=k, label_smoothing=eps, mask=np.array([0, 1])
     )
     np.testing.assert_allclose(masked, per_example[1], rtol=1e-6)
     with pytest.raises(ValueError, match="expected 4"):
-        T.cross_entropy_loss(logits, labels, num_classes=4)
+        steps.cross_entropy_loss(logits, labels, num_classes=4)
 
 
 def test_batch_not_divisible_by_devices(setup):
     with pytest.raises(ValueError, match="--batch-size 10 is not divisible by the number of dev"):
-        T.check_divisible("--batch-size", 10, 4)
+        parallel.check_divisible("--batch-size", 10, 4)
     with pytest.raises(ValueError, match="--batch-size 0 .*use a positive multiple of 4"):
-        T.check_divisible("--batch-size", 0, 4)
-    T.check_divisible("--batch-size", 12, 4)
+        parallel.check_divisible("--batch-size", 0, 4)
+    parallel.check_divisible("--batch-size", 12, 4)
     with pytest.raises(ValueError, match="batch size 6 .* number of devices 4"):
-        T.prepare_batch(_batch(0, n=6), setup["mesh"])
+        parallel.prepare_batch(_batch(0, n=6), setup["mesh"])
     ragged = {"image": np.zeros((8, 2, 2, 3)), "label": np.zeros(4)}
     with pytest.raises(ValueError, match="leading batch dimension"):
-        T.prepare_batch(ragged, setup["mesh"], kind="pmap")
+        parallel.prepare_batch(ragged, setup["mesh"], kind="pmap")
     with pytest.raises(ValueError, match="'xmap'.*shard_map, pmap"):
-        T.parallelize(lambda s, b: (s, b), setup["mesh"], kind="xmap")
+        parallel.parallelize(lambda s, b: (s, b), setup["mesh"], kind="xmap")
 
 
-def test_model_axis_name_must_match_step():
-    tx = T.create_optimizer(schedule=0.1)
-    with pytest.raises(ValueError, match="axis_name='batch'"):
-        T.make_train_step(tiny(), tx)  # model without BatchNorm sync under a mapped step
+def test_model_axis_name_must_be_none_or_the_steps_axis():
+    tx = steps.create_optimizer(schedule=0.1)
+    with pytest.raises(ValueError, match="axis_name is 'other' but the step maps over 'batch'"):
+        steps.make_train_step(tiny(axis_name="other"), tx)
+    steps.make_train_step(tiny(), tx)  # per-replica BatchNorm under a mapped step
     with pytest.raises(ValueError, match="num_classes"):
-        T.make_eval_step(tiny(num_classes=None), axis_name=None)
+        steps.make_eval_step(tiny(num_classes=None), axis_name=None)
+
+
+def test_without_sync_each_device_normalises_with_its_own_batch(setup):
+    """Model axis_name None under a 4-device step: each device's running statistics update is
+    its own batch's (they differ), and the stored running statistics are their mean."""
+    tx = steps.create_optimizer(schedule=SCHEDULE)
+    step = parallel.parallelize(steps.make_train_step(tiny(), tx, schedule=SCHEDULE), setup["mesh"])
+    batch = _batch(3)
+    batch["image"][:2] += 1.0  # device 0's images: a clearly different batch mean
+    state = setup["state"]
+    new_state, _ = step(
+        parallel.place_state(state, setup["mesh"]), parallel.prepare_batch(batch, setup["mesh"])
+    )
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    own = [
+        tiny().apply(variables, batch["image"][i : i + 2], train=True, mutable=["batch_stats"])[1]
+        for i in range(0, GLOBAL_BATCH, 2)
+    ]
+    means = [u["batch_stats"]["bn1"]["mean"] for u in own]
+    assert np.abs(means[0] - means[1]).max() > 0.01  # each device's statistics are its own
+    want = jax.tree.map(lambda *u: np.mean(u, axis=0), *[u["batch_stats"] for u in own])
+    jax.tree.map(
+        functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-6),
+        parallel.fetch_state(new_state.batch_stats),
+        want,
+    )
+
+
+def _collectives(text: str) -> dict[str, int]:
+    ops = ("all_reduce", "all_gather", "reduce_scatter", "collective_permute", "all_to_all")
+    return {op: text.count(f"stablehlo.{op}") for op in ops}
+
+
+def test_collectives_in_the_resnet18_train_step(setup):
+    """The lowered 4-device resnet18 step: 62 gradient + 2 metric all-reduces, plus per
+    BatchNorm layer (20) one all_gather forward and one all_reduce backward with synchronised
+    BatchNorm, or none per layer and one all-reduce of all running statistics without."""
+    tx = steps.create_optimizer(schedule=0.1)
+    batch = parallel.prepare_batch(_batch(0), setup["mesh"])
+    counts = {}
+    for sync in (True, False):
+        model = models.get_model(
+            "resnet18", num_classes=NUM_CLASSES, axis_name="batch" if sync else None
+        )
+        state = steps.create_train_state(_random_variables(model.clone(axis_name=None)), tx)
+        step = parallel.parallelize(steps.make_train_step(model, tx), setup["mesh"])
+        lowered = step.lower(parallel.place_state(state, setup["mesh"]), batch)
+        counts[sync] = _collectives(lowered.as_text())
+    grads_and_metrics = 62 + 2
+    none = dict.fromkeys(_collectives(""), 0)
+    assert counts[True] == none | {"all_reduce": grads_and_metrics + 20, "all_gather": 20}
+    assert counts[False] == none | {"all_reduce": grads_and_metrics + 1}

@@ -1,0 +1,225 @@
+"""TensorFlow image decoding and transforms shared by the input pipelines (`data`,
+`image_folders`) and by prediction, and `import_tensorflow`, the one place that imports
+TensorFlow for the package.
+
+Decoding: JPEG bytes go through TensorFlow (training uses the fused ``decode_and_crop_jpeg``, so
+only the crop is decoded); anything else (PNG, GIF, BMP, PPM/PGM, TIFF, WebP) is decoded by PIL
+and converted to RGB, exactly as torchvision's loader does. TensorFlow converts grayscale and CMYK
+JPEGs to RGB itself.
+
+Training transform: random-resized-crop (area 8-100 %, aspect ratio 3/4-4/3, 10 attempts, else
+the whole image), bilinear antialiased resize rounded to uint8 (as torchvision's PIL resize),
+random horizontal flip. Eval transform: resize the shorter side to
+`preprocessing.eval_resize_size` (bilinear, antialiased; longer side truncated like torchvision),
+center crop, ImageNet mean/std. EXIF orientation is not applied (neither does torchvision).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import importlib.util
+import io
+import os
+import re
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from types import ModuleType
+
+import numpy as np
+from PIL import Image
+
+from resnet_jax.preprocessing import IMAGENET_MEAN, IMAGENET_STD, eval_resize_size
+
+
+@functools.cache
+def import_tensorflow() -> ModuleType:
+    """Imports and returns `tensorflow`, with torchvision imported first when it is installed,
+    and hides the GPUs from TensorFlow (the input pipeline runs on the host; accelerator memory
+    is left to JAX).
+
+    Importing torchvision after tensorflow in one process crashes it with a segmentation fault
+    (torchvision 0.29 with tensorflow 2.21; the other order works), so every module of the
+    package gets TensorFlow through this function. Warns if TensorFlow had already initialised
+    its devices and so cannot hide the GPUs.
+    """
+    if importlib.util.find_spec("torchvision") is not None:
+        importlib.import_module("torchvision")
+    tf = importlib.import_module("tensorflow")
+    try:
+        tf.config.set_visible_devices([], "GPU")
+    except RuntimeError as err:  # TF already initialised its devices in this process
+        warnings.warn(f"could not hide GPUs from TensorFlow: {err}", RuntimeWarning, stacklevel=2)
+    return tf
+
+
+tf = import_tensorflow()
+
+# Random-resized-crop parameters (torchvision's RandomResizedCrop defaults).
+CROP_AREA_RANGE = (0.08, 1.0)
+CROP_ASPECT_RANGE = (3.0 / 4.0, 4.0 / 3.0)
+CROP_ATTEMPTS = 10
+_JPEG_MAGIC = b"\xff\xd8\xff"
+
+# The functions given to tf.data here and in the pipelines use no Python control flow on tensors:
+# skipping AutoGraph's source conversion makes building a pipeline several times faster.
+plain = tf.autograph.experimental.do_not_convert
+
+
+def _pil_rgb(data: bytes) -> np.ndarray:
+    """Decodes any PIL-readable image bytes to uint8 RGB (palette, alpha, CMYK, 16-bit...)."""
+    with Image.open(io.BytesIO(data)) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+def _pil_decode(data: tf.Tensor) -> tf.Tensor:
+    """Graph wrapper around `_pil_rgb` for the non-JPEG formats."""
+    image = tf.numpy_function(_pil_rgb, [data], tf.uint8, stateful=False)
+    image.set_shape([None, None, 3])
+    return image
+
+
+@functools.partial(tf.function, input_signature=[tf.TensorSpec([], tf.string)], autograph=False)
+def decode(data: tf.Tensor) -> tf.Tensor:
+    """Encoded bytes -> uint8 [H, W, 3]: TensorFlow for JPEG, PIL for everything else."""
+    return tf.cond(
+        tf.io.is_jpeg(data),
+        lambda: tf.io.decode_jpeg(data, channels=3),
+        lambda: _pil_decode(data),
+    )
+
+
+def probe(data: tf.Tensor) -> tf.Tensor:
+    """Decodes like `decode`, cheaply (JPEG at 1/8 scale, same entropy decoding): vets a file."""
+    return tf.cond(
+        tf.io.is_jpeg(data),
+        lambda: tf.shape(tf.io.decode_jpeg(data, channels=3, ratio=8)),
+        lambda: tf.shape(_pil_decode(data)),
+    )
+
+
+def normalize(image: tf.Tensor) -> tf.Tensor:
+    """uint8-valued [..., 3] -> float32 (x / 255 - mean) / std, as torchvision's transforms."""
+    image = tf.cast(image, tf.float32) / 255.0
+    return (image - tf.constant(IMAGENET_MEAN)) / tf.constant(IMAGENET_STD)
+
+
+def _sample_crop(shape: tf.Tensor, seed: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """Random-resized-crop window (begin [y, x, 0], size [h, w, -1]) for an image of `shape`."""
+    begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
+        shape,
+        bounding_boxes=tf.constant([[[0.0, 0.0, 1.0, 1.0]]]),
+        seed=seed,
+        min_object_covered=0.0,
+        aspect_ratio_range=CROP_ASPECT_RANGE,
+        area_range=CROP_AREA_RANGE,
+        max_attempts=CROP_ATTEMPTS,
+        use_image_if_no_bounding_boxes=True,
+    )
+    return begin, size
+
+
+def _decode_random_crop(data: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
+    """Decodes only a random-resized-crop window of the image (fused for JPEG)."""
+
+    def jpeg() -> tf.Tensor:
+        begin, size = _sample_crop(tf.image.extract_jpeg_shape(data), seed)
+        window = tf.stack([begin[0], begin[1], size[0], size[1]])
+        return tf.image.decode_and_crop_jpeg(data, window, channels=3)
+
+    def other() -> tf.Tensor:
+        image = _pil_decode(data)
+        begin, size = _sample_crop(tf.shape(image), seed)
+        return tf.slice(image, begin, size)
+
+    return tf.cond(tf.io.is_jpeg(data), jpeg, other)
+
+
+def _train_transform(data: tf.Tensor, key: tf.Tensor, image_size: int) -> tf.Tensor:
+    """Encoded image + stateless key -> augmented uint8 [S, S, 3].
+
+    The resized crop is rounded to uint8 as torchvision's PIL transforms do; `train_batches`
+    normalises whole batches (a quarter of the bytes per image to batch, one op per batch)."""
+    crop_key, flip_key = tf.unstack(tf.random.experimental.stateless_split(key, 2, alg="philox"))
+    image = _decode_random_crop(data, crop_key)
+    image = tf.image.resize(image, [image_size, image_size], method="bilinear", antialias=True)
+    image = tf.image.stateless_random_flip_left_right(image, flip_key)
+    return tf.cast(tf.clip_by_value(tf.round(image), 0.0, 255.0), tf.uint8)
+
+
+def _eval_transform(image: tf.Tensor, image_size: int, resize_size: int) -> tf.Tensor:
+    """uint8 [H, W, 3] -> shorter side resized to `resize_size`, center crop, normalise:
+    float32 [S, S, 3]."""
+    shape = tf.shape(image)
+    height, width = shape[0], shape[1]
+    # torchvision's Resize(int): the shorter side becomes `resize_size`, the longer one is
+    # truncated.
+    shorter = tf.minimum(height, width)
+    new_h = tf.where(height <= width, resize_size, height * resize_size // shorter)
+    new_w = tf.where(height <= width, width * resize_size // shorter, resize_size)
+    image = tf.image.resize(image, tf.stack([new_h, new_w]), method="bilinear", antialias=True)
+    # torchvision's CenterCrop: offsets round((size - crop) / 2), half to even.
+    top = tf.cast(tf.round(tf.cast(new_h - image_size, tf.float64) / 2.0), tf.int32)
+    left = tf.cast(tf.round(tf.cast(new_w - image_size, tf.float64) / 2.0), tf.int32)
+    image = tf.slice(image, tf.stack([top, left, 0]), [image_size, image_size, 3])
+    return normalize(image)
+
+
+@functools.cache
+def train_fn(image_size: int) -> Callable[[tf.Tensor, tf.Tensor], tf.Tensor]:
+    """`_train_transform` traced once per image size (pipelines are built once per epoch)."""
+    return tf.function(
+        functools.partial(_train_transform, image_size=image_size),
+        input_signature=[tf.TensorSpec([], tf.string), tf.TensorSpec([2], tf.int64)],
+        autograph=False,
+    )
+
+
+@functools.cache
+def eval_fn(image_size: int, resize_size: int) -> Callable[[tf.Tensor], tf.Tensor]:
+    """`_eval_transform` traced once per (crop, resize) size, shared by `eval_batches` and
+    prediction."""
+    return tf.function(
+        functools.partial(_eval_transform, image_size=image_size, resize_size=resize_size),
+        input_signature=[tf.TensorSpec([None, None, 3], tf.uint8)],
+        autograph=False,
+    )
+
+
+def clean_tf_message(err: tf.errors.OpError) -> str:
+    """TF op error without the `{{function_node ...}}` and `[Op:...]` decorations."""
+    message = re.sub(r"\{\{[^}]*\}\}\s*", "", err.message)
+    return re.sub(r"\s*\[Op:[^\]]*\].*$", "", message, flags=re.S).strip()
+
+
+def load_image(path: str | os.PathLike) -> np.ndarray:
+    """Reads an image file as uint8 [H, W, 3] RGB with the decoders the pipelines use."""
+    data = Path(path).read_bytes()
+    if not data:
+        raise ValueError(f"cannot decode image {path}: the file is empty")
+    if data.startswith(_JPEG_MAGIC):
+        try:
+            return tf.io.decode_jpeg(data, channels=3).numpy()
+        except tf.errors.OpError as err:
+            raise ValueError(f"cannot decode image {path}: {clean_tf_message(err)}") from err
+    try:
+        return _pil_rgb(data)
+    except Image.UnidentifiedImageError as err:
+        raise ValueError(f"cannot decode image {path}: not a known image format") from err
+    except Exception as err:  # PIL's plugins raise many types on broken or unknown files
+        raise ValueError(f"cannot decode image {path}: {err}") from err
+
+
+def preprocess_for_eval(
+    image_uint8: np.ndarray, image_size: int, *, resize_size: int | None = None
+) -> np.ndarray:
+    """The evaluation transform for one decoded image (e.g. from `load_image`), for prediction:
+    shorter side resized to `resize_size` (see `eval_resize_size`), center crop `image_size`."""
+    image = np.asarray(image_uint8)
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] != 3:
+        raise ValueError(
+            f"expected a uint8 [H, W, 3] RGB image, got dtype {image.dtype} shape {image.shape}"
+        )
+    resize_size = eval_resize_size(image_size, resize_size)
+    return eval_fn(image_size, resize_size)(tf.constant(image)).numpy()
