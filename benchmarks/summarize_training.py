@@ -20,13 +20,17 @@ def summarize(workdir: Path) -> str:
     if not train or not evals:
         raise SystemExit(f"{workdir}: no complete epoch in metrics.jsonl")
     rows = []
+    batch = _batch_size(workdir)
+    previous = 0  # the step of the last log point before each interval
     for e in evals:
-        steps = [r for r in train if r["epoch"] == e["epoch"]]
-        # The first step of a process includes compilation; images_per_sec covers each step's
-        # wall time (input pipeline included), so batch / images_per_sec is that step's time.
-        steady = [r["images_per_sec"] for r in steps[1:]] or [steps[0]["images_per_sec"]]
-        rate = statistics.median(steady)
-        seconds = sum(1 / r["images_per_sec"] for r in steps) * _batch_size(workdir)
+        # Each log point's record carries images/s over the steps since the previous log point
+        # (input pipeline included); a process's first interval includes compilation.
+        logs = [r for r in train if r["epoch"] == e["epoch"] and "images_per_sec" in r]
+        seconds = 0.0
+        for r in logs:
+            seconds += (r["step"] - previous) * batch / r["images_per_sec"]
+            previous = r["step"]
+        rate = statistics.median(r["images_per_sec"] for r in logs[1:] or logs)
         rows.append((e["epoch"], e["step"], e["val_loss"], e["val_accuracy"], seconds, rate))
     best = max(rows, key=lambda r: r[3])
     lines = [

@@ -1,4 +1,10 @@
-"""Max pooling, training-mode BatchNorm and ReLU with hand-written JVPs that XLA:CPU runs fast.
+"""The models' layers below the module level: convolution, max pooling, training-mode BatchNorm
+and ReLU.
+
+`Conv` decides in Python, from the platform the model is compiled for, between XLA:CPU's fastest
+formulations (`resnet_jax.cpu.conv`) and XLA's plain convolution (GPU/TPU), so an accelerator
+program holds no CPU code. Max pooling, BatchNorm and ReLU have hand-written JVPs that XLA runs
+fast.
 
 Autodiff of `nn.max_pool` goes through XLA's select-and-scatter (about 200 ms for the ResNet-50
 stem at batch 8 on two cores) and autodiff of a two-pass BatchNorm materialises `x - mean` and
@@ -10,12 +16,19 @@ their tangents are a few fused elementwise passes and reductions. They are `cust
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable, Sequence
+from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax import lax
 
+Dtype = Any
 Pads = tuple[tuple[int, int], ...]
+Padding = str | int | Sequence[int | tuple[int, int]]
+# The models' layouts: NHWC activations, HWIO kernels (flax's and `Conv`'s).
+DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
 
 
 def pad_spatial(x: jax.Array, padding: Pads, value: float = 0.0) -> jax.Array:
@@ -190,3 +203,91 @@ def _batch_norm_tangent(x, mean, scale, rstd, x_dot, scale_dot, bias_dot, *, axi
     a_dot = scale_dot * rstd - 0.5 * a * rstd * rstd * local_var_dot
     y_dot = (x_dot - local_mean_dot) * a + centred * a_dot + bias_dot
     return y_dot, mean_dot, var_dot
+
+
+def _pair(value: int | Sequence[int], name: str) -> tuple[int, int]:
+    """Broadcast an int to a pair; reject anything that is not one or two positive ints."""
+    pair = (value, value) if isinstance(value, int) else tuple(value)
+    if len(pair) != 2 or not all(isinstance(v, int) and v > 0 for v in pair):
+        raise ValueError(f"Conv: {name} must be a positive int or a pair of them, got {value!r}")
+    return pair
+
+
+def _padding(
+    padding: Padding, spatial: Sequence[int], kernel_size: tuple[int, int], strides: tuple[int, int]
+) -> tuple[tuple[int, int], ...]:
+    """Explicit ((lo, hi), (lo, hi)) padding from 'SAME', 'VALID', an int or explicit pairs."""
+    if isinstance(padding, str):
+        if padding not in ("SAME", "VALID"):
+            raise ValueError(
+                f"Conv: padding must be 'SAME', 'VALID', an int or pairs, got {padding!r}"
+            )
+        return tuple(lax.padtype_to_pads(spatial, kernel_size, strides, padding))
+    if isinstance(padding, int):
+        return ((padding, padding),) * 2
+    pairs = tuple((p, p) if isinstance(p, int) else tuple(p) for p in padding)
+    if len(pairs) != 2 or any(len(p) != 2 for p in pairs):
+        raise ValueError(f"Conv: padding must be ((lo, hi), (lo, hi)) for 2-D, got {padding!r}")
+    return pairs
+
+
+class Conv(nn.Module):
+    """2-D convolution with `nn.Conv`'s parameters (`kernel` HWIO, optional `bias`) and result.
+
+    Supports the subset of `nn.Conv` used by the ResNets: NHWC input, `strides`, `padding`
+    ('SAME', 'VALID', an int or explicit `((lo, hi), (lo, hi))`), `feature_group_count`,
+    `use_bias`, `dtype`, `param_dtype`, `kernel_init`, `bias_init`. `platform` is the backend the
+    program is compiled for (None: `jax.default_backend()` when traced): for "cpu" the
+    convolution takes XLA:CPU's fastest form (`resnet_jax.cpu.conv.conv2d`, same values and
+    gradients), for any other platform it is XLA's plain convolution.
+    """
+
+    features: int
+    kernel_size: Sequence[int]
+    strides: int | Sequence[int] = 1
+    padding: Padding = "SAME"
+    feature_group_count: int = 1
+    use_bias: bool = True
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+    kernel_init: Callable = nn.initializers.lecun_normal()
+    bias_init: Callable = nn.initializers.zeros_init()
+    platform: str | None = None
+
+    @nn.compact
+    def __call__(self, inputs: jax.Array) -> jax.Array:
+        """Convolve an NHWC batch; returns NHWC with `features` channels."""
+        if inputs.ndim != 4:
+            raise ValueError(f"Conv: expected an NHWC input (4 dims), got shape {inputs.shape}")
+        kernel_size = _pair(self.kernel_size, "kernel_size")
+        strides = _pair(self.strides, "strides")
+        groups = self.feature_group_count
+        in_features = inputs.shape[-1]
+        if in_features % groups or self.features % groups:
+            raise ValueError(
+                f"Conv: input channels ({in_features}) and features ({self.features}) must be "
+                f"divisible by feature_group_count ({groups})"
+            )
+        padding = _padding(self.padding, inputs.shape[1:3], kernel_size, strides)
+        kernel_shape = (*kernel_size, in_features // groups, self.features)
+        kernel = self.param("kernel", self.kernel_init, kernel_shape, self.param_dtype)
+        bias = (
+            self.param("bias", self.bias_init, (self.features,), self.param_dtype)
+            if self.use_bias
+            else None
+        )
+        inputs, kernel, bias = nn.dtypes.promote_dtype(inputs, kernel, bias, dtype=self.dtype)
+        if (self.platform or jax.default_backend()).lower() == "cpu":
+            from resnet_jax.cpu import conv as cpu_conv
+
+            y = cpu_conv.conv2d(inputs, kernel, strides, padding, groups)
+        else:
+            y = lax.conv_general_dilated(
+                inputs,
+                kernel,
+                strides,
+                padding,
+                dimension_numbers=DIMENSION_NUMBERS,
+                feature_group_count=groups,
+            )
+        return y if bias is None else y + bias

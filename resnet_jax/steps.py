@@ -239,6 +239,44 @@ def _trainable_leaves(params: Any, trainable: Any | None) -> list[bool]:
     return [bool(f) for f in flags]
 
 
+def _apply_trained_grads(
+    tx: optax.GradientTransformation, state: TrainState, grads: list, trains: list[bool]
+) -> tuple[Any, Any]:
+    """New params and optimizer state from the gradients of the trained leaves (`trains`, in
+    flattening order); frozen leaves get zero gradients and keep their values exactly."""
+    leaves, treedef = jax.tree.flatten(state.params)
+    it = iter(grads)
+    full_grads = treedef.unflatten(
+        [next(it) if t else jnp.zeros_like(leaf) for leaf, t in zip(leaves, trains, strict=True)]
+    )
+    updates, opt_state = tx.update(full_grads, state.opt_state, state.params)
+    new_leaves = [
+        optax.apply_updates(leaf, update) if t else leaf
+        for leaf, update, t in zip(leaves, treedef.flatten_up_to(updates), trains, strict=True)
+    ]
+    return treedef.unflatten(new_leaves), opt_state
+
+
+def _next_state(
+    state: TrainState, finite: jax.Array, params: Any, batch_stats: Any, opt_state: Any
+) -> TrainState:
+    """The state after a step: the new values where `finite`, else the old ones; `step` always
+    advances and the non-finite counters count a skipped step."""
+
+    def keep_if_finite(new, old):
+        return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+
+    skipped = (~finite).astype(jnp.int32)
+    return TrainState(
+        step=state.step + 1,
+        params=keep_if_finite(params, state.params),
+        batch_stats=keep_if_finite(batch_stats, state.batch_stats),
+        opt_state=keep_if_finite(opt_state, state.opt_state),
+        nonfinite_steps=state.nonfinite_steps + skipped,
+        nonfinite_streak=(state.nonfinite_streak + 1) * skipped,
+    )
+
+
 def make_train_step(
     model: nn.Module,
     tx: optax.GradientTransformation,
@@ -271,10 +309,10 @@ def make_train_step(
     optimizer that gives them no update (`create_optimizer(param_labels=...)`, "frozen"), which
     receives zero gradients for them.
 
-    `batch["image"]` may be uint8 pixels, normalised on the device with
-    `preprocessing.normalize_images` (float32, then cast by the model to its compute dtype), so
-    the host sends a quarter of the bytes and does no normalisation; floating images are taken
-    as already normalised. Any other dtype raises ValueError naming it (when the step is traced).
+    `batch["image"]` is uint8 pixels (normalised on the device: the host sends a quarter of the
+    bytes) or floating, already normalised images (`_model_input`).
+
+    (Its length is this contract; the code is one closure of ~55 lines, the traced step.)
     """
     num_classes = _check_model(model, axis_name)
     per_replica_bn = getattr(model, "axis_name", None) is None
@@ -316,42 +354,18 @@ def make_train_step(
                 flat, unflatten = jax.flatten_util.ravel_pytree(batch_stats)
                 batch_stats = unflatten(jax.lax.pmean(flat, axis_name))
 
-        it = iter(grads)
-        full_grads = treedef.unflatten(
-            [
-                next(it) if t else jnp.zeros_like(leaf)
-                for leaf, t in zip(leaves, trains, strict=True)
-            ]
-        )
-        updates, opt_state = tx.update(full_grads, state.opt_state, state.params)
-        new_leaves = [
-            optax.apply_updates(leaf, update) if t else leaf
-            for leaf, update, t in zip(leaves, treedef.flatten_up_to(updates), trains, strict=True)
-        ]
-        new_params = treedef.unflatten(new_leaves)
+        new_params, opt_state = _apply_trained_grads(tx, state, grads, trains)
         grad_norm = optax.tree.norm(grads)
         # Sums propagate any NaN/inf, so scalars suffice (and reuse the reported grad norm); a
         # float32 overflow of a finite gradient's squared norm (norm > ~1e19) counts too.
         stats_sum = sum(jnp.sum(x) for x in jax.tree.leaves(batch_stats))
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(stats_sum)
-
-        def keep_if_finite(new, old):
-            return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-
-        skipped = (~finite).astype(jnp.int32)
-        new_state = TrainState(
-            step=state.step + 1,
-            params=keep_if_finite(new_params, state.params),
-            batch_stats=keep_if_finite(batch_stats, state.batch_stats),
-            opt_state=keep_if_finite(opt_state, state.opt_state),
-            nonfinite_steps=state.nonfinite_steps + skipped,
-            nonfinite_streak=(state.nonfinite_streak + 1) * skipped,
-        )
+        new_state = _next_state(state, finite, new_params, batch_stats, opt_state)
         metrics = {
             "loss": loss,
             "accuracy": accuracy,
             "grad_norm": grad_norm,
-            "nonfinite": skipped,
+            "nonfinite": (~finite).astype(jnp.int32),
         }
         if schedule is not None:
             metrics["learning_rate"] = jnp.asarray(

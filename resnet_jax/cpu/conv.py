@@ -29,8 +29,7 @@ from jax import lax
 
 from resnet_jax import layers
 from resnet_jax.cpu import xla_flags
-from resnet_jax.layers import Pads
-from resnet_jax.models import DIMENSION_NUMBERS
+from resnet_jax.layers import DIMENSION_NUMBERS, Pads
 
 # Below this many input channels one im2col matmul beats a matmul per kernel tap (the stem).
 PER_TAP_MIN_CHANNELS = 16
