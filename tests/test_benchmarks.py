@@ -53,8 +53,10 @@ def test_gpu_benchmark_script_writes_its_table(tmp_path):
         "1",
         OUT=str(tmp_path),
         PYTHON=sys.executable,
+        BENCH_TRAIN_ARGS="--arch resnet18 --batch-size 4 --image-size 32 --steps 4 --log-every 2",
     )
     report = (tmp_path / "gpu_benchmark.md").read_text()
+    assert re.search(r"loop [\d.]+ images/s, bare step [\d.]+ images/s, loop overhead", report)
     assert report.startswith("## GPU, ")
     assert "`python benchmarks/bench_models.py --archs resnet50 --batch-sizes 256" in report
     assert re.search(r"python 3\.\d+.*, jax \S+ \(cpu: cpu\), torch ", report)
