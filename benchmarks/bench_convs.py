@@ -44,7 +44,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from resnet_jax import cli_args, models
+from resnet_jax import cli_args, layers, models
 from resnet_jax.cpu import conv, xla_flags
 
 # (input size, in channels, out channels, kernel, stride) of ResNet-50's kxk convolutions
@@ -100,7 +100,7 @@ def kernel_libraries(batch: int, rounds: int) -> None:
 
         def convolve(x, w, stride=stride, pad=pad):
             return lax.conv_general_dilated(
-                x, w, (stride,) * 2, pad, dimension_numbers=models.DIMENSION_NUMBERS
+                x, w, (stride,) * 2, pad, dimension_numbers=layers.DIMENSION_NUMBERS
             )
 
         for name, fn in _passes(convolve, weight_grad=False).items():

@@ -23,7 +23,7 @@ import ctypes, importlib, json, os, pkgutil, resource, warnings
 import flax.linen as nn, jax, jax.numpy as jnp
 environ = dict(os.environ)
 import resnet_jax
-from resnet_jax import cpu, models
+from resnet_jax import cpu, layers, models
 from resnet_jax.cpu import host_memory, xla_flags
 if {import_all}:
     for module in pkgutil.walk_packages(resnet_jax.__path__, "resnet_jax."):
@@ -35,8 +35,8 @@ def stage_blocks():
         @nn.compact
         def __call__(self, x):
             for i in range({blocks}):
-                layers = models.block_layers(train=True)
-                x = models.Bottleneck(planes=4, **layers, name=f"block{{i}}")(x)
+                parts = models.block_layers(train=True)
+                x = models.Bottleneck(planes=4, **parts, name=f"block{{i}}")(x)
             return x
 
     stage, x = Stage(), jnp.ones((2, 8, 8, 16))
@@ -55,7 +55,7 @@ def ynnpack_kernels():
     x, w = jnp.ones((2, 8, 8, 32)), jnp.ones((3, 3, 32, 32))
     fns = dict(
         conv_ynn=lambda x, w: jax.lax.conv_general_dilated(
-            x, w, (1, 1), "SAME", dimension_numbers=models.DIMENSION_NUMBERS
+            x, w, (1, 1), "SAME", dimension_numbers=layers.DIMENSION_NUMBERS
         ),
         dot_ynn=lambda x, w: x.reshape(-1, 32) @ w[0, 0],
     )
