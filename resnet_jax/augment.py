@@ -9,9 +9,11 @@ JPEGs to RGB itself.
 
 Training transform: random-resized-crop (area 8-100 %, aspect ratio 3/4-4/3, 10 attempts, else
 the whole image), bilinear antialiased resize rounded to uint8 (as torchvision's PIL resize),
-random horizontal flip. Eval transform: resize the shorter side to
-`preprocessing.eval_resize_size` (bilinear, antialiased; longer side truncated like torchvision),
-center crop, ImageNet mean/std. EXIF orientation is not applied (neither does torchvision).
+random horizontal flip. Eval transform, as a `preprocessing.Preprocessing` says: resize the
+shorter side to its `resize_size` with its interpolation (antialiased; longer side truncated like
+torchvision; bicubic results clamped to [0, 255] as PIL's uint8 output is), center crop its
+`eval_size`, normalise with its mean/std. EXIF orientation is not applied (neither does
+torchvision).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from types import ModuleType
 import numpy as np
 from PIL import Image
 
-from resnet_jax.preprocessing import IMAGENET_MEAN, IMAGENET_STD, eval_resize_size
+from resnet_jax.preprocessing import IMAGENET_MEAN, IMAGENET_STD, Preprocessing, eval_preprocessing
 
 
 @functools.cache
@@ -99,10 +101,14 @@ def probe(data: tf.Tensor) -> tf.Tensor:
     )
 
 
-def normalize(image: tf.Tensor) -> tf.Tensor:
+def normalize(
+    image: tf.Tensor,
+    mean: tuple[float, ...] = IMAGENET_MEAN,
+    std: tuple[float, ...] = IMAGENET_STD,
+) -> tf.Tensor:
     """uint8-valued [..., 3] -> float32 (x / 255 - mean) / std, as torchvision's transforms."""
     image = tf.cast(image, tf.float32) / 255.0
-    return (image - tf.constant(IMAGENET_MEAN)) / tf.constant(IMAGENET_STD)
+    return (image - tf.constant(mean, tf.float32)) / tf.constant(std, tf.float32)
 
 
 def _sample_crop(shape: tf.Tensor, seed: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
@@ -148,9 +154,11 @@ def _train_transform(data: tf.Tensor, key: tf.Tensor, image_size: int) -> tf.Ten
     return tf.cast(tf.clip_by_value(tf.round(image), 0.0, 255.0), tf.uint8)
 
 
-def _eval_transform(image: tf.Tensor, image_size: int, resize_size: int) -> tf.Tensor:
-    """uint8 [H, W, 3] -> shorter side resized to `resize_size`, center crop, normalise:
-    float32 [S, S, 3]."""
+def _eval_transform(image: tf.Tensor, preprocessing: Preprocessing) -> tf.Tensor:
+    """uint8 [H, W, 3] -> shorter side resized to `preprocessing.resize_size` with its
+    interpolation, center crop `eval_size`, normalise with its mean/std: float32 [S, S, 3]."""
+    image_size, resize_size = preprocessing.eval_size, preprocessing.resize_size
+    method = preprocessing.interpolation
     shape = tf.shape(image)
     height, width = shape[0], shape[1]
     # torchvision's Resize(int): the shorter side becomes `resize_size`, the longer one is
@@ -158,12 +166,14 @@ def _eval_transform(image: tf.Tensor, image_size: int, resize_size: int) -> tf.T
     shorter = tf.minimum(height, width)
     new_h = tf.where(height <= width, resize_size, height * resize_size // shorter)
     new_w = tf.where(height <= width, width * resize_size // shorter, resize_size)
-    image = tf.image.resize(image, tf.stack([new_h, new_w]), method="bilinear", antialias=True)
+    image = tf.image.resize(image, tf.stack([new_h, new_w]), method=method, antialias=True)
+    if method == "bicubic":  # the cubic kernel overshoots; PIL's uint8 result is clamped
+        image = tf.clip_by_value(image, 0.0, 255.0)
     # torchvision's CenterCrop: offsets round((size - crop) / 2), half to even.
     top = tf.cast(tf.round(tf.cast(new_h - image_size, tf.float64) / 2.0), tf.int32)
     left = tf.cast(tf.round(tf.cast(new_w - image_size, tf.float64) / 2.0), tf.int32)
     image = tf.slice(image, tf.stack([top, left, 0]), [image_size, image_size, 3])
-    return normalize(image)
+    return normalize(image, preprocessing.mean, preprocessing.std)
 
 
 @functools.cache
@@ -177,11 +187,11 @@ def train_fn(image_size: int) -> Callable[[tf.Tensor, tf.Tensor], tf.Tensor]:
 
 
 @functools.cache
-def eval_fn(image_size: int, resize_size: int) -> Callable[[tf.Tensor], tf.Tensor]:
-    """`_eval_transform` traced once per (crop, resize) size, shared by `eval_batches` and
+def eval_fn(preprocessing: Preprocessing) -> Callable[[tf.Tensor], tf.Tensor]:
+    """`_eval_transform` traced once per preprocessing, shared by `eval_batches` and
     prediction."""
     return tf.function(
-        functools.partial(_eval_transform, image_size=image_size, resize_size=resize_size),
+        functools.partial(_eval_transform, preprocessing=preprocessing),
         input_signature=[tf.TensorSpec([None, None, 3], tf.uint8)],
         autograph=False,
     )
@@ -212,14 +222,18 @@ def load_image(path: str | os.PathLike) -> np.ndarray:
 
 
 def preprocess_for_eval(
-    image_uint8: np.ndarray, image_size: int, *, resize_size: int | None = None
+    image_uint8: np.ndarray,
+    image_size: int | None = None,
+    *,
+    preprocessing: Preprocessing | None = None,
 ) -> np.ndarray:
     """The evaluation transform for one decoded image (e.g. from `load_image`), for prediction:
-    shorter side resized to `resize_size` (see `eval_resize_size`), center crop `image_size`."""
+    as `preprocessing` says, or `default_preprocessing(image_size)` when it is None (see
+    `preprocessing.eval_preprocessing`)."""
     image = np.asarray(image_uint8)
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] != 3:
         raise ValueError(
             f"expected a uint8 [H, W, 3] RGB image, got dtype {image.dtype} shape {image.shape}"
         )
-    resize_size = eval_resize_size(image_size, resize_size)
-    return eval_fn(image_size, resize_size)(tf.constant(image)).numpy()
+    preprocessing = eval_preprocessing(image_size, preprocessing)
+    return eval_fn(preprocessing)(tf.constant(image)).numpy()

@@ -1,4 +1,5 @@
-"""Command-line flags shared by scripts/evaluate.py, predict.py and convert_weights.py.
+"""Command-line flags shared by scripts/evaluate.py, predict.py and convert_weights.py, and
+the loading of the model they name (`load_model`: --checkpoint PATH or --pretrained NAME).
 
 One definition per flag, so a flag means, checks and says the same in every script. It lives in
 the package rather than in scripts/ so that the scripts import it however they are started
@@ -11,11 +12,17 @@ import argparse
 import logging
 from pathlib import Path
 
-from resnet_jax import cpu
-from resnet_jax.preprocessing import eval_resize_size
+from resnet_jax import cpu, model_dir, pretrained
+from resnet_jax.inference import IMAGENET_NUM_CLASSES, imagenet_class_names
+from resnet_jax.preprocessing import INTERPOLATIONS, Preprocessing
 
 CHECKPOINT_HELP = (
     "training workdir, its checkpoints directory, a step directory or a save_model dir"
+)
+PRETRAINED_HELP = (
+    "named weights: a registered ARCH.TAG (e.g. resnet50.a1_in1k, see docs/pretrained.md) or "
+    "hf-hub:ORG/REPO[@REVISION], downloaded from the Hugging Face Hub (ImageNet class names "
+    "for a 1000-class head); or a resnet_jax directory, as --checkpoint"
 )
 WHICH_CHOICES = ("best", "latest")
 DEFAULT_WHICH = "best"
@@ -72,30 +79,76 @@ def add_checkpoint_arguments(
     )
 
 
+def add_pretrained_argument(group: argparse._MutuallyExclusiveGroup) -> None:
+    """`--pretrained NAME` (see `PRETRAINED_HELP`), one of the mutually exclusive model
+    sources in `group`; `load_model` reads it."""
+    group.add_argument("--pretrained", metavar="NAME", help=PRETRAINED_HELP)
+
+
 def add_image_size_argument(
-    parser: argparse.ArgumentParser, *, default_text: str = "the size the checkpoint recorded"
+    parser: argparse.ArgumentParser, *, default_text: str = "the stored preprocessing's"
 ) -> None:
     """`--image-size S`: the eval crop (None when not given: the caller applies `default_text`)."""
     parser.add_argument(
         "--image-size",
         type=positive_int,
-        help=f"eval crop size in pixels (default: {default_text})",
+        help=(
+            f"eval crop size in pixels (default: {default_text}); without --resize-size the "
+            "stored resize-to-crop ratio is kept"
+        ),
     )
 
 
-def add_resize_size_argument(parser: argparse.ArgumentParser) -> None:
-    """`--resize-size R`: the shorter side images are resized to before the --image-size center
-    crop (None when not given: `preprocessing.eval_resize_size` picks training's validation
-    resize)."""
+def add_preprocessing_arguments(parser: argparse.ArgumentParser) -> None:
+    """`--resize-size R` and `--interpolation NAME`, overrides of the stored preprocessing
+    (None when not given: the weights' stored preprocessing, see `model_dir.LoadedModel.
+    eval_preprocessing`)."""
     parser.add_argument(
         "--resize-size",
         type=positive_int,
         help=(
             "shorter side in pixels that images are resized to before the center crop, at least "
-            f"--image-size (default: as in training's validation, e.g. {eval_resize_size(224)} "
-            "for 224; torchvision's IMAGENET1K_V2 weights want 232 for 224)"
+            "--image-size (default: the weights' stored preprocessing; a checkpoint without one "
+            "uses training's validation resize, 256 for 224)"
         ),
     )
+    parser.add_argument(
+        "--interpolation",
+        choices=INTERPOLATIONS,
+        help="resampling filter of that resize (default: the weights' stored preprocessing)",
+    )
+
+
+def eval_preprocessing(
+    parser: argparse.ArgumentParser, loaded: model_dir.LoadedModel, args: argparse.Namespace
+) -> Preprocessing:
+    """`loaded`'s stored preprocessing with the --image-size, --resize-size and --interpolation
+    overrides; a usage error (exit 2) naming the flags if they do not fit together."""
+    stored = loaded.preprocessing
+    image_size = args.image_size or (stored.eval_size if stored is not None else None)
+    if image_size is not None:
+        check_resize_size(parser, args.resize_size, image_size)
+    return loaded.eval_preprocessing(
+        image_size=args.image_size, resize_size=args.resize_size, interpolation=args.interpolation
+    )
+
+
+def load_model(args: argparse.Namespace) -> model_dir.LoadedModel:
+    """The model --checkpoint PATH (`model_dir.load` with --step/--which) or --pretrained NAME
+    names: a directory as --checkpoint, anything else through `pretrained.load` (a registered
+    `ARCH.TAG` or `hf-hub:` name; ImageNet class names for a 1000-class head). Raises
+    ValueError (`pretrained.PretrainedError` included) or OSError with a one-line message."""
+    name = getattr(args, "pretrained", None)
+    if name is None:
+        return model_dir.load(args.checkpoint, **step_selection(args))
+    if Path(name).is_dir():
+        return model_dir.load(name, **step_selection(args))
+    if args.step is not None or args.which is not None:
+        raise ValueError("--step and --which apply to checkpoints, not to named weights")
+    weights = pretrained.load(name)  # an unknown name: PretrainedError with the spelling
+    classes = weights.model.num_classes
+    names = imagenet_class_names() if classes == IMAGENET_NUM_CLASSES else None
+    return model_dir.LoadedModel.from_pretrained(weights, names)
 
 
 def check_resize_size(

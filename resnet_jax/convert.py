@@ -473,8 +473,33 @@ def _to_tensor(a: np.ndarray) -> Any:
     return torch.from_numpy(a)
 
 
+def fold_appended_head(variables: Mapping[str, Any]) -> dict:
+    """`variables` of a model with an appended `head` on its `fc` (`ResNet.fc_classes`) as
+    those of the plain model computing the same logits: two linear layers with nothing between
+    compose into one, ``fc(x) @ W_h + b_h = x @ (W_fc @ W_h) + (b_fc @ W_h + b_h)``. Computed in
+    float64, stored in fc's dtype. Variables without a `head` are returned as they are."""
+    params = dict(variables["params"])
+    if "head" not in params:
+        return dict(variables)
+    head, fc = params.pop("head"), params["fc"]
+    dtype = np.asarray(fc["kernel"]).dtype
+    w_fc, b_fc, w_head, b_head = (
+        np.asarray(layer[name], np.float64)
+        for layer, name in ((fc, "kernel"), (fc, "bias"), (head, "kernel"), (head, "bias"))
+    )
+    params["fc"] = {
+        "kernel": (w_fc @ w_head).astype(dtype),
+        "bias": (b_fc @ w_head + b_head).astype(dtype),
+    }
+    return {**variables, "params": params}
+
+
 def to_torchvision(variables: Mapping[str, Any], arch: str) -> OrderedDict[str, Any]:
     """Flax `{"params", "batch_stats"}` -> torchvision state_dict (strict-loadable, same dtype).
+
+    A model with an appended `head` (`--head append`) is exported with `fc` and `head` folded
+    into one `fc` (`fold_appended_head`), so it loads into torchvision's model; its other leaves
+    are copied as they are.
 
     Every parameter and running statistic is copied bit for bit, so torch -> Flax -> torch gives
     them back unchanged (for a file that is not float32, with `from_torchvision(..., dtype=None)`);
@@ -487,6 +512,7 @@ def to_torchvision(variables: Mapping[str, Any], arch: str) -> OrderedDict[str, 
     import torch
 
     models.check_arch(arch)
+    variables = fold_appended_head(variables)
     flat = {_torch_key(p): _to_torch_layout(np.asarray(v)) for p, v in _flatten(variables).items()}
     shapes = _shapes_of(flat)
     num_classes = _classes_in(shapes)

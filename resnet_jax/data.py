@@ -11,8 +11,9 @@ Two kinds of source, one preprocessing (`augment`):
 
 Training batches: random-resized-crop, flip, ImageNet mean/std (applied per batch;
 ``normalize=False`` leaves the uint8 pixels for `normalize_images` to normalise on the devices,
-as training does). Eval batches: shorter side resized to `eval_resize_size`, center crop, same
-normalisation.
+as training does). Eval batches: the eval transform a `preprocessing.Preprocessing` describes
+(default: `default_preprocessing(image_size)`, training's validation transform): shorter side
+resized, center crop, normalisation with its mean/std.
 
 Several processes: every process yields the same number of batches (collectives stay in step).
 Image folders: global batch g holds positions [g*B*P, (g+1)*B*P) of the epoch's order and process
@@ -57,8 +58,9 @@ from resnet_jax.image_folders import FileSplit as FileSplit
 from resnet_jax.image_folders import list_images as list_images
 from resnet_jax.preprocessing import IMAGENET_MEAN as IMAGENET_MEAN
 from resnet_jax.preprocessing import IMAGENET_STD as IMAGENET_STD
-from resnet_jax.preprocessing import check_positive_int, check_process
-from resnet_jax.preprocessing import eval_resize_size as eval_resize_size
+from resnet_jax.preprocessing import Preprocessing as Preprocessing
+from resnet_jax.preprocessing import check_positive_int, check_process, eval_preprocessing
+from resnet_jax.preprocessing import default_preprocessing as default_preprocessing
 from resnet_jax.preprocessing import normalize_images as normalize_images
 from resnet_jax.tfds_sources import TfdsSplit as TfdsSplit
 from resnet_jax.tfds_sources import check_download_hosts as check_download_hosts
@@ -358,16 +360,17 @@ def eval_batches(
     source: DataSource,
     *,
     batch_size: int,
-    image_size: int,
-    resize_size: int | None = None,
+    image_size: int | None = None,
+    preprocessing: Preprocessing | None = None,
     process_index: int = 0,
     process_count: int = 1,
     num_workers: int | None = None,
 ) -> Iterator[dict[str, np.ndarray]]:
     """The eval split once over all processes, in order, as padded per-process batches.
 
-    Images: shorter side resized to `resize_size` (see `eval_resize_size`), center crop
-    `image_size`.
+    Images: as `preprocessing` says (shorter side resized with its interpolation, center crop
+    its `eval_size`, its mean/std), or `default_preprocessing(image_size)` when it is None; give
+    one of the two (both only if they agree on the size).
 
     Batches are {"image": f32 [B,S,S,3], "label": i32 [B], "mask": bool [B], "index": i32 [B]}:
     `mask` marks real examples (padding has zero images, label 0, index -1) and `index` is the
@@ -378,14 +381,15 @@ def eval_batches(
     rounding to uint8 first, so a uint8 form would change the images (by up to half a level).
     """
     check_positive_int("batch_size", batch_size)
-    resize_size = eval_resize_size(image_size, resize_size)
+    preprocessing = eval_preprocessing(image_size, preprocessing)
+    image_size = preprocessing.eval_size
     check_process(process_index, process_count)
     if source.num_eval == 0:
         raise ValueError(f"{source.origin} has no evaluation examples")
     split = source.eval_split
     steps = eval_steps(source, batch_size * process_count)
     records = _eval_records(split, batch_size, steps, process_index, process_count)
-    load, transform = _loader(split), augment.eval_fn(image_size, resize_size)
+    load, transform = _loader(split), augment.eval_fn(preprocessing)
 
     @augment.plain
     def example(key: tf.Tensor, label: tf.Tensor, index: tf.Tensor, mask: tf.Tensor) -> dict:

@@ -23,6 +23,7 @@ import jax
 import numpy as np
 
 from resnet_jax import model_dir, parallel, steps
+from resnet_jax.preprocessing import Preprocessing
 
 if TYPE_CHECKING:
     from resnet_jax.data import DataSource
@@ -209,16 +210,15 @@ def evaluate_checkpoint(
     loaded: model_dir.LoadedModel,
     source: DataSource,
     *,
-    image_size: int,
     batch_size: int,
-    resize_size: int | None = None,
+    preprocessing: Preprocessing | None = None,
     kind: str = "shard_map",
 ) -> EvalResult:
     """Score `loaded` on the eval split of `source` with the data-parallel eval step over every
     device: `batch_size` (global, a multiple of the device count) images per step, the last
     batch padded and masked, every example counted exactly once (the confusion matrix summed over
-    processes). Classes are matched by name. Images are resized to `resize_size` (see
-    `preprocessing.eval_resize_size`) and cropped to `image_size`."""
+    processes). Classes are matched by name. Images are prepared as `preprocessing` says (None:
+    the one `loaded` stored, `LoadedModel.eval_preprocessing()`)."""
     from resnet_jax import data
 
     classes = loaded.num_classes
@@ -229,6 +229,8 @@ def evaluate_checkpoint(
             f"{loaded.path} records no class names and has {classes} classes, but "
             f"{source.origin} has {len(source.class_names)}"
         )
+    if preprocessing is None:
+        preprocessing = loaded.eval_preprocessing()
     mapping = label_map(source.class_names, loaded.class_names)
     mesh = parallel.make_mesh()
     parallel.check_divisible("batch_size", batch_size, mesh.size)
@@ -244,8 +246,7 @@ def evaluate_checkpoint(
     batches = data.eval_batches(
         source,
         batch_size=batch_size // jax.process_count(),
-        image_size=image_size,
-        resize_size=resize_size,
+        preprocessing=preprocessing,
         process_index=jax.process_index(),
         process_count=jax.process_count(),
     )

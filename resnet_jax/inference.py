@@ -1,14 +1,16 @@
 """Prediction with trained (or converted torchvision) models, for research code.
 
     predictor = Predictor.from_checkpoint("runs/flowers")   # workdir, step dir or save_model dir
+    predictor = Predictor.from_pretrained("resnet50.a1_in1k")  # named Hub weights
     probs = predictor.predict_proba(["a.jpg", "b.png"])     # [N, classes] float32
     predictor.top_k(["a.jpg"], k=3)                          # [[("daisy", 0.91), ...]]
 
-Images are preprocessed with `data.preprocess_for_eval` (the validation transform) at the
-checkpoint's training image size and run through a jitted forward pass in fixed-size batches (the
-last one zero-padded, its padding dropped), so one shape is compiled whatever the input count.
-The resize before the crop is `preprocessing.eval_resize_size` unless `resize_size` is given.
-Scoring a checkpoint on a labelled split is `evaluation.evaluate_checkpoint`.
+Images are preprocessed with `data.preprocess_for_eval` as the weights' stored
+`preprocessing.Preprocessing` says (a checkpoint's metadata, else `default_preprocessing` of its
+training image size; named weights' own), with the `image_size`, `resize_size` and
+`interpolation` given overriding it, and run through a jitted forward pass in fixed-size batches
+(the last one zero-padded, its padding dropped), so one shape is compiled whatever the input
+count. Scoring a checkpoint on a labelled split is `evaluation.evaluate_checkpoint`.
 """
 
 from __future__ import annotations
@@ -26,7 +28,12 @@ import numpy as np
 from PIL import Image
 
 from resnet_jax import convert, model_dir, models
-from resnet_jax.preprocessing import check_positive_int, eval_resize_size
+from resnet_jax.preprocessing import (
+    Preprocessing,
+    check_positive_int,
+    default_preprocessing,
+    eval_preprocessing,
+)
 
 IMAGENET_CLASSES_FILE = Path(__file__).with_name("imagenet_classes.json")
 IMAGENET_NUM_CLASSES = 1000  # len(imagenet_class_names())
@@ -39,6 +46,19 @@ ImageLike = str | os.PathLike | np.ndarray | Image.Image
 def imagenet_class_names() -> list[str]:
     """The 1000 ImageNet class names in torchvision's index order (for its pretrained weights)."""
     return json.loads(IMAGENET_CLASSES_FILE.read_text())
+
+
+def class_names_for(num_classes: int, class_names: Sequence[str] | None, what: str) -> list[str]:
+    """`class_names` if given, else the ImageNet names for a 1000-class head; ValueError naming
+    `what` (the weights) for another head without names."""
+    if class_names is not None:
+        return list(class_names)
+    if num_classes != IMAGENET_NUM_CLASSES:
+        raise ValueError(
+            f"{what} have a {num_classes}-class head (ImageNet has {IMAGENET_NUM_CLASSES}); "
+            "pass class_names for it"
+        )
+    return imagenet_class_names()
 
 
 def _to_rgb(image: np.ndarray, where: str) -> np.ndarray:
@@ -94,11 +114,11 @@ class Predictor:
     """A classifier with its preprocessing: images in, class probabilities out.
 
     `model` is a `models.ResNet` with a head, `variables` its {"params", "batch_stats"},
-    `class_names` one label per output and `image_size` the eval crop size. `resize_size` is the
-    shorter side the image is resized to before the crop (None: the default of
-    `preprocessing.eval_resize_size`, training's validation transform); the `resize_size`
-    attribute holds the size used. Inference runs on the default device,
-    `batch_size` images per compiled call.
+    `class_names` one label per output; images are prepared as `preprocessing` says, or as
+    `default_preprocessing(image_size)` (training's validation transform) when it is None (give
+    one of the two). The `preprocessing` attribute holds the one used, `image_size` and
+    `resize_size` its crop and resize. Inference runs on the default device, `batch_size` images
+    per compiled call.
     """
 
     def __init__(
@@ -106,9 +126,9 @@ class Predictor:
         model: nn.Module,
         variables: Mapping[str, Any],
         class_names: Sequence[str],
-        image_size: int,
+        image_size: int | None = None,
         *,
-        resize_size: int | None = None,
+        preprocessing: Preprocessing | None = None,
         batch_size: int = DEFAULT_BATCH_SIZE,
     ) -> None:
         """Validate the pieces against each other and put the variables on the device."""
@@ -120,9 +140,8 @@ class Predictor:
                 f"class_names must list one name per class: the model has {num_classes} "
                 f"classes, got {class_names if isinstance(class_names, str) else len(class_names)}"
             )
-        self.image_size = check_positive_int("image_size", image_size)
         # Checked here, at construction, rather than when the first image is preprocessed.
-        self.resize_size = eval_resize_size(self.image_size, resize_size)
+        self.preprocessing = eval_preprocessing(image_size, preprocessing)
         self.batch_size = check_positive_int("batch_size", batch_size)
         self.class_names = [str(c) for c in class_names]
         self.model = model
@@ -144,14 +163,16 @@ class Predictor:
         which: str = "best",
         image_size: int | None = None,
         resize_size: int | None = None,
+        interpolation: str | None = None,
         batch_size: int = DEFAULT_BATCH_SIZE,
     ) -> Predictor:
-        """Load with `model_dir.load` (workdir, checkpoints dir, step dir or save_model dir);
-        `image_size` defaults to the size recorded at training time."""
+        """Load with `model_dir.load` (workdir, checkpoints dir, step dir or save_model dir)
+        and predict as `from_loaded` does."""
         return cls.from_loaded(
             model_dir.load(path, step=step, which=which),
             image_size=image_size,
             resize_size=resize_size,
+            interpolation=interpolation,
             batch_size=batch_size,
         )
 
@@ -162,17 +183,26 @@ class Predictor:
         *,
         image_size: int | None = None,
         resize_size: int | None = None,
+        interpolation: str | None = None,
+        preprocessing: Preprocessing | None = None,
         batch_size: int = DEFAULT_BATCH_SIZE,
     ) -> Predictor:
-        """A checkpoint already read with `model_dir.load` (e.g. to resolve its image size
-        first with `LoadedModel.image_size`); `image_size` defaults to the size recorded at
-        training time."""
+        """A checkpoint already read with `model_dir.load`, preprocessing as it stored
+        (`LoadedModel.eval_preprocessing`: the given `image_size`, `resize_size` and
+        `interpolation` override it; a new `image_size` alone keeps its crop fraction), or as
+        `preprocessing` says when given (then without the three overrides)."""
+        overrides = dict(
+            image_size=image_size, resize_size=resize_size, interpolation=interpolation
+        )
+        if preprocessing is None:
+            preprocessing = loaded.eval_preprocessing(**overrides)
+        elif any(v is not None for v in overrides.values()):
+            raise ValueError("give preprocessing or image_size/resize_size/interpolation, not both")
         return cls(
             loaded.model(),
             loaded.variables,
             _class_names_of(loaded),
-            loaded.image_size(image_size),
-            resize_size=resize_size,
+            preprocessing=preprocessing,
             batch_size=batch_size,
         )
 
@@ -184,31 +214,72 @@ class Predictor:
         *,
         image_size: int = 224,
         resize_size: int | None = None,
+        interpolation: str | None = None,
         class_names: Sequence[str] | None = None,
         batch_size: int = DEFAULT_BATCH_SIZE,
     ) -> Predictor:
         """torchvision weights (file or state_dict) of `arch`, as float32 whatever the file's
-        dtype; 1000-class heads get the ImageNet names, other heads need `class_names`."""
+        dtype, prepared as `default_preprocessing(image_size)` with `resize_size` and
+        `interpolation` overriding it; 1000-class heads get the ImageNet names, other heads
+        need `class_names`."""
         variables = convert.from_torchvision(weights, arch)
         num_classes = model_dir.num_classes(variables["params"])
         if num_classes is None:
             raise ValueError(f"the {arch} weights have no classification head (fc)")
-        if class_names is None:
-            if num_classes != IMAGENET_NUM_CLASSES:
-                raise ValueError(
-                    f"the weights have a {num_classes}-class head (ImageNet has "
-                    f"{IMAGENET_NUM_CLASSES}); pass class_names for it"
-                )
-            class_names = imagenet_class_names()
-        model = models.get_model(arch, num_classes=num_classes)
+        preprocessing = default_preprocessing(image_size).override(
+            resize_size=resize_size, interpolation=interpolation
+        )
         return cls(
-            model,
+            models.get_model(arch, num_classes=num_classes),
             variables,
-            class_names,
-            image_size,
-            resize_size=resize_size,
+            class_names_for(num_classes, class_names, "the weights"),
+            preprocessing=preprocessing,
             batch_size=batch_size,
         )
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        name: str,
+        *,
+        arch: str | None = None,
+        image_size: int | None = None,
+        resize_size: int | None = None,
+        interpolation: str | None = None,
+        class_names: Sequence[str] | None = None,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+    ) -> Predictor:
+        """Named weights (`pretrained.load(name, arch=arch)`: a registered `ARCH.TAG` or
+        `hf-hub:ORG/REPO[@REVISION]`), prepared as they state (the given `image_size`,
+        `resize_size` and `interpolation` override it, as in `from_loaded`); 1000-class heads
+        get the ImageNet names, other heads need `class_names`. Raises
+        `pretrained.PretrainedError` if the weights cannot be loaded."""
+        from resnet_jax import pretrained
+
+        weights = pretrained.load(name, arch=arch)
+        num_classes = weights.model.num_classes
+        if num_classes is None:
+            raise ValueError(f"{name}: the weights have no classification head (fc)")
+        preprocessing = weights.preprocessing.override(
+            eval_size=image_size, resize_size=resize_size, interpolation=interpolation
+        )
+        return cls(
+            weights.model,
+            weights.variables,
+            class_names_for(num_classes, class_names, f"{name}: the weights"),
+            preprocessing=preprocessing,
+            batch_size=batch_size,
+        )
+
+    @property
+    def image_size(self) -> int:
+        """The eval crop size in pixels (`preprocessing.eval_size`)."""
+        return self.preprocessing.eval_size
+
+    @property
+    def resize_size(self) -> int:
+        """The shorter side images are resized to before the crop."""
+        return self.preprocessing.resize_size
 
     @property
     def num_classes(self) -> int:
@@ -226,7 +297,7 @@ class Predictor:
             rgb = np.asarray(image.convert("RGB"))
         else:
             rgb = _to_rgb(image, "image array")
-        return data.preprocess_for_eval(rgb, self.image_size, resize_size=self.resize_size)
+        return data.preprocess_for_eval(rgb, preprocessing=self.preprocessing)
 
     def _batches(self, images: list[ImageLike]) -> Iterator[np.ndarray]:
         """Logits for `batch_size` images at a time; the last batch is padded with zeros to the

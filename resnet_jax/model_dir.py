@@ -6,13 +6,18 @@ into place only once complete, so an interrupted write is never mistaken for a m
     <workdir>/class_names.json            {"0": "daisy", ...} (`write_class_names`)
     <workdir>/checkpoints/metadata/       orbax root metadata: {"best_metric": ...}
     <workdir>/checkpoints/<step>/state/   the full training state (orbax PyTree)
-    <workdir>/checkpoints/<step>/meta/    JSON metadata (arch, num_classes, class_names, ...)
+    <workdir>/checkpoints/<step>/meta/    JSON metadata (arch, num_classes, class_names,
+                                          preprocessing, ...)
     <workdir>/checkpoints/<step>/metrics/ the step's metrics (orbax-managed)
     <model_dir>/state/, <model_dir>/meta/ a `save_model` export: {params, batch_stats} + JSON
 
 `checkpoint.TrainCheckpointer` writes the `checkpoints/` part during training. A `save_model`
 directory has the same shape as a step directory, so `load()` reads both the same way; it also
 takes a workdir or its `checkpoints` directory and picks a step there.
+
+The metadata key "preprocessing" holds the eval transform the weights want
+(`preprocessing.Preprocessing.to_json`); a directory without it is evaluated with
+`default_preprocessing` of its metadata's `image_size` (training's validation transform).
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ import math
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import numpy as np
@@ -34,7 +39,10 @@ from etils import epath
 from flax.core import unfreeze
 
 from resnet_jax import models
-from resnet_jax.preprocessing import check_positive_int
+from resnet_jax.preprocessing import Preprocessing, default_preprocessing
+
+if TYPE_CHECKING:
+    from resnet_jax.pretrained import Pretrained
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +54,7 @@ MODEL_FORMAT = "resnet_jax.model"
 MODEL_FORMAT_VERSION = 1
 VARIABLE_COLLECTIONS = ("params", "batch_stats")
 DEFAULT_BEST_METRIC = "val_accuracy"
+PREPROCESSING_KEY = "preprocessing"
 _TMP_SUFFIX = ocp.step.TMP_DIR_SUFFIX
 
 
@@ -91,7 +100,8 @@ def read_metadata(directory: Path) -> dict:
 
 
 def num_classes(params: Mapping[str, Any]) -> int | None:
-    """Classifier width of a ResNet params tree (its `fc` kernel's outputs), None if headless."""
+    """Width of a ResNet params tree's `fc` (its kernel's outputs), None if headless. The model's
+    class count, which an appended `head` sets, is `models.classifier_widths`."""
     if "fc" not in params:
         return None
     return int(np.shape(params["fc"]["kernel"])[-1])
@@ -146,10 +156,13 @@ def check_variables(
     raise ValueError("\n".join(lines))
 
 
-def _check_arch_variables(arch: str, classes: int | None, variables: Mapping, where: str) -> None:
-    """`check_variables` against `models.get_model(arch, num_classes=classes)`."""
-    model = models.get_model(arch, num_classes=classes)
-    check_variables(variables, model, where, what=f"{arch} with num_classes={classes}")
+def _check_arch_variables(arch: str, variables: Mapping, where: str) -> None:
+    """`check_variables` against the `arch` model with the variables' classifier widths
+    (`models.classifier_widths`: `fc`, and an appended `head` if any)."""
+    widths = models.classifier_widths(variables["params"])
+    model = models.get_model(arch, **widths)
+    shown = ", ".join(f"{k}={v}" for k, v in widths.items() if v is not None) or "no head"
+    check_variables(variables, model, where, what=f"{arch} with {shown}")
 
 
 def _check_class_names(class_names: Sequence[str] | None, classes: int | None, where: str) -> None:
@@ -173,12 +186,14 @@ def save_model(
     variables: Mapping[str, Any],
     class_names: Sequence[str] | None = None,
     metadata: dict | None = None,
+    preprocessing: Preprocessing | None = None,
     force: bool = False,
 ) -> Path:
     """Export `{"params", "batch_stats"}` of `arch` with JSON metadata (arch, num_classes,
-    class_names, ...) as a directory `load()` reads. Refuses to replace an existing path unless
-    `force=True`, and never replaces anything that is not itself a model directory. Multi-host:
-    every process must call it."""
+    class_names, preprocessing, ...) as a directory `load()` reads. `preprocessing` is stored
+    under "preprocessing" (None keeps `metadata`'s, if any, which must then be valid). Refuses
+    to replace an existing path unless `force=True`, and never replaces anything that is not
+    itself a model directory. Multi-host: every process must call it."""
     path = Path(path)
     models.check_arch(arch)
     missing = [c for c in VARIABLE_COLLECTIONS if c not in variables]
@@ -189,9 +204,9 @@ def save_model(
             f"missing {missing}, unexpected {extra}"
         )
     tree = {c: unfreeze(variables[c]) for c in VARIABLE_COLLECTIONS}
-    classes = num_classes(tree["params"])
+    classes = models.classifier_widths(tree["params"])["num_classes"]
     _check_class_names(class_names, classes, f"save_model({path})")
-    _check_arch_variables(arch, classes, tree, f"save_model({path})")
+    _check_arch_variables(arch, tree, f"save_model({path})")
 
     meta = json_round_trip(dict(metadata or {}), "metadata")
     fixed = {
@@ -201,6 +216,10 @@ def save_model(
         "num_classes": classes,
         "class_names": list(class_names) if class_names is not None else None,
     }
+    if preprocessing is not None:
+        fixed[PREPROCESSING_KEY] = preprocessing.to_json()
+    elif PREPROCESSING_KEY in meta:
+        _stored_preprocessing(meta, f"save_model({path}): metadata")
     clashes = [k for k in fixed if k in meta and meta[k] != fixed[k]]
     if clashes:
         raise ValueError(f"save_model({path}): metadata {clashes} contradict the arguments")
@@ -223,9 +242,23 @@ def save_model(
     return path
 
 
+def pretrained_metadata(weights: Pretrained) -> dict[str, Any]:
+    """Metadata recording where named weights (`pretrained.load`) came from: their name, Hub
+    repo and commit, licence, eval size ("image_size") and preprocessing."""
+    return {
+        "pretrained": weights.name,
+        "hub_repo": weights.source.repo,
+        "hub_revision": weights.source.revision,
+        "license": weights.license,
+        "image_size": weights.preprocessing.eval_size,
+        PREPROCESSING_KEY: weights.preprocessing.to_json(),
+    }
+
+
 @dataclasses.dataclass
 class LoadedModel:
-    """Model variables plus what is needed to rebuild and label the model."""
+    """Model variables plus what is needed to rebuild and label the model; `path` is the
+    directory it was read from (for named weights, the downloaded file)."""
 
     arch: str
     variables: dict
@@ -234,25 +267,78 @@ class LoadedModel:
     path: Path
     step: int | None = None
 
+    @classmethod
+    def from_pretrained(cls, weights: Pretrained, class_names: Sequence[str] | None) -> LoadedModel:
+        """Named weights from `pretrained.load` as a LoadedModel labelled with `class_names`,
+        with `pretrained_metadata` (so their preprocessing is the stored one)."""
+        classes = num_classes(weights.variables["params"])
+        _check_class_names(class_names, classes, weights.name)
+        meta = {
+            **pretrained_metadata(weights),
+            "arch": weights.arch,
+            "num_classes": classes,
+            "class_names": None if class_names is None else list(class_names),
+        }
+        variables = {c: weights.variables[c] for c in VARIABLE_COLLECTIONS}
+        names = meta["class_names"]
+        return cls(weights.arch, variables, names, meta, weights.source.path)
+
     @property
     def num_classes(self) -> int | None:
         """Classifier width (None for a headless model)."""
-        return num_classes(self.variables["params"])
+        return models.classifier_widths(self.variables["params"])["num_classes"]
 
     def model(self, **overrides: Any) -> models.ResNet:
         """The `models.ResNet` these variables belong to; `overrides` go to `get_model`."""
-        return models.get_model(self.arch, **{"num_classes": self.num_classes, **overrides})
+        widths = models.classifier_widths(self.variables["params"])
+        return models.get_model(self.arch, **{**widths, **overrides})
 
-    def image_size(self, override: int | None = None) -> int:
-        """The eval crop size: `override`, else the training image size in the metadata."""
-        if override is not None:
-            return check_positive_int("image_size", override)
+    @property
+    def preprocessing(self) -> Preprocessing | None:
+        """The eval preprocessing the weights were saved with (metadata "preprocessing"), else
+        `default_preprocessing` of the metadata's `image_size`, else None (neither recorded).
+        Raises ValueError naming the path if the recorded one is malformed."""
+        where = f"{self.path / META_ITEM}: metadata"
+        if PREPROCESSING_KEY in self.metadata:
+            return _stored_preprocessing(self.metadata, where)
         size = self.metadata.get("image_size")
         if size is None:
-            raise ValueError(
-                f"{self.path}: checkpoint metadata has no image_size; pass the size to use"
-            )
-        return check_positive_int(f"{self.path}: metadata image_size", size)
+            return None
+        try:
+            return default_preprocessing(size)
+        except ValueError as e:
+            raise ValueError(f"{where} image_size: {e}") from e
+
+    def eval_preprocessing(
+        self,
+        *,
+        image_size: int | None = None,
+        resize_size: int | None = None,
+        interpolation: str | None = None,
+    ) -> Preprocessing:
+        """`preprocessing` with the given fields overridden (`Preprocessing.override`: a new
+        `image_size` keeps the crop fraction unless `resize_size` is given too). Without a
+        recorded preprocessing, `image_size` is required and the rest defaults as
+        `default_preprocessing(image_size)`; raises ValueError naming the path if it is None."""
+        stored = self.preprocessing
+        if stored is None:
+            if image_size is None:
+                raise ValueError(
+                    f"{self.path}: checkpoint metadata has no image_size or preprocessing; pass "
+                    "the size to use"
+                )
+            stored = default_preprocessing(image_size)
+        return stored.override(
+            eval_size=image_size, resize_size=resize_size, interpolation=interpolation
+        )
+
+
+def _stored_preprocessing(meta: Mapping[str, Any], where: str) -> Preprocessing:
+    """`meta["preprocessing"]` as a Preprocessing; ValueError starting with `where` if bad."""
+    try:
+        return Preprocessing.from_json(meta[PREPROCESSING_KEY])
+    except ValueError as e:
+        raise ValueError(f"{where} {PREPROCESSING_KEY}: {e}") from e
 
 
 def _restore_variables(directory: Path) -> dict:
@@ -295,13 +381,13 @@ def _load_model_dir(directory: Path, step: int | None) -> LoadedModel:
     except ValueError as e:
         raise ValueError(f"{directory}: {e}") from e
     variables = _restore_variables(directory)
-    classes = num_classes(variables["params"])
+    classes = models.classifier_widths(variables["params"])["num_classes"]
     if meta.get("num_classes", classes) != classes:
         raise ValueError(
             f"{directory}: metadata num_classes={meta['num_classes']} but the classifier has "
             f"{classes} outputs"
         )
-    _check_arch_variables(arch, classes, variables, str(directory))
+    _check_arch_variables(arch, variables, str(directory))
     class_names = meta.get("class_names")
     _check_class_names(class_names, classes, str(directory / META_ITEM))
     return LoadedModel(arch, variables, class_names, meta, directory, step)

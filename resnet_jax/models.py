@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import difflib
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from resnet_jax import layers
 from resnet_jax.layers import Conv
@@ -205,7 +206,12 @@ class ResNet(nn.Module):
     Attributes:
       stage_sizes: blocks per stage (layer1..layer4).
       block_cls: `BasicBlock` or `Bottleneck`.
-      num_classes: classifier width; `None` drops the head and returns pooled features.
+      num_classes: classifier width (the logits' size); `None` drops the head and returns
+        pooled features.
+      fc_classes: None: `fc` is the classifier, `num_classes` wide. Otherwise `fc` is
+        `fc_classes` wide (a pretrained classifier, e.g. ImageNet's 1000 classes) and a new
+        Dense layer `head` maps its logits to `num_classes` (transfer learning's `--head
+        append`); `classifier_widths(params)` reads both widths back from the params.
       groups, width_per_group: ResNeXt / Wide ResNet options (torchvision's names).
       zero_init_residual: initialise each block's last BN scale to zero.
       dtype: compute dtype (e.g. bfloat16, or float64 for exactness tests); params stay
@@ -223,6 +229,7 @@ class ResNet(nn.Module):
     stage_sizes: Sequence[int]
     block_cls: type[nn.Module]
     num_classes: int | None = 1000
+    fc_classes: int | None = None
     groups: int = 1
     width_per_group: int = 64
     zero_init_residual: bool = False
@@ -250,13 +257,16 @@ class ResNet(nn.Module):
         self, x: jax.Array, train: bool = False, return_features: bool = False
     ) -> jax.Array | dict[str, jax.Array]:
         """Logits (or pooled features if `num_classes is None`), or with `return_features` a dict
-        of every tap in `feature_info()` plus `logits` when the model has a head."""
+        of every tap in `feature_info()` plus `logits` when the model has a head (and `fc`, the
+        logits of the pretrained classifier under an appended `head`, with `fc_classes`)."""
         sizes = tuple(self.stage_sizes)
         if len(sizes) != len(STAGE_NAMES) or not all(isinstance(n, int) and n > 0 for n in sizes):
             raise ValueError(
                 f"stage_sizes: expected {len(STAGE_NAMES)} positive block counts (layer1..layer4), "
                 f"got {self.stage_sizes!r}"
             )
+        if self.fc_classes is not None and self.num_classes is None:
+            raise ValueError("fc_classes needs num_classes: the appended head's width")
         frozen = set(self.frozen_bn)
         unknown = frozen - {"stem", *STAGE_NAMES}
         if unknown:
@@ -304,16 +314,24 @@ class ResNet(nn.Module):
         x = jnp.mean(x.astype(jnp.promote_types(self.dtype, jnp.float32)), axis=(1, 2))
         features["pre_logits"] = x
         if self.num_classes is not None:
-            x = nn.Dense(
-                self.num_classes,
-                dtype=self.dtype,
-                param_dtype=self.param_dtype,
-                kernel_init=dense_kernel_init,
-                bias_init=_dense_bias_init(in_channels),
-                name="fc",
-            )(x.astype(self.dtype))
+            fc_width = self.num_classes if self.fc_classes is None else self.fc_classes
+            x = self._dense(fc_width, in_channels, "fc")(x.astype(self.dtype))
+            if self.fc_classes is not None:
+                features["fc"] = x
+                x = self._dense(self.num_classes, fc_width, "head")(x)
             features["logits"] = x
         return features if return_features else x
+
+    def _dense(self, features: int, fan_in: int, name: str) -> nn.Dense:
+        """A classifier layer with torch.nn.Linear's initialisation."""
+        return nn.Dense(
+            features,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            kernel_init=dense_kernel_init,
+            bias_init=_dense_bias_init(fan_in),
+            name=name,
+        )
 
 
 _basic = functools.partial(ResNet, block_cls=BasicBlock)
@@ -356,6 +374,17 @@ def check_arch(name: str) -> str:
 def get_model(name: str, **kwargs: Any) -> ResNet:
     """Build an arch by torchvision name, e.g. `get_model("resnet50", num_classes=5)`."""
     return ARCHS[check_arch(name)](**kwargs)
+
+
+def classifier_widths(params: Mapping[str, Any]) -> dict[str, int | None]:
+    """`{"num_classes", "fc_classes"}` of the `ResNet` a params tree belongs to, from its shapes:
+    the width of `head` (when present) or `fc` (None without either), and `fc`'s width under a
+    `head` (else None). ``get_model(arch, **classifier_widths(params))`` rebuilds the model."""
+    widths = {name: int(np.shape(params[name]["kernel"])[-1]) for name in ("fc", "head")
+              if name in params}  # fmt: skip
+    if "head" in widths:
+        return {"num_classes": widths["head"], "fc_classes": widths.get("fc")}
+    return {"num_classes": widths.get("fc"), "fc_classes": None}
 
 
 def init_variables(model: ResNet, rng: jax.Array, image_size: int = 224) -> dict:

@@ -26,7 +26,8 @@ import numpy as np
 from numpy.typing import DTypeLike
 
 from resnet_jax import convert, models
-from resnet_jax.pretrained_registry import REGISTRY, Entry, Preprocessing
+from resnet_jax.preprocessing import Preprocessing, default_preprocessing
+from resnet_jax.pretrained_registry import REGISTRY, Entry
 
 __all__ = [
     "HUB_PREFIX",
@@ -45,7 +46,7 @@ CONFIG_FILE = "config.json"
 LIBRARY_NAME = "resnet_jax"
 _HUB_NAME = re.compile(r"^[\w.-]+/[\w.-]+$")
 # Preprocessing of a Hub repo whose config.json states none: torchvision's V1 eval transform.
-_DEFAULT_PREPROCESSING = Preprocessing(eval_size=224, crop_pct=0.875, interpolation="bilinear")
+_DEFAULT_PREPROCESSING = default_preprocessing(224)
 
 
 class PretrainedError(ValueError):
@@ -257,7 +258,16 @@ def _resolve(
         cfg = (config or {}).get("pretrained_cfg") or {}
         arch = _hub_arch(name, repo, config, arch)
         license = str(cfg.get("license") or (config or {}).get("license") or "unknown")
-        return repo, revision, arch, _hub_preprocessing(cfg), license
+        try:
+            preprocessing = _hub_preprocessing(cfg)
+        except (TypeError, ValueError) as err:
+            raise _fail(
+                name,
+                repo,
+                f"its config.json's pretrained_cfg is unusable ({err})",
+                "pass a repo whose preprocessing resnet_jax supports",
+            ) from err
+        return repo, revision, arch, preprocessing, license
     close = difflib.get_close_matches(name, REGISTRY, n=1)
     hint = f" Did you mean {close[0]!r}?" if close else ""
     raise PretrainedError(_one_line(f"unknown pretrained weights {name!r}.{hint} {_spelling()}"))

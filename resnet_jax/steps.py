@@ -1,4 +1,4 @@
-"""Per-replica training and evaluation steps: state, loss, optimizer and learning-rate schedule.
+"""Per-replica training and evaluation steps: state, loss, mixing, accumulation and EMA updates.
 
 One per-replica step function serves every layout: plain `jax.jit` on one device
 (`axis_name=None`), or data-parallel through `resnet_jax.parallel` (`jit(shard_map)` over a 1-D
@@ -8,7 +8,7 @@ loading, checkpoint I/O or flag parsing lives here.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import flax
@@ -19,11 +19,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from resnet_jax import ema as ema_lib
+from resnet_jax import mixing as mixing_lib
 from resnet_jax.parallel import BATCH_AXIS
-from resnet_jax.preprocessing import normalize_images
-
-OPTIMIZERS = ("sgd", "adamw")
-PARAM_LABELS = ("train", "frozen", "head")
+from resnet_jax.preprocessing import IMAGENET_MEAN, IMAGENET_STD, normalize_images
 
 
 @flax.struct.dataclass
@@ -36,118 +35,14 @@ class TrainState:
     opt_state: Any
     nonfinite_steps: jax.Array  # int32: total steps skipped for a non-finite loss/gradient
     nonfinite_streak: jax.Array  # int32: consecutive skipped steps up to now
+    ema: ema_lib.EmaState | None = None  # the model's moving average, when training keeps one
 
 
-def learning_rate_schedule(
-    *,
-    base_lr: float = 0.1,
-    global_batch_size: int,
-    steps_per_epoch: int,
-    epochs: int,
-    warmup_epochs: float = 5,
-) -> optax.Schedule:
-    """Linear warmup from 0 then cosine decay to 0, peak `base_lr * global_batch_size / 256`.
-
-    The linear scaling rule keeps the recipe valid across batch sizes (Goyal et al. 2017).
-    """
-    if global_batch_size <= 0 or steps_per_epoch <= 0 or epochs <= 0:
-        raise ValueError(
-            "learning_rate_schedule: global_batch_size, steps_per_epoch and epochs must be "
-            f"positive, got {global_batch_size}, {steps_per_epoch}, {epochs}"
-        )
-    if not 0 <= warmup_epochs <= epochs:
-        raise ValueError(
-            f"learning_rate_schedule: warmup_epochs must be in [0, epochs={epochs}], "
-            f"got {warmup_epochs}"
-        )
-    peak = base_lr * global_batch_size / 256.0
-    total_steps = epochs * steps_per_epoch
-    warmup_steps = int(round(warmup_epochs * steps_per_epoch))
-    cosine = optax.cosine_decay_schedule(peak, decay_steps=max(total_steps - warmup_steps, 1))
-    if warmup_steps == 0:
-        return cosine
-    warmup = optax.linear_schedule(0.0, peak, transition_steps=warmup_steps)
-    return optax.join_schedules([warmup, cosine], boundaries=[warmup_steps])
-
-
-def _decay_mask(params: Any) -> Any:
-    """True for conv/dense `kernel`s only: BatchNorm scales/biases and dense biases get no decay."""
-    return jax.tree_util.tree_map_with_path(
-        lambda path, _: getattr(path[-1], "key", None) == "kernel", params
-    )
-
-
-def _checked_labels(param_labels: Any) -> Callable[[Any], Any]:
-    """Wrap `param_labels` so a tree that does not match the params fails with a readable error."""
-    bad = sorted({str(v) for v in jax.tree.leaves(param_labels)} - set(PARAM_LABELS))
-    if bad:
-        raise ValueError(f"param_labels: unknown labels {bad}; use {', '.join(PARAM_LABELS)}")
-
-    def labels_for(params: Any) -> Any:
-        want = jax.tree.structure(params)
-        if jax.tree.structure(param_labels) != want:
-            got = {jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)}
-            have = {
-                jax.tree_util.keystr(p)
-                for p, _ in jax.tree_util.tree_leaves_with_path(param_labels)
-            }
-            raise ValueError(
-                "param_labels must have exactly the params' structure; "
-                f"missing labels for {sorted(got - have)[:5]}, "
-                f"labels for unknown params {sorted(have - got)[:5]}"
-            )
-        return param_labels
-
-    return labels_for
-
-
-def create_optimizer(
-    *,
-    name: str = "sgd",
-    schedule: optax.ScalarOrSchedule,
-    weight_decay: float = 1e-4,
-    momentum: float = 0.9,
-    nesterov: bool = True,
-    param_labels: Any | None = None,
-    head_lr_multiplier: float = 1.0,
-) -> optax.GradientTransformation:
-    """SGD (Nesterov momentum, L2 decay as torch's SGD) or AdamW (decoupled decay).
-
-    Weight decay applies to conv/dense kernels only. With `param_labels` (a tree like the params
-    with leaves "train" / "frozen" / "head"), frozen params get exactly zero update and no
-    optimizer state, and head params use the learning rate times `head_lr_multiplier`.
-    `momentum` and `nesterov` only apply to SGD.
-    """
-    if name not in OPTIMIZERS:
-        raise ValueError(f"Unknown optimizer {name!r}; choices: {', '.join(OPTIMIZERS)}")
-    if param_labels is None and head_lr_multiplier != 1.0:
-        raise ValueError(
-            "head_lr_multiplier only affects params labelled 'head'; pass param_labels"
-        )
-
-    def build(lr: optax.ScalarOrSchedule) -> optax.GradientTransformation:
-        if name == "adamw":
-            return optax.adamw(lr, weight_decay=weight_decay, mask=_decay_mask)
-        return optax.chain(
-            optax.add_decayed_weights(weight_decay, mask=_decay_mask),
-            optax.sgd(lr, momentum=momentum, nesterov=nesterov),
-        )
-
-    if param_labels is None:
-        return build(schedule)
-
-    def head_lr(count: jax.Array) -> jax.Array:
-        base = schedule(count) if callable(schedule) else schedule
-        return base * head_lr_multiplier
-
-    return optax.multi_transform(
-        {"train": build(schedule), "frozen": optax.set_to_zero(), "head": build(head_lr)},
-        _checked_labels(param_labels),
-    )
-
-
-def create_train_state(variables: dict, tx: optax.GradientTransformation) -> TrainState:
-    """Fresh `TrainState` at step 0 from `{"params", "batch_stats"}` (e.g. `init_variables`)."""
+def create_train_state(
+    variables: dict, tx: optax.GradientTransformation, *, ema: bool = False
+) -> TrainState:
+    """Fresh `TrainState` at step 0 from `{"params", "batch_stats"}` (e.g. `init_variables`);
+    with `ema`, its moving average starts as a copy (`ema.init`)."""
     if "params" not in variables:
         raise ValueError(
             f"create_train_state: variables need a 'params' entry, got keys {sorted(variables)}"
@@ -161,18 +56,23 @@ def create_train_state(variables: dict, tx: optax.GradientTransformation) -> Tra
         opt_state=tx.init(params),
         nonfinite_steps=jnp.zeros((), jnp.int32),
         nonfinite_streak=jnp.zeros((), jnp.int32),
+        ema=ema_lib.init(params, variables.get("batch_stats", {})) if ema else None,
     )
 
 
 def _per_example_ce(
     logits: jax.Array, labels: jax.Array, num_classes: int, label_smoothing: float
 ) -> jax.Array:
-    """Float32 cross-entropy per example against (optionally smoothed) one-hot labels."""
+    """Float32 cross-entropy per example against (optionally smoothed) targets: one-hot from
+    integer `labels` `(batch,)`, or `labels` as class probabilities `(batch, num_classes)`."""
     if logits.shape[-1] != num_classes:
         raise ValueError(f"logits have {logits.shape[-1]} classes, expected {num_classes}")
     if not 0.0 <= label_smoothing < 1.0:
         raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
-    targets = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)
+    if labels.ndim == logits.ndim:
+        targets = labels.astype(jnp.float32)
+    else:
+        targets = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)
     if label_smoothing:
         targets = optax.smooth_labels(targets, label_smoothing)
     return optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
@@ -186,7 +86,8 @@ def cross_entropy_loss(
     label_smoothing: float = 0.0,
     mask: jax.Array | None = None,
 ) -> jax.Array:
-    """Mean float32 cross-entropy; smoothing as torch (target (1-e)*onehot + e/K); `mask` 0/1."""
+    """Mean float32 cross-entropy, as torch's `CrossEntropyLoss(label_smoothing=e)` for class
+    indices or probabilities (`_per_example_ce`): target `(1 - e) * target + e / K`; `mask` 0/1."""
     losses = _per_example_ce(logits, labels, num_classes, label_smoothing)
     if mask is None:
         return losses.mean()
@@ -194,11 +95,12 @@ def cross_entropy_loss(
     return (losses * mask).sum() / jnp.maximum(mask.sum(), 1.0)
 
 
-def _model_input(images: jax.Array) -> jax.Array:
-    """A batch's images as the model takes them: uint8 is normalised here (float32), floating
-    images are taken as already normalised. The model casts to its compute dtype itself."""
+def _model_input(images: jax.Array, mean_std: tuple[Sequence[float], Sequence[float]]) -> jax.Array:
+    """A batch's images as the model takes them: uint8 is normalised here (float32) with
+    `mean_std`, floating images are taken as already normalised. The model casts to its compute
+    dtype itself."""
     if images.dtype == jnp.uint8:
-        return normalize_images(images)
+        return normalize_images(images, *mean_std)
     if jnp.issubdtype(images.dtype, jnp.floating):
         return images
     raise ValueError(
@@ -258,7 +160,12 @@ def _apply_trained_grads(
 
 
 def _next_state(
-    state: TrainState, finite: jax.Array, params: Any, batch_stats: Any, opt_state: Any
+    state: TrainState,
+    finite: jax.Array,
+    params: Any,
+    batch_stats: Any,
+    opt_state: Any,
+    ema: ema_lib.EmaState | None,
 ) -> TrainState:
     """The state after a step: the new values where `finite`, else the old ones; `step` always
     advances and the non-finite counters count a skipped step."""
@@ -274,6 +181,22 @@ def _next_state(
         opt_state=keep_if_finite(opt_state, state.opt_state),
         nonfinite_steps=state.nonfinite_steps + skipped,
         nonfinite_streak=(state.nonfinite_streak + 1) * skipped,
+        ema=keep_if_finite(ema, state.ema),
+    )
+
+
+def _micro_batches(batch: dict, accum_steps: int) -> dict:
+    """`batch` (leading size n) as `accum_steps` micro-batches `(accum_steps, n / accum_steps,
+    ...)`; micro-batch k holds positions k, k + accum_steps, ... so that the global micro-batches
+    are the same for any number of replicas (each replica's shard is contiguous)."""
+    n = batch["label"].shape[0]
+    if n % accum_steps:
+        raise ValueError(
+            f"accum_steps={accum_steps} must divide each replica's batch size, got {n}"
+        )
+    return jax.tree.map(
+        lambda x: jnp.swapaxes(x.reshape(n // accum_steps, accum_steps, *x.shape[1:]), 0, 1),
+        batch,
     )
 
 
@@ -285,6 +208,10 @@ def make_train_step(
     label_smoothing: float = 0.0,
     axis_name: str | None = BATCH_AXIS,
     trainable: Any | None = None,
+    mean_std: tuple[Sequence[float], Sequence[float]] = (IMAGENET_MEAN, IMAGENET_STD),
+    mixing: mixing_lib.Mixing | None = None,
+    accum_steps: int = 1,
+    ema: ema_lib.EmaSchedule | None = None,
 ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
     """Per-replica training step `(state, {"image", "label"}) -> (state, metrics)`.
 
@@ -295,41 +222,55 @@ def make_train_step(
     replica normalise with its own batch, and the step then averages the updated running
     statistics over the axis (one all-reduce per step) so the state stays replicated.
 
-    A non-finite loss, gradient or BatchNorm statistic skips the update: params, batch_stats
-    and opt_state stay as they were, `step` still advances (the data position stays consistent),
-    `nonfinite_steps` and `nonfinite_streak` grow; a finite step resets the streak. Metrics:
-    loss, accuracy, grad_norm, nonfinite (0/1), and learning_rate when `schedule` is given
-    (evaluated at the optimizer's own count `step - nonfinite_steps`, which skipped steps do not
-    advance; this assumes `opt_state` was created together with `step` 0).
+    A non-finite loss, gradient or BatchNorm statistic skips the update: params, batch_stats,
+    opt_state and ema stay as they were, `step` still advances (the data position stays
+    consistent), `nonfinite_steps` and `nonfinite_streak` grow; a finite step resets the streak.
+    Metrics: loss, accuracy, grad_norm, nonfinite (0/1), and learning_rate when `schedule` is
+    given (evaluated at the optimizer's own count `step - nonfinite_steps`, which skipped steps
+    do not advance; this assumes `opt_state` was created together with `step` 0).
 
     `trainable` (a tree like the params with a Python bool per leaf; default: all True) says
     which params train. Only those are differentiated, averaged over the axis and counted in
     grad_norm and the finite check, so a frozen backbone costs its forward pass only (XLA gets
     no backward pass to drop). Frozen params keep their values exactly; pair this with an
-    optimizer that gives them no update (`create_optimizer(param_labels=...)`, "frozen"), which
-    receives zero gradients for them.
+    optimizer that gives them no update (`optim.create_optimizer(param_labels=...)`, "frozen"),
+    which receives zero gradients for them.
 
-    `batch["image"]` is uint8 pixels (normalised on the device: the host sends a quarter of the
-    bytes) or floating, already normalised images (`_model_input`).
+    `batch["image"]` is uint8 pixels (normalised on the device with `mean_std`, the weights'
+    per-channel (mean, std): the host sends a quarter of the bytes) or floating, already
+    normalised images (`_model_input`).
 
-    (Its length is this contract; the code is one closure of ~55 lines, the traced step.)
+    `accum_steps` N > 1: the batch holds N micro-batches (`_micro_batches`), run one after
+    another in a `lax.scan`; each is normalised by BatchNorm on its own and updates the running
+    statistics in turn (as N torch forward passes), and one optimizer update applies the mean
+    of their gradients; loss and accuracy are their means. `mixing`: MixUp/CutMix of each
+    (micro-)batch on the device (`mixing.mix_batch`, keyed by `step` and the micro-batch), the
+    loss on the soft targets and accuracy against their argmax (as torchvision's reference).
+    `ema`: the step updates `state.ema` (create the state with `ema=True`) after the optimizer
+    update (`ema.scheduled_update` at batch `step`).
+
+    (Its length is this contract; the code is closures of ~80 lines, the traced step.)
     """
     num_classes = _check_model(model, axis_name)
     per_replica_bn = getattr(model, "axis_name", None) is None
+    if accum_steps < 1:
+        raise ValueError(f"accum_steps must be >= 1, got {accum_steps}")
 
-    def loss_fn(params, batch_stats, batch):
+    def loss_fn(params, batch_stats, images, targets):
         logits, updates = model.apply(
             {"params": params, "batch_stats": batch_stats},
-            _model_input(batch["image"]),
+            images,
             train=True,
             mutable=["batch_stats"],
         )
         loss = cross_entropy_loss(
-            logits, batch["label"], num_classes=num_classes, label_smoothing=label_smoothing
+            logits, targets, num_classes=num_classes, label_smoothing=label_smoothing
         )
         return loss, (logits, updates["batch_stats"])
 
     def step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+        if ema is not None and state.ema is None:
+            raise ValueError("make_train_step(ema=...) needs create_train_state(..., ema=True)")
         leaves, treedef = jax.tree.flatten(state.params)
         trains = _trainable_leaves(state.params, trainable)
         trained = [leaf for leaf, t in zip(leaves, trains, strict=True) if t]
@@ -340,14 +281,47 @@ def make_train_step(
             # device-varying first yields per-replica gradients under both shard_map and pmap.
             trained = jax.lax.pcast(trained, axis_name, to="varying")
 
-        def trained_loss(trained, batch_stats, batch):
+        def trained_loss(trained, batch_stats, images, targets):
             it = iter(trained)
             params = [next(it) if t else leaf for leaf, t in zip(leaves, trains, strict=True)]
-            return loss_fn(treedef.unflatten(params), batch_stats, batch)
+            return loss_fn(treedef.unflatten(params), batch_stats, images, targets)
 
         grad_fn = jax.value_and_grad(trained_loss, has_aux=True)
-        (loss, (logits, batch_stats)), grads = grad_fn(trained, state.batch_stats, batch)
-        accuracy = (jnp.argmax(logits, -1) == batch["label"]).mean(dtype=jnp.float32)
+
+        def micro_step(batch_stats, micro, index):
+            """Gradients, loss, accuracy and new running statistics of one micro-batch."""
+            images, labels = _model_input(micro["image"], mean_std), micro["label"]
+            targets = labels
+            if mixing is not None:
+                key = mixing_lib.step_key(mixing, state.step, index)
+                images, targets = mixing_lib.mix_batch(
+                    mixing, key, images, labels, num_classes=num_classes, axis_name=axis_name
+                )
+                labels = jnp.argmax(targets, -1)
+            (loss, (logits, batch_stats)), grads = grad_fn(trained, batch_stats, images, targets)
+            accuracy = (jnp.argmax(logits, -1) == labels).mean(dtype=jnp.float32)
+            return grads, loss, accuracy, batch_stats
+
+        if accum_steps == 1:
+            grads, loss, accuracy, batch_stats = micro_step(state.batch_stats, batch, 0)
+        else:
+
+            def body(carry, xs):
+                grads_sum, stats = carry
+                grads, loss, accuracy, stats = micro_step(stats, *xs)
+                return (jax.tree.map(jnp.add, grads_sum, grads), stats), (loss, accuracy)
+
+            # The carry has the type of what each micro-batch gives: device-varying gradients
+            # (zeros like the varying `trained`) and statistics varying with per-replica
+            # BatchNorm, replicated with synchronised BatchNorm.
+            stats = state.batch_stats
+            if axis_name is not None and per_replica_bn:
+                stats = jax.lax.pcast(stats, axis_name, to="varying")
+            carry = (jax.tree.map(jnp.zeros_like, trained), stats)
+            xs = (_micro_batches(batch, accum_steps), jnp.arange(accum_steps))
+            (grads, batch_stats), (losses, accuracies) = jax.lax.scan(body, carry, xs)
+            grads = jax.tree.map(lambda g: g / accum_steps, grads)
+            loss, accuracy = losses.mean(), accuracies.mean()
         if axis_name is not None:
             grads, loss, accuracy = jax.lax.pmean((grads, loss, accuracy), axis_name)
             if per_replica_bn:  # as one vector: one all-reduce, not one per statistic
@@ -360,7 +334,10 @@ def make_train_step(
         # float32 overflow of a finite gradient's squared norm (norm > ~1e19) counts too.
         stats_sum = sum(jnp.sum(x) for x in jax.tree.leaves(batch_stats))
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(stats_sum)
-        new_state = _next_state(state, finite, new_params, batch_stats, opt_state)
+        new_ema = state.ema
+        if ema is not None:
+            new_ema = ema_lib.scheduled_update(ema, state.ema, state.step, new_params, batch_stats)
+        new_state = _next_state(state, finite, new_params, batch_stats, opt_state, new_ema)
         metrics = {
             "loss": loss,
             "accuracy": accuracy,
@@ -377,7 +354,10 @@ def make_train_step(
 
 
 def make_eval_step(
-    model: nn.Module, *, axis_name: str | None = BATCH_AXIS
+    model: nn.Module,
+    *,
+    axis_name: str | None = BATCH_AXIS,
+    mean_std: tuple[Sequence[float], Sequence[float]] = (IMAGENET_MEAN, IMAGENET_STD),
 ) -> Callable[[dict, dict], tuple[dict, jax.Array]]:
     """Per-replica eval `(variables, {"image", "label", "mask"?}) -> (sums, predictions)`.
 
@@ -386,7 +366,8 @@ def make_eval_step(
     counting only examples with a true `mask` (padding). `predictions` are the per-example
     top-1 classes (int32, padding included) for confusion matrices. Parallelize it with
     `out_specs=EVAL_OUT_SPECS`. `batch["image"]` is uint8 (normalised on the device with
-    `preprocessing.normalize_images`) or floating (already normalised), as in `make_train_step`.
+    `preprocessing.normalize_images` and `mean_std`) or floating (already normalised), as in
+    `make_train_step`.
     """
     num_classes = _check_model(model, axis_name)
     k = min(5, num_classes)
@@ -394,7 +375,7 @@ def make_eval_step(
     def step(variables: dict, batch: dict) -> tuple[dict, jax.Array]:
         logits = model.apply(
             {"params": variables["params"], "batch_stats": variables["batch_stats"]},
-            _model_input(batch["image"]),
+            _model_input(batch["image"], mean_std),
             train=False,
         )
         labels = batch["label"]

@@ -13,7 +13,7 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from resnet_jax import models, parallel, transfer
+from resnet_jax import models, parallel, pretrained, transfer
 
 PRECISIONS = {"fp32": jnp.float32, "bf16": jnp.bfloat16}
 DEFAULT_WARMUP_EPOCHS = 5.0
@@ -57,7 +57,14 @@ class TrainConfig:
         "<tfds data dir>/downloads/manual)",
     )
     val_fraction: float = _option(0.2, "held-out fraction of train when --data-dir has no val/")
-    image_size: int = _option(224, "training crop size in pixels")
+    image_size: int = _option(
+        224,
+        "training crop size in pixels, and the crop of the run's own evaluation: with "
+        "--pretrained weights that state their preprocessing, evaluation keeps their resize "
+        "ratio (crop_pct), interpolation and mean/std at this crop size (mean/std also "
+        "normalise the training images); the resolved preprocessing is stored in every "
+        "checkpoint",
+    )
     batch_size: int = _option(128, "global batch over all devices and processes")
     eval_batch_size: int | None = _option(None, "global eval batch (default: --batch-size)")
     epochs: int = _option(30, "epochs to train (the schedule's length)")
@@ -100,11 +107,21 @@ class TrainConfig:
     num_workers: int | None = _option(None, "tf.data parallel calls (default: autotune)")
     pretrained: str | None = _option(
         None,
-        "start from torchvision weights (.pth/.pt/.safetensors) or a resnet_jax checkpoint; a "
-        "head with another class count is replaced",
+        "start from named weights downloaded from the Hugging Face Hub (ARCH.TAG from "
+        "docs/pretrained.md, e.g. resnet50.tv2_in1k, which must match --arch; or "
+        "hf-hub:ORG/REPO[@REVISION] holding a torchvision-keyed --arch ResNet), a torchvision "
+        "file (.pth/.pt/.safetensors) or a resnet_jax checkpoint; a head with another class "
+        "count is replaced (see --head)",
     )
     freeze: str = _option(
         "none", "none: train all; stages: only --trainable; backbone: only the classifier"
+    )
+    head: str = _option(
+        "replace",
+        "replace: the classifier fc gets the data set's classes (a new layer unless the "
+        "pretrained one has as many); append (with --freeze backbone): keep the pretrained "
+        "classifier, frozen, and train only a new layer on top of its logits (convert_weights.py "
+        "to-torch folds the two into one fc)",
     )
     trainable: str | None = _option(
         None, "with --freeze stages: comma list of stem,layer1,...,layer4,fc"
@@ -131,7 +148,9 @@ class TrainConfig:
         except ValueError as err:
             raise ConfigError(f"--arch: {err}") from err
         try:
-            transfer.trainable_stages(self.freeze, self.trainable_list)
+            transfer.trainable_stages(self.freeze, self.trainable_list, self.head)
+            if self.pretrained:
+                transfer.check_pretrained_arch(self.pretrained, self.arch)
             for name, size in (
                 ("--batch-size", self.batch_size),
                 ("--eval-batch-size", self.eval_bs),
@@ -191,7 +210,7 @@ def resolved_warmup(warmup_epochs: float | None, epochs: int) -> float:
 RESUME_MUST_MATCH = (
     "arch", "dataset", "data_dir", "val_fraction", "seed", "image_size", "batch_size", "epochs",
     "lr", "warmup_epochs", "weight_decay", "label_smoothing", "optimizer", "precision",
-    "sync_bn", "pretrained", "freeze", "head_lr_multiplier",
+    "sync_bn", "pretrained", "freeze", "head", "head_lr_multiplier",
 )  # fmt: skip
 # What the data and the freezing decide, recorded in the checkpoint's metadata next to "config".
 RESUME_MUST_MATCH_DERIVED = ("num_classes", "class_names", "steps_per_epoch", "trainable")
@@ -203,8 +222,10 @@ def _resume_settings(config: dict) -> dict[str, Any]:
     instead (it is unused). Options the checkpoint lacks read "(not recorded)"."""
     settings = {key: config.get(key, "(not recorded)") for key in RESUME_MUST_MATCH}
     for key in ("data_dir", "pretrained"):
-        if isinstance(settings[key], str):
+        if isinstance(settings[key], str) and not pretrained.is_registered_or_hub(settings[key]):
             settings[key] = str(Path(settings[key]).resolve())
+    if "head" not in config:  # written before --head existed: the classifier was replaced
+        settings["head"] = "replace"
     if settings["data_dir"] is not None:
         settings["dataset"] = "(image folders)"
     if isinstance(settings["epochs"], int) and "warmup_epochs" in config:

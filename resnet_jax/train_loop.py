@@ -185,13 +185,14 @@ class Loop:
         self.progress.update(len(pending), record)
 
     def evaluate(self, epoch: int) -> evaluation.EvalResult:
-        """Evaluate the state on the whole eval split, log the result and return it; a stop
-        request is agreed every `log_every` batches (EvalInterrupted)."""
+        """Evaluate the state on the whole eval split, prepared as `run.preprocessing` says, log
+        the result and return it; a stop request is agreed every `log_every` batches
+        (EvalInterrupted)."""
         run, cfg = self.run, self.cfg
         batches = data.eval_batches(
             run.source,
             batch_size=cfg.eval_bs // jax.process_count(),
-            image_size=cfg.image_size,
+            preprocessing=run.preprocessing,
             process_index=jax.process_index(),
             process_count=jax.process_count(),
             num_workers=cfg.num_workers,

@@ -1,9 +1,13 @@
 """Setting up a training run: `prepare(config) -> Run`, and `fit(config)`.
 
-`fit(config)` is `train_loop.train(prepare(config))`. `prepare` validates the options, opens the
-workdir, checks a checkpoint there may be resumed (`train_config.check_resume`, before and
-after the data is read), loads pretrained weights, opens the data, builds the model and
-optimizer, restores the checkpoint and compiles the steps, each in a small function. Everything
+`fit(config)` is `train_loop.train(prepare(config))`. `prepare` validates the options, loads
+(downloads) pretrained weights unless the workdir holds a checkpoint to resume, before it writes
+anything there (so a failed download leaves no trace), opens the workdir, checks a checkpoint
+there may be resumed (`train_config.check_resume`, before and after the data is read), opens
+the data, builds the model and optimizer, restores the checkpoint and compiles the steps, each
+in a small function. The run's eval preprocessing (`Preprocessing`: the pretrained weights', at
+--image-size, else `default_preprocessing`) is saved in every checkpoint's metadata under
+"preprocessing"; its mean/std normalise the train and eval steps' images. Everything
 a run writes (checkpoints, class_names.json, metrics.jsonl, TensorBoard events, curves.png)
 goes to the workdir; rerunning with the same workdir resumes from its last complete checkpoint.
 """
@@ -19,7 +23,8 @@ from typing import Any
 
 import jax
 
-from resnet_jax import checkpoint, data, model_dir, models, parallel, steps, transfer
+from resnet_jax import checkpoint, data, model_dir, models, optim, parallel, steps, transfer
+from resnet_jax.preprocessing import Preprocessing, default_preprocessing
 from resnet_jax.train_config import PRECISIONS, ConfigError, TrainConfig, check_resume
 from resnet_jax.train_loop import Loop, NonFiniteError, StopRequest, train
 
@@ -38,6 +43,7 @@ class Run:
     ckpt: checkpoint.TrainCheckpointer
     source: data.DataSource
     metadata: dict[str, Any]  # saved with every checkpoint
+    preprocessing: Preprocessing  # the eval transform, and the steps' mean/std
     steps_per_epoch: int
     total_steps: int
     state: steps.TrainState  # on the devices, as the train step takes it
@@ -62,16 +68,29 @@ def prepare(cfg: TrainConfig) -> Run:
     the state (resumed from `cfg.workdir` if it holds a checkpoint) and the compiled steps."""
     mesh = parallel.make_mesh()
     cfg.validate(mesh.size)
+    pretrained = None if _has_step_directory(cfg) else _load_pretrained(cfg)
     ckpt = _open_checkpointer(cfg)
     try:
-        return _prepare(cfg, mesh, ckpt)
+        return _prepare(cfg, mesh, ckpt, pretrained)
     except BaseException:
         ckpt.close()
         raise
 
 
-def _prepare(cfg: TrainConfig, mesh: jax.sharding.Mesh, ckpt: checkpoint.TrainCheckpointer) -> Run:
-    trainable = transfer.trainable_stages(cfg.freeze, cfg.trainable_list)
+def _has_step_directory(cfg: TrainConfig) -> bool:
+    """Whether the workdir holds a step directory (a checkpoint to resume: the pretrained
+    weights are then not loaded), looked up without creating anything."""
+    directory = Path(cfg.workdir) / model_dir.CHECKPOINTS_DIR
+    return directory.is_dir() and any(p.name.isdigit() for p in directory.iterdir())
+
+
+def _prepare(
+    cfg: TrainConfig,
+    mesh: jax.sharding.Mesh,
+    ckpt: checkpoint.TrainCheckpointer,
+    pretrained: transfer.PretrainedWeights | None,
+) -> Run:
+    trainable = transfer.trainable_stages(cfg.freeze, cfg.trainable_list, cfg.head)
     latest = ckpt.latest_step()
     where = ckpt.directory / str(latest)
     saved = None
@@ -81,14 +100,19 @@ def _prepare(cfg: TrainConfig, mesh: jax.sharding.Mesh, ckpt: checkpoint.TrainCh
         except ValueError as err:
             raise ConfigError(f"{err}; use another --workdir") from err
         check_resume(saved, {"config": _config_record(cfg)}, where)
-    pretrained = _load_pretrained(cfg) if latest is None else None
+    if latest is not None:
+        pretrained = None  # resumed: the checkpoint holds the weights
+    elif pretrained is None:  # only step directories orbax does not count: start afresh
+        pretrained = _load_pretrained(cfg)
     source = _open_data(cfg)
     if pretrained is not None:
         try:
-            transfer.check_head_trains(pretrained, len(source.class_names), trainable)
+            transfer.check_head_trains(pretrained.variables, len(source.class_names), trainable)
         except ValueError as err:
             raise ConfigError(str(err)) from err
     steps_per_epoch, total_steps = _schedule_length(cfg, source)
+    preprocessing = _preprocessing(cfg, pretrained, saved)
+    fc_classes = _fc_classes(cfg, pretrained, saved)
     metadata = {
         "arch": cfg.arch,
         "num_classes": len(source.class_names),
@@ -96,15 +120,21 @@ def _prepare(cfg: TrainConfig, mesh: jax.sharding.Mesh, ckpt: checkpoint.TrainCh
         "image_size": cfg.image_size,
         "steps_per_epoch": steps_per_epoch,
         "trainable": list(trainable),
+        "preprocessing": preprocessing.to_json(),
         "config": _config_record(cfg),
     }
+    if fc_classes is not None:
+        metadata["fc_classes"] = fc_classes
     if saved is not None:
         check_resume(saved, metadata, where)
-    model = _build_model(cfg, len(source.class_names), trainable)
-    state, tx, schedule = _initial_state(cfg, model, pretrained, trainable, steps_per_epoch)
+    model = _build_model(cfg, len(source.class_names), trainable, fc_classes)
+    variables = None if pretrained is None else pretrained.variables
     del pretrained
+    state, tx, schedule = _initial_state(cfg, model, variables, trainable, steps_per_epoch)
+    del variables
     state, resumed = _restore(ckpt, state, latest)
-    train_step, eval_step = _compile(cfg, mesh, model, tx, schedule, trainable, state)
+    train_step, eval_step = _compile(cfg, mesh, model, tx, schedule, trainable, state,
+                                     preprocessing)  # fmt: skip
     if jax.process_index() == 0:
         model_dir.write_class_names(cfg.workdir, source.class_names)
     start_step = int(state.step)
@@ -123,6 +153,7 @@ def _prepare(cfg: TrainConfig, mesh: jax.sharding.Mesh, ckpt: checkpoint.TrainCh
         ckpt=ckpt,
         source=source,
         metadata=metadata,
+        preprocessing=preprocessing,
         steps_per_epoch=steps_per_epoch,
         total_steps=total_steps,
         state=parallel.place_state(state, mesh, cfg.parallel),
@@ -148,16 +179,45 @@ def _open_checkpointer(cfg: TrainConfig) -> checkpoint.TrainCheckpointer:
         raise ConfigError(f"--workdir {cfg.workdir}: {err}") from err
 
 
-def _load_pretrained(cfg: TrainConfig) -> dict | None:
-    """--pretrained's variables (torchvision file or resnet_jax checkpoint), or None."""
+def _load_pretrained(cfg: TrainConfig) -> transfer.PretrainedWeights | None:
+    """--pretrained's weights (`transfer.load_pretrained`: a name downloaded from the Hub, a
+    torchvision file or a resnet_jax checkpoint), or None without --pretrained."""
     if not cfg.pretrained:
         return None
     try:
         pretrained = transfer.load_pretrained(cfg.pretrained, cfg.arch)
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError) as err:  # pretrained.PretrainedError is a ValueError
         raise ConfigError(str(err)) from err
-    log.info("loaded pretrained %s weights from %s", cfg.arch, cfg.pretrained)
+    log.info("loaded pretrained %s weights from %s", cfg.arch, pretrained.origin)
     return pretrained
+
+
+def _preprocessing(
+    cfg: TrainConfig, pretrained: transfer.PretrainedWeights | None, saved: dict | None
+) -> Preprocessing:
+    """The run's eval preprocessing: a resumed checkpoint's (the pretrained weights are not
+    read again), else the pretrained weights' at --image-size (their crop_pct, interpolation,
+    mean and std), else `default_preprocessing(--image-size)`."""
+    if saved is not None and "preprocessing" in saved:
+        try:
+            return Preprocessing.from_json(saved["preprocessing"])
+        except ValueError as err:
+            raise ConfigError(f"{cfg.workdir}: checkpoint metadata: {err}") from err
+    if pretrained is None or pretrained.preprocessing is None:
+        return default_preprocessing(cfg.image_size)
+    return pretrained.preprocessing.override(eval_size=cfg.image_size)
+
+
+def _fc_classes(
+    cfg: TrainConfig, pretrained: transfer.PretrainedWeights | None, saved: dict | None
+) -> int | None:
+    """With --head append, the pretrained classifier's width (from the weights, or a resumed
+    checkpoint's metadata), else None."""
+    if cfg.head != "append":
+        return None
+    if pretrained is not None:
+        return transfer.appended_fc_classes(pretrained.variables)
+    return int((saved or {})["fc_classes"])
 
 
 def _open_data(cfg: TrainConfig) -> data.DataSource:
@@ -195,12 +255,15 @@ def _schedule_length(cfg: TrainConfig, source: data.DataSource) -> tuple[int, in
     return steps_per_epoch, min(total_steps, cfg.max_steps or total_steps)
 
 
-def _build_model(cfg: TrainConfig, num_classes: int, trainable: tuple[str, ...]) -> models.ResNet:
+def _build_model(
+    cfg: TrainConfig, num_classes: int, trainable: tuple[str, ...], fc_classes: int | None
+) -> models.ResNet:
     """The model for the steps: BatchNorm synchronised over the mesh with --sync-bn, else per
-    device."""
+    device; with `fc_classes`, a `head` appended on a `fc_classes`-wide fc."""
     return models.get_model(
         cfg.arch,
         num_classes=num_classes,
+        fc_classes=fc_classes,
         dtype=PRECISIONS[cfg.precision],
         axis_name=parallel.BATCH_AXIS if cfg.sync_bn else None,
         frozen_bn=transfer.frozen_bn(trainable),
@@ -222,14 +285,14 @@ def _initial_state(
     if cfg.freeze != "none" or cfg.head_lr_multiplier != 1.0:
         labels = transfer.param_labels(variables["params"], trainable)
         log.info("training %s; frozen: the rest", ", ".join(trainable))
-    schedule = steps.learning_rate_schedule(
+    schedule = optim.learning_rate_schedule(
         base_lr=cfg.lr,
         global_batch_size=cfg.batch_size,
         steps_per_epoch=steps_per_epoch,
         epochs=cfg.epochs,
         warmup_epochs=cfg.warmup,
     )
-    tx = steps.create_optimizer(
+    tx = optim.create_optimizer(
         name=cfg.optimizer,
         schedule=schedule,
         weight_decay=cfg.weight_decay,
@@ -253,15 +316,20 @@ def _restore(
     return restored[0], True
 
 
-def _compile(cfg, mesh, model, tx, schedule, trainable, state) -> tuple[Callable, Callable]:
-    """The parallelized (jit-compiled on first call) train and eval steps."""
+def _compile(
+    cfg, mesh, model, tx, schedule, trainable, state, preprocessing
+) -> tuple[Callable, Callable]:
+    """The parallelized (jit-compiled on first call) train and eval steps; uint8 images are
+    normalised with `preprocessing`'s mean/std."""
     mask = None
     if cfg.freeze != "none":
         mask = transfer.trainable_mask(state.params, trainable)
+    mean_std = (preprocessing.mean, preprocessing.std)
     train_step = steps.make_train_step(
-        model, tx, schedule=schedule, label_smoothing=cfg.label_smoothing, trainable=mask
-    )
-    eval_step = steps.make_eval_step(model)
+        model, tx, schedule=schedule, label_smoothing=cfg.label_smoothing, trainable=mask,
+        mean_std=mean_std,
+    )  # fmt: skip
+    eval_step = steps.make_eval_step(model, mean_std=mean_std)
     return (
         parallel.parallelize(train_step, mesh, kind=cfg.parallel),
         parallel.parallelize(

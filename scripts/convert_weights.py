@@ -1,15 +1,20 @@
 """Convert weights between torchvision files and resnet_jax (Flax/orbax) model directories.
 
     python scripts/convert_weights.py to-flax --arch resnet50 --input resnet50.pth --output DIR
+    python scripts/convert_weights.py to-flax --input resnet50.a1_in1k --output DIR
     python scripts/convert_weights.py to-torch --input DIR --output resnet50.pth [--step N]
 
 `to-flax` reads a torchvision state_dict (.pth/.pt via torch.load(weights_only=True), or
 .safetensors), checks every key and shape against --arch, and writes a directory that
 `resnet_jax.model_dir.load` (and scripts/evaluate.py, predict.py, train.py --pretrained) read,
 in float32 whatever the file's float type (float16, bfloat16, float64).
-A 1000-class head is labelled with the ImageNet class names unless --class-names is given. The
-directory records --image-size (default 224, the crop torchvision's ImageNet weights are
-evaluated at) as the size evaluate.py, predict.py and `Predictor.from_checkpoint` use.
+`--input NAME` takes named weights from the Hugging Face Hub instead (`ARCH.TAG` from
+docs/pretrained.md, or `hf-hub:ORG/REPO[@REVISION]`; the arch comes from the name, --arch is
+optional and must agree). A 1000-class head is labelled with the ImageNet class names unless
+--class-names is given. The directory records the eval preprocessing evaluate.py, predict.py
+and `Predictor.from_checkpoint` use: named weights' own (--image-size overrides its crop,
+keeping its resize ratio), else training's validation transform at --image-size (default 224,
+the crop torchvision's ImageNet weights are evaluated at).
 `to-torch` writes a state_dict that torchvision.models.<arch>(num_classes=...) loads strictly;
 from a training workdir it exports --step, else the step --which picks (the best by the run's
 metric unless --which latest), and prints which step it wrote.
@@ -25,8 +30,9 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from resnet_jax import cli_args, convert, model_dir, models
+from resnet_jax import cli_args, convert, model_dir, models, pretrained
 from resnet_jax.inference import IMAGENET_NUM_CLASSES, imagenet_class_names
+from resnet_jax.preprocessing import Preprocessing, default_preprocessing
 
 TORCHVISION_EVAL_SIZE = 224  # torchvision's eval crop for its ImageNet weights
 
@@ -37,8 +43,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     to_flax = sub.add_parser("to-flax", help="torchvision .pth/.pt/.safetensors -> Flax directory")
-    to_flax.add_argument("--arch", required=True, help=f"one of: {', '.join(models.ARCHS)}")
-    to_flax.add_argument("--input", type=Path, required=True, help="torchvision weights file")
+    to_flax.add_argument(
+        "--arch",
+        help=f"one of: {', '.join(models.ARCHS)} (required for a file; a NAME implies it)",
+    )
+    to_flax.add_argument(
+        "--input",
+        required=True,
+        help="torchvision weights file, or NAME: ARCH.TAG or hf-hub:ORG/REPO (Hub weights)",
+    )
     to_flax.add_argument("--output", type=Path, required=True, help="model directory to write")
     to_flax.add_argument(
         "--num-classes", type=int, help="expected classifier width (default: read from the file)"
@@ -51,8 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
     to_flax.add_argument(
         "--image-size",
         type=cli_args.positive_int,
-        default=TORCHVISION_EVAL_SIZE,
-        help="eval crop size to record for evaluate.py/predict.py (default: %(default)s)",
+        help=(
+            "eval crop size to record for evaluate.py/predict.py (default: a NAME's own, "
+            f"{TORCHVISION_EVAL_SIZE} for a file)"
+        ),
     )
     to_flax.add_argument("--force", action="store_true", help="replace an existing model dir")
 
@@ -84,9 +99,33 @@ def _summary(arch: str, variables: dict) -> str:
     return f"{arch}, {count:,} parameters, {classes}"
 
 
+def _read_input(args: argparse.Namespace) -> tuple[str, dict, dict, Preprocessing]:
+    """(arch, variables, metadata, preprocessing) of to-flax's --input: named Hub weights
+    (`pretrained.load`) or a torchvision file."""
+    if pretrained.is_registered_or_hub(args.input):
+        weights = pretrained.load(args.input, arch=args.arch)
+        classes = weights.model.num_classes
+        if args.num_classes is not None and args.num_classes != classes:
+            raise ValueError(
+                f"--num-classes {args.num_classes}: {args.input} has a {classes}-class head"
+            )
+        preprocessing = weights.preprocessing.override(eval_size=args.image_size)
+        metadata = {**model_dir.pretrained_metadata(weights), "converted_from": args.input}
+        metadata["image_size"] = preprocessing.eval_size
+        return weights.arch, dict(weights.variables), metadata, preprocessing
+    if args.arch is None:
+        raise ValueError(f"--input {args.input} is a weights file: pass its --arch")
+    path = Path(args.input)
+    variables = convert.from_torchvision(path, args.arch, num_classes=args.num_classes)
+    image_size = args.image_size or TORCHVISION_EVAL_SIZE
+    metadata = {"converted_from": str(path), "image_size": image_size}
+    return args.arch, variables, metadata, default_preprocessing(image_size)
+
+
 def to_flax(args: argparse.Namespace) -> str:
-    """Convert a torchvision file into a model directory; returns the report line."""
-    variables = convert.from_torchvision(args.input, args.arch, num_classes=args.num_classes)
+    """Convert named Hub weights or a torchvision file into a model directory; returns the
+    report line."""
+    arch, variables, metadata, preprocessing = _read_input(args)
     num_classes = model_dir.num_classes(variables["params"])
     if args.class_names is not None:
         class_names, names_from = read_class_names(args.class_names), str(args.class_names)
@@ -96,14 +135,17 @@ def to_flax(args: argparse.Namespace) -> str:
         class_names, names_from = None, None
     model_dir.save_model(
         args.output,
-        arch=args.arch,
+        arch=arch,
         variables=variables,
         class_names=class_names,
-        metadata={"converted_from": str(args.input), "image_size": args.image_size},
+        metadata=metadata,
+        preprocessing=preprocessing,
         force=args.force,
     )
     names = f"; class names: {names_from}" if names_from else ""
-    return f"wrote {args.output}: {_summary(args.arch, variables)}{names}"
+    p = preprocessing
+    prep = f"; eval: resize {p.resize_size} {p.interpolation}, crop {p.eval_size}"
+    return f"wrote {args.output}: {_summary(arch, variables)}{names}{prep}"
 
 
 def to_torch(args: argparse.Namespace) -> str:

@@ -1,10 +1,18 @@
 """Evaluate a checkpoint: `python scripts/evaluate.py --checkpoint RUN [--data-dir DIR]`.
 
+`--pretrained NAME` evaluates named weights from the Hugging Face Hub instead (`ARCH.TAG` from
+docs/pretrained.md or `hf-hub:ORG/REPO`; a 1000-class head is labelled with the ImageNet class
+names, so the data's class folders must be named like them), or a resnet_jax directory.
+Images are prepared as the weights' stored preprocessing says (resize, crop, interpolation,
+mean/std; a checkpoint without one uses training's validation transform at its image size);
+--image-size, --resize-size and --interpolation override it.
+
 Data: `--data-dir DIR` uses DIR/val/<class>/* if it exists; else, if DIR has train/, the part of
 it that training held out (the run's --val-fraction and --seed); else DIR/<class>/* itself.
 `--dataset NAME` evaluates a TFDS split (`--split`, default the split training validated on).
-Without either, the data the checkpoint was trained on is used. Classes are matched to the
-checkpoint's by name; data classes the checkpoint does not know are an error.
+Without either, the data the checkpoint was trained on is used (named weights need one).
+Classes are matched to the checkpoint's by name; data classes the checkpoint does not know are an
+error.
 
 Prints top-1, top-5, mean cross-entropy and a per-class accuracy table (or JSON with --json);
 --output-dir also gets metrics.json and confusion.png. Runs the data-parallel eval step over
@@ -23,7 +31,6 @@ from pathlib import Path
 import jax
 
 from resnet_jax import cli_args, evaluation, model_dir, parallel
-from resnet_jax.preprocessing import eval_resize_size
 
 log = logging.getLogger("resnet_jax")
 
@@ -33,14 +40,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    cli_args.add_checkpoint_arguments(parser)
+    source = parser.add_mutually_exclusive_group(required=True)
+    cli_args.add_checkpoint_arguments(parser, group=source, required=False)
+    cli_args.add_pretrained_argument(source)
     data_source = parser.add_mutually_exclusive_group()
     data_source.add_argument("--data-dir", type=Path, help="image folders (see above)")
     data_source.add_argument("--dataset", help="TFDS dataset name")
     parser.add_argument("--split", help="TFDS split, e.g. validation or 'train[90%%:]'")
     parser.add_argument("--tfds-data-dir", help="where TFDS keeps its data")
     cli_args.add_image_size_argument(parser)
-    cli_args.add_resize_size_argument(parser)
+    cli_args.add_preprocessing_arguments(parser)
     cli_args.add_batch_size_argument(
         parser,
         default=None,
@@ -109,10 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     # stdout carries only the report (TFDS prints its preparation progress there).
     with contextlib.redirect_stdout(sys.stderr):
         try:
-            loaded = model_dir.load(args.checkpoint, **cli_args.step_selection(args))
-            image_size = loaded.image_size(args.image_size)
-            cli_args.check_resize_size(parser, args.resize_size, image_size)
-            resize_size = eval_resize_size(image_size, args.resize_size)
+            loaded = cli_args.load_model(args)
+            preprocessing = cli_args.eval_preprocessing(parser, loaded, args)
             source = evaluation.open_eval_data(**_data_args(args, loaded))
         except (OSError, ValueError, RuntimeError) as err:  # RuntimeError: TFDS preparation
             parser.error(str(err))
@@ -120,21 +127,26 @@ def main(argv: list[str] | None = None) -> int:
             result = evaluation.evaluate_checkpoint(
                 loaded,
                 source,
-                image_size=image_size,
-                resize_size=resize_size,
+                preprocessing=preprocessing,
                 batch_size=batch_size,
             )
         except ValueError as err:  # class names
             parser.error(str(err))
 
     step = f"step {loaded.step}, " if loaded.step is not None else ""
-    title = f"{loaded.path} ({step}{loaded.arch}, resize {resize_size}, crop {image_size} px)"
+    p = preprocessing
+    where = str(loaded.path) if loaded.path.is_dir() else args.pretrained  # a named download
+    title = (
+        f"{where} ({step}{loaded.arch}, resize {p.resize_size} {p.interpolation}, "
+        f"crop {p.eval_size} px)"
+    )
     metrics = {
-        "checkpoint": str(loaded.path),
+        "checkpoint": where,
         "step": loaded.step,
         "arch": loaded.arch,
-        "image_size": image_size,
-        "resize_size": resize_size,
+        "image_size": p.eval_size,
+        "resize_size": p.resize_size,
+        "preprocessing": p.to_json(),
         **result.to_json(),
     }
     if args.output_dir is not None:

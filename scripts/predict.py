@@ -1,8 +1,12 @@
 """Classify images: `python scripts/predict.py --checkpoint RUN IMAGE_OR_FOLDER ...`.
 
 Folders are searched recursively for image files (.jpg .jpeg .png .bmp .gif, any case); files
-named on the command line are read whatever their extension. With `--torchvision-weights FILE
---arch NAME` the model is torchvision's (ImageNet class names for a 1000-class head).
+named on the command line are read whatever their extension. `--pretrained NAME` takes named
+weights from the Hugging Face Hub (`ARCH.TAG` from docs/pretrained.md or `hf-hub:ORG/REPO`), a
+resnet_jax directory, or with --arch a torchvision file; `--torchvision-weights FILE --arch NAME`
+a torchvision file. ImageNet class names label a 1000-class head of named or torchvision weights.
+Images are prepared as the weights' stored preprocessing says (resize, crop, interpolation,
+mean/std); --image-size, --resize-size and --interpolation override it.
 
 Unreadable images are reported on stderr (and as {"path", "error"} entries with --json), the
 rest are still classified, and the exit status is then 1. Missing inputs, a folder without
@@ -18,7 +22,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from resnet_jax import cli_args, inference, model_dir, models
+from resnet_jax import cli_args, inference, models
 
 log = logging.getLogger("resnet_jax")
 
@@ -31,10 +35,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("inputs", nargs="+", type=Path, help="image files and/or folders")
     source = parser.add_mutually_exclusive_group(required=True)
     cli_args.add_checkpoint_arguments(parser, group=source, required=False)
+    cli_args.add_pretrained_argument(source)
     source.add_argument(
         "--torchvision-weights", type=Path, help="torchvision state_dict (.pth/.pt/.safetensors)"
     )
-    parser.add_argument("--arch", help=f"with --torchvision-weights: {', '.join(models.ARCHS)}")
+    parser.add_argument(
+        "--arch",
+        help=f"with --torchvision-weights or a --pretrained file: {', '.join(models.ARCHS)}",
+    )
     parser.add_argument("--top-k", type=int, default=5, help="classes shown per image")
     cli_args.add_batch_size_argument(
         parser,
@@ -42,9 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="images per forward pass (default: %(default)s)",
     )
     cli_args.add_image_size_argument(
-        parser, default_text="the size the checkpoint recorded; 224 for --torchvision-weights"
+        parser, default_text="the stored preprocessing's; 224 for torchvision weights"
     )
-    cli_args.add_resize_size_argument(parser)
+    cli_args.add_preprocessing_arguments(parser)
     parser.add_argument(
         "--json",
         action="store_true",
@@ -54,28 +62,32 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _predictor(args: argparse.Namespace, parser: argparse.ArgumentParser) -> inference.Predictor:
-    """The Predictor the flags ask for: torchvision weights or a checkpoint."""
-    if args.torchvision_weights is not None:
+    """The Predictor the flags ask for: torchvision weights, a checkpoint or named weights."""
+    weights_file = args.torchvision_weights
+    if args.pretrained is not None and Path(args.pretrained).is_file():
+        weights_file = Path(args.pretrained)
+    if weights_file is not None:
         if args.arch is None:
-            parser.error("--torchvision-weights needs --arch")
+            flag = "--pretrained FILE" if args.pretrained else "--torchvision-weights"
+            parser.error(f"{flag} needs --arch")
         if args.step is not None or args.which is not None:
             parser.error("--step and --which apply to --checkpoint")
         image_size = args.image_size or 224
         cli_args.check_resize_size(parser, args.resize_size, image_size)
         return inference.Predictor.from_torchvision(
-            args.torchvision_weights,
+            weights_file,
             args.arch,
             image_size=image_size,
             resize_size=args.resize_size,
+            interpolation=args.interpolation,
             batch_size=args.batch_size,
         )
     if args.arch is not None:
-        parser.error("--arch applies to --torchvision-weights (a checkpoint records its arch)")
-    loaded = model_dir.load(args.checkpoint, **cli_args.step_selection(args))
-    image_size = loaded.image_size(args.image_size)
-    cli_args.check_resize_size(parser, args.resize_size, image_size)
+        parser.error("--arch applies to torchvision weights files (a checkpoint records its arch)")
+    loaded = cli_args.load_model(args)
+    preprocessing = cli_args.eval_preprocessing(parser, loaded, args)
     return inference.Predictor.from_loaded(
-        loaded, image_size=image_size, resize_size=args.resize_size, batch_size=args.batch_size
+        loaded, preprocessing=preprocessing, batch_size=args.batch_size
     )
 
 

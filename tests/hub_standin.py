@@ -7,11 +7,14 @@ plain (non-Xet) file: `X-Repo-Commit`, `ETag` and `Content-Length` headers, 404 
 logged in `requests`. Run as a script (`python hub_standin.py OUT.json NAME...`), it calls
 `resnet_jax.pretrained.load` on each NAME in that process (so huggingface_hub reads the
 HF_ENDPOINT/HF_HOME/HF_HUB_OFFLINE it is given at import) and writes one record per name
-(`NAME#K` loads with `num_classes=K`).
+(`NAME#K` loads with `num_classes=K`). `python tests/hub_standin.py --serve [PORT]` serves a
+random torchvision resnet18 as `timm/resnet18.tv_in1k` until interrupted, for trying the
+scripts' `--pretrained resnet18.tv_in1k` by hand with the printed HF_ENDPOINT.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import http.server
 import json
@@ -22,10 +25,10 @@ from urllib.parse import unquote
 
 
 class HubStandIn:
-    """A threaded HTTP server on 127.0.0.1 serving `repos` ({repo_id: {path: bytes}}); use as a
-    context manager, `url` is the endpoint to put in HF_ENDPOINT."""
+    """A threaded HTTP server on 127.0.0.1:`port` (0: a free one) serving `repos` ({repo_id:
+    {path: bytes}}); use as a context manager, `url` is the endpoint to put in HF_ENDPOINT."""
 
-    def __init__(self, repos: dict[str, dict[str, bytes]]) -> None:
+    def __init__(self, repos: dict[str, dict[str, bytes]], port: int = 0) -> None:
         self.repos = repos
         self.requests: list[tuple[str, str]] = []
         stand_in = self
@@ -40,7 +43,7 @@ class HubStandIn:
             def log_message(self, *args: object) -> None:
                 pass
 
-        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", port), Handler)
         self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
 
@@ -134,7 +137,45 @@ def _load_all(out: Path, names: list[str], image: Path | None) -> None:
     out.write_text(json.dumps({"torch_imported": "torch" in sys.modules, "records": records}))
 
 
-if __name__ == "__main__":
+def resnet18_weights(num_classes: int = 1000, seed: int = 0) -> bytes:
+    """A random torchvision resnet18's state_dict as safetensors bytes, its BatchNorm statistics
+    taken from two random batches (so they are not the trivial 0 and 1)."""
+    import safetensors.torch
+    import torch
+    import torchvision
+
+    torch.manual_seed(seed)
+    net = torchvision.models.resnet18(num_classes=num_classes).train()
+    with torch.no_grad():
+        for _ in range(2):
+            net(torch.randn(4, 3, 64, 64))
+    return safetensors.torch.save({k: v.contiguous() for k, v in net.state_dict().items()})
+
+
+def hub_env(url: str, hf_home: Path, **extra: str) -> dict[str, str]:
+    """Variables pointing a fresh process's huggingface_hub at the stand-in `url` with its cache
+    in `hf_home` (any HF_* variable of this process dropped), plus `extra`."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+    env.update(HF_ENDPOINT=url, HF_HOME=str(hf_home), HF_HUB_DISABLE_TELEMETRY="1", **extra)
+    return env
+
+
+def _serve(port: int) -> None:
+    """Serve a random torchvision resnet18 as timm/resnet18.tv_in1k on 127.0.0.1:`port` (0:
+    any free port) until interrupted."""
+    repos = {"timm/resnet18.tv_in1k": {"model.safetensors": resnet18_weights()}}
+    stand_in = HubStandIn(repos, port=port)
+    print("serving timm/resnet18.tv_in1k (a random resnet18); in another shell:", flush=True)
+    print(f"  export HF_ENDPOINT={stand_in.url} HF_HOME=/tmp/hub_standin_home", flush=True)
+    with stand_in, contextlib.suppress(KeyboardInterrupt):
+        threading.Event().wait()
+
+
+if __name__ == "__main__" and sys.argv[1] == "--serve":
+    _serve(int(sys.argv[2]) if len(sys.argv) > 2 else 0)
+elif __name__ == "__main__":
     image = (
         Path(sys.argv[2].removeprefix("--image=")) if sys.argv[2].startswith("--image=") else None
     )

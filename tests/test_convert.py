@@ -492,3 +492,28 @@ def test_other_file_errors_name_the_file(tmp_path):
         convert.load_state_dict(not_tensor)
     with pytest.raises(ValueError, match="unknown weights file type '.bin'"):
         convert.save_torchvision({}, tmp_path / "w.bin")
+
+
+def test_appended_head_folds_into_one_torchvision_fc():
+    """A model with a `head` appended on its 1000-class fc (`--head append`) exports as one
+    `fc` (W_fc @ W_head, b_fc @ W_head + b_head) that torchvision loads strictly and that gives
+    the same float32 logits."""
+    model = models.get_model("resnet18", num_classes=3, fc_classes=1000)
+    variables = jax.tree.map(np.asarray, models.init_variables(model, jax.random.key(4), H))
+    head = variables["params"]["head"]
+    head["bias"] = head["bias"] + 0.5  # a bias the fold must carry over
+    state_dict = convert.to_torchvision(variables, "resnet18")
+    assert (
+        state_dict["fc.weight"].shape == (3, 512) and state_dict["fc.weight"].dtype == torch.float32
+    )
+    net = torchvision.models.resnet18(num_classes=3)
+    net.load_state_dict(state_dict, strict=True)
+    x = np.random.default_rng(5).normal(size=(2, 3, H, W)).astype(np.float32)
+    with torch.no_grad():
+        expected = net.eval()(torch.from_numpy(x)).numpy()
+    logits = np.asarray(_apply(model, variables, _nhwc(x)))
+    np.testing.assert_allclose(
+        logits, expected, rtol=0, atol=1e-4 * max(1.0, np.abs(expected).max())
+    )
+    plain = convert.fold_appended_head(variables)
+    assert "head" not in plain["params"] and "head" in variables["params"]  # the input is kept

@@ -343,27 +343,77 @@ def test_preprocess_for_eval_matches_pil_resize_and_center_crop():
         data.preprocess_for_eval(image.astype(np.float32), 32)
 
 
-def test_resize_size_sets_the_shorter_side_before_the_crop(small):
-    # 60 x 90 with resize_size 32 = the crop: shorter side 32, longer int(90 * 32 / 60) = 48,
-    # crop rows 0 and columns 8; the default (resize 37) crops a different, smaller window.
-    image = np.asarray(gradient(60, 90, phase=1))
-    out = data.preprocess_for_eval(image, 32, resize_size=32)
-    resized = np.asarray(Image.fromarray(image).resize((48, 32), Image.BILINEAR), np.float32)
-    expected = (resized[:, 8:40] / 255.0 - data.IMAGENET_MEAN) / data.IMAGENET_STD
-    assert np.abs(out - expected).max() < 2.5 / 255 / min(data.IMAGENET_STD)
-    assert np.abs(out - data.preprocess_for_eval(image, 32)).max() > 0.1
-    # The pipeline applies the same resize as the single-image helper.
+def _old_default_eval_transform(image: np.ndarray, size: int) -> np.ndarray:
+    """The eval transform as it was before preprocessing was stored with the weights, written
+    out: bilinear antialiased resize of the shorter side to round(size * 256 / 224), center crop,
+    ImageNet mean/std (run eagerly, so float32 rounding may differ from the traced pipeline's)."""
+    tf = data.import_tensorflow()
+    height, width = image.shape[:2]
+    resize = round(size * 256 / 224)
+    new_h, new_w = (resize, width * resize // height) if height <= width else (
+        height * resize // width, resize)  # fmt: skip
+    resized = tf.image.resize(image, [new_h, new_w], method="bilinear", antialias=True)
+    top, left = round((new_h - size) / 2), round((new_w - size) / 2)
+    crop = tf.cast(resized[top : top + size, left : left + size], tf.float32) / 255.0
+    return ((crop - tf.constant(data.IMAGENET_MEAN)) / tf.constant(data.IMAGENET_STD)).numpy()
+
+
+def test_default_preprocessing_is_the_old_eval_transform(small):
+    image = np.asarray(gradient(61, 93, phase=2))
+    for size in (16, 32, 37):
+        want = _old_default_eval_transform(image, size)
+        np.testing.assert_allclose(data.preprocess_for_eval(image, size), want, atol=1e-6)
     source = data.open_source(data_dir=small)
-    batch = next(data.eval_batches(source, batch_size=2, image_size=16, resize_size=20))
+    by_size = list(data.eval_batches(source, batch_size=4, image_size=16))
+    default = data.default_preprocessing(16)
+    by_prep = list(data.eval_batches(source, batch_size=4, preprocessing=default))
+    for a, b in zip(by_size, by_prep, strict=True):
+        np.testing.assert_array_equal(a["image"], b["image"])
+    for image, index in zip(by_size[0]["image"], by_size[0]["index"], strict=True):
+        decoded = data.load_image(source.eval_split.paths[int(index)])
+        np.testing.assert_allclose(image, _old_default_eval_transform(decoded, 16), atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("interpolation", "pil_filter", "levels"),
+    [("bicubic", Image.BICUBIC, 3.0), ("nearest", Image.NEAREST, 0.5)],
+)
+def test_preprocessing_sets_resize_crop_interpolation_and_statistics(
+    small, interpolation, pil_filter, levels
+):
+    # crop_pct 1.0: 60 x 90 -> shorter side 32 = the crop, longer int(90 * 32 / 60) = 48, crop
+    # rows 0 and columns 8; the other mean/std normalise. PIL resamples (uint8) as reference.
+    mean, std = (0.5, 0.25, 0.75), (0.5, 0.25, 0.125)
+    prep = data.Preprocessing(32, 1.0, interpolation, mean=mean, std=std)
+    assert prep.resize_size == 32
+    image = np.asarray(gradient(60, 90, phase=1))
+    out = data.preprocess_for_eval(image, preprocessing=prep)
+    resized = np.asarray(Image.fromarray(image).resize((48, 32), pil_filter), np.float32)
+    expected = (resized[:, 8:40] / 255.0 - np.array(mean)) / np.array(std)
+    assert np.abs(out - expected).max() <= levels / 255 / min(std)
+    assert np.abs(out - data.preprocess_for_eval(image, 32)).max() > 0.1
+    # The pipeline applies the same transform as the single-image helper.
+    source = data.open_source(data_dir=small)
+    small_prep = data.Preprocessing(16, 0.8, interpolation, mean=mean, std=std)
+    batch = next(data.eval_batches(source, batch_size=2, preprocessing=small_prep))
     path = source.eval_split.paths[int(batch["index"][0])]
-    want = data.preprocess_for_eval(data.load_image(path), 16, resize_size=20)
+    want = data.preprocess_for_eval(data.load_image(path), preprocessing=small_prep)
     np.testing.assert_allclose(batch["image"][0], want, atol=1e-6)
-    for bad, match in [(31, "resize_size 31 is smaller than image_size 32"),
-                       (0, "resize_size must be a positive integer")]:  # fmt: skip
+
+
+def test_eval_preprocessing_arguments_are_checked(small):
+    image = np.asarray(gradient(60, 90, phase=1))
+    source = data.open_source(data_dir=small)
+    prep = data.default_preprocessing(32)
+    for kwargs, match in [
+        ({}, "give image_size or preprocessing"),
+        ({"image_size": 16, "preprocessing": prep}, "image_size 16 differs from preprocessing"),
+        ({"image_size": 0}, "image_size must be a positive integer, got 0"),
+    ]:
         with pytest.raises(ValueError, match=match):
-            data.preprocess_for_eval(image, 32, resize_size=bad)
+            data.preprocess_for_eval(image, **kwargs)
         with pytest.raises(ValueError, match=match):
-            data.eval_batches(source, batch_size=2, image_size=32, resize_size=bad)
+            data.eval_batches(source, batch_size=2, **kwargs)
 
 
 def test_argument_errors(small):

@@ -7,6 +7,7 @@ as a process of its own to show that a fresh process reads torch weights and dec
 
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,10 @@ from PIL import Image
 from test_inference import random_variables
 
 from resnet_jax import data, evaluation, inference, model_dir, models
+from resnet_jax.preprocessing import Preprocessing
+
+sys.path.insert(0, str(Path(__file__).parent))
+from hub_standin import HubStandIn, hub_env, resnet18_weights  # noqa: E402
 
 PREDICT, EVALUATE = "predict.py", "evaluate.py"
 PER_CLASS = 2
@@ -269,7 +274,7 @@ def test_evaluate_checkpoint_batch_must_split_over_devices(work):
         evaluation.open_eval_data(data_dir=work / "data"),
     )
     with pytest.raises(ValueError, match="^batch_size 6 is not divisible by the number of dev"):
-        evaluation.evaluate_checkpoint(loaded, source, image_size=SIZE, batch_size=6)
+        evaluation.evaluate_checkpoint(loaded, source, batch_size=6)
 
 
 @pytest.mark.parametrize(
@@ -377,3 +382,74 @@ def test_errors_are_usage_errors_naming_the_problem(script, args, message, work,
         module.main([a.format(**fields) for a in args])
     assert exit_info.value.code == 2
     assert message.format(**fields) in capsys.readouterr().err
+
+
+def test_evaluate_uses_the_stored_preprocessing_unless_overridden(work, capsys):
+    stored = Preprocessing(SIZE, 1.0, "bicubic", mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+    loaded = model_dir.load(work / "model")
+    path = model_dir.save_model(
+        work / "stored", arch=loaded.arch, variables=loaded.variables,
+        class_names=loaded.class_names, preprocessing=stored,
+    )  # fmt: skip
+    evaluate = load_script(EVALUATE)
+    common = ["--checkpoint", str(path), "--data-dir", str(work / "data"), "--json"]
+    assert evaluate.main(common) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert metrics["preprocessing"] == stored.to_json() and metrics["resize_size"] == SIZE
+    source = evaluation.open_eval_data(data_dir=work / "data")
+    want = evaluation.evaluate_checkpoint(model_dir.load(path), source, batch_size=8)
+    assert metrics["loss"] == pytest.approx(want.loss, rel=1e-5)
+    assert evaluate.main([*common, "--interpolation", "nearest", "--resize-size", "40"]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert metrics["preprocessing"]["interpolation"] == "nearest" and metrics["resize_size"] == 40
+    assert metrics["preprocessing"]["mean"] == [0.5, 0.5, 0.5]  # not overridden: stored
+
+
+@pytest.fixture(scope="module")
+def hub(tmp_path_factory, classes):
+    """The local Hub stand-in serving a random 1000-class resnet18 as the registry's
+    resnet18.tv_in1k and a random one with a head for the synthetic classes (and a timm config
+    stating its preprocessing) as org/four."""
+    four_cfg = {"architecture": "resnet18", "pretrained_cfg": HUB_CFG}
+    repos = {
+        "timm/resnet18.tv_in1k": {"model.safetensors": resnet18_weights()},
+        "org/four": {
+            "model.safetensors": resnet18_weights(num_classes=len(classes), seed=1),
+            "config.json": json.dumps(four_cfg).encode(),
+        },
+    }
+    with HubStandIn(repos) as server:
+        yield server.url, tmp_path_factory.mktemp("hf_home")
+
+
+HUB_CFG = {"test_input_size": [3, 40, 40], "test_crop_pct": 1.0, "interpolation": "bicubic",
+           "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}  # fmt: skip
+
+
+@pytest.mark.launches
+def test_pretrained_names_in_predict_and_evaluate(hub, work, capsys):
+    url, hf_home = hub
+    env = hub_env(url, hf_home, JAX_PLATFORMS="cpu")
+    image = _images(work)[0]
+    proc = run_script(PREDICT, "--pretrained", "resnet18.tv_in1k", str(image), "--json",
+                      "--top-k", "3", **env)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (record,) = json.loads(proc.stdout)
+    names = set(inference.imagenet_class_names())
+    assert len(record["predictions"]) == 3
+    assert all(p["class"] in names for p in record["predictions"])
+
+    proc = run_script(EVALUATE, "--pretrained", "hf-hub:org/four", "--data-dir",
+                      str(work / "data"), "--json", **env)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads(proc.stdout)
+    assert metrics["checkpoint"] == "hf-hub:org/four" and metrics["count"] == len(_images(work))
+    assert metrics["preprocessing"] == {"eval_size": 40, "crop_pct": 1.0,
+        "interpolation": "bicubic", "mean": [0.5] * 3, "std": [0.25] * 3}  # fmt: skip
+
+    evaluate = load_script(EVALUATE)
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate.main(["--pretrained", "resnet18.tv_in1kk", "--data-dir", str(work / "data")])
+    assert exit_info.value.code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "unknown pretrained weights 'resnet18.tv_in1kk'. Did you mean 'resnet18.tv_in1k'" in last

@@ -1,5 +1,6 @@
 """Predictor: probabilities, top-k, padded batching, image kinds, loading paths and errors."""
 
+import dataclasses
 import functools
 import json
 
@@ -11,6 +12,7 @@ import torchvision
 from PIL import Image
 
 from resnet_jax import checkpoint, convert, data, inference, model_dir, models
+from resnet_jax.preprocessing import Preprocessing, default_preprocessing
 
 ARCH = "resnet18"
 CLASSES = ["cat", "dog", "fish"]
@@ -140,12 +142,15 @@ def test_loads_workdir_step_dir_and_overrides(saved_model, predictor, images, tm
     assert direct.top_k(images[0], k=3)[0][0][0] == ["a", "b", "c"][int(want[0].argmax())]
 
 
-def test_resize_size_reaches_preprocessing(saved_model, predictor, images):
+def test_stored_preprocessing_and_overrides_reach_preprocess(
+    saved_model, predictor, images, tmp_path
+):
     loaded = model_dir.load(saved_model)
     tight = inference.Predictor.from_loaded(loaded, resize_size=SIZE, batch_size=4)
     assert tight.image_size == SIZE and tight.resize_size == SIZE
+    assert predictor.preprocessing == default_preprocessing(SIZE)  # none stored: training's
     assert predictor.resize_size == round(SIZE * 256 / 224)
-    want = data.preprocess_for_eval(images[0], SIZE, resize_size=SIZE)
+    want = data.preprocess_for_eval(images[0], preprocessing=Preprocessing.with_resize(SIZE, SIZE))
     np.testing.assert_array_equal(tight.preprocess(images[0]), want)
     assert np.abs(want - predictor.preprocess(images[0])).max() > 0.1
     assert not np.allclose(tight.predict_proba(images[:2]), predictor.predict_proba(images[:2]))
@@ -153,8 +158,27 @@ def test_resize_size_reaches_preprocessing(saved_model, predictor, images):
     np.testing.assert_array_equal(same.preprocess(images[1]), tight.preprocess(images[1]))
     with pytest.raises(ValueError, match=f"resize_size {SIZE - 1} is smaller than image_size"):
         inference.Predictor.from_checkpoint(saved_model, resize_size=SIZE - 1)
-    with pytest.raises(ValueError, match="resize_size must be a positive integer, got 0"):
-        inference.Predictor(loaded.model(), loaded.variables, CLASSES, SIZE, resize_size=0)
+    with pytest.raises(ValueError, match="image_size 16 differs from preprocessing.eval_size 32"):
+        inference.Predictor(
+            loaded.model(), loaded.variables, CLASSES, 16, preprocessing=predictor.preprocessing
+        )
+    with pytest.raises(ValueError, match="give preprocessing or image_size"):
+        inference.Predictor.from_loaded(loaded, preprocessing=tight.preprocessing, image_size=8)
+
+    # A directory saved with its own preprocessing is predicted with it, overrides on top.
+    stored = Preprocessing(SIZE, 1.0, "bicubic", mean=(0.5, 0.4, 0.3), std=(0.2, 0.3, 0.4))
+    path = model_dir.save_model(
+        tmp_path / "stored", arch=ARCH, variables=loaded.variables, class_names=CLASSES,
+        preprocessing=stored,
+    )  # fmt: skip
+    own = inference.Predictor.from_checkpoint(path, batch_size=4)
+    assert own.preprocessing == stored and own.resize_size == SIZE
+    np.testing.assert_array_equal(
+        own.preprocess(images[2]), data.preprocess_for_eval(images[2], preprocessing=stored)
+    )
+    nearest = inference.Predictor.from_checkpoint(path, interpolation="nearest", batch_size=4)
+    assert nearest.preprocessing == dataclasses.replace(stored, interpolation="nearest")
+    assert np.abs(nearest.preprocess(images[2]) - own.preprocess(images[2])).max() > 0.1
 
 
 def test_errors_are_clear(saved_model, predictor, images, tmp_path):
@@ -185,7 +209,7 @@ def test_errors_are_clear(saved_model, predictor, images, tmp_path):
         inference.Predictor(loaded.model(), {**loaded.variables, "params": params}, CLASSES, SIZE)
     no_size = tmp_path / "no_size"
     model_dir.save_model(no_size, arch=ARCH, variables=loaded.variables, class_names=CLASSES)
-    with pytest.raises(ValueError, match="no_size: checkpoint metadata has no image_size"):
+    with pytest.raises(ValueError, match="no_size: checkpoint metadata has no image_size or prep"):
         inference.Predictor.from_checkpoint(no_size)
     with pytest.raises(ValueError, match="pass class_names"):
         inference.Predictor.from_torchvision(convert.to_torchvision(loaded.variables, ARCH), ARCH)

@@ -21,6 +21,7 @@ from test_checkpoint import (
 from test_inference import random_variables
 
 from resnet_jax import checkpoint, model_dir, models
+from resnet_jax.preprocessing import Preprocessing, default_preprocessing
 
 
 @pytest.fixture(scope="module")
@@ -190,14 +191,65 @@ def test_class_names_round_trip_and_errors(tmp_path):
         model_dir.read_class_names(tmp_path / "none")
 
 
-def test_num_classes_and_image_size(tmp_path, variables):
+def test_num_classes_and_stored_preprocessing(tmp_path, variables):
     assert model_dir.num_classes(variables["params"]) == 5
     headless = {k: v for k, v in variables["params"].items() if k != "fc"}
     assert model_dir.num_classes(headless) is None
+    # Without a recorded preprocessing: training's validation transform at the recorded size.
     saved = model_dir.save_model(
         tmp_path / "m", arch=ARCH, variables=variables, metadata={"image_size": 48}
     )
     loaded = model_dir.load(saved)
-    assert (loaded.image_size(), loaded.image_size(64)) == (48, 64)
-    with pytest.raises(ValueError, match="image_size must be a positive integer, got 0"):
-        loaded.image_size(0)
+    assert "preprocessing" not in loaded.metadata
+    assert loaded.preprocessing == default_preprocessing(48)
+    assert loaded.eval_preprocessing().resize_size == 55  # round(48 * 256 / 224)
+    bigger = loaded.eval_preprocessing(image_size=64, interpolation="bicubic")
+    assert (bigger.eval_size, bigger.crop_pct, bigger.interpolation) == (64, 48 / 55, "bicubic")
+    assert loaded.eval_preprocessing(image_size=64, resize_size=64).crop_pct == 1.0
+    with pytest.raises(ValueError, match="eval_size must be a positive integer, got 0"):
+        loaded.eval_preprocessing(image_size=0)
+
+    # A recorded one round-trips exactly and wins over image_size.
+    stored = Preprocessing(40, 1.0, "bicubic", mean=(0.5, 0.5, 0.5), std=(0.25, 0.5, 1.0))
+    saved = model_dir.save_model(
+        tmp_path / "p", arch=ARCH, variables=variables, metadata={"image_size": 48},
+        preprocessing=stored,
+    )  # fmt: skip
+    loaded = model_dir.load(saved)
+    assert loaded.metadata["preprocessing"] == stored.to_json()
+    assert loaded.preprocessing == stored and loaded.eval_preprocessing() == stored
+    assert loaded.eval_preprocessing(image_size=32).resize_size == 32  # crop_pct 1.0 kept
+    with pytest.raises(ValueError, match=r"metadata \['preprocessing'\] contradict"):
+        model_dir.save_model(
+            tmp_path / "q", arch=ARCH, variables=variables, preprocessing=stored,
+            metadata={"preprocessing": default_preprocessing(40).to_json()},
+        )  # fmt: skip
+    with pytest.raises(ValueError, match="metadata preprocessing: interpolation must be one of"):
+        model_dir.save_model(
+            tmp_path / "q", arch=ARCH, variables=variables,
+            metadata={"preprocessing": {**stored.to_json(), "interpolation": "lanczos"}},
+        )  # fmt: skip
+
+    # Neither recorded: the size must be given.
+    loaded = model_dir.load(model_dir.save_model(tmp_path / "n", arch=ARCH, variables=variables))
+    assert loaded.preprocessing is None
+    assert loaded.eval_preprocessing(image_size=32) == default_preprocessing(32)
+    with pytest.raises(ValueError, match="no image_size or preprocessing; pass the size"):
+        loaded.eval_preprocessing()
+
+
+def test_training_checkpoint_preprocessing_is_read(tmp_path, variables):
+    """A training step's metadata carries "preprocessing" (trainer.py writes it); `load` reads
+    it from the workdir and the step directory alike, and a malformed one is named."""
+    stored = Preprocessing(SIZE, 0.9, "nearest")
+    workdir = tmp_path / "run"
+    with checkpoint.TrainCheckpointer(workdir) as ckpt:
+        meta = {**step_meta(epoch=1), "preprocessing": stored.to_json()}
+        ckpt.save(10, variables, metadata=meta, metrics={"val_accuracy": 0.5})
+        bad = {**stored.to_json(), "crop_pct": 1.5}
+        ckpt.save(20, variables, metadata={**step_meta(epoch=2), "preprocessing": bad})
+    for path in (workdir, workdir / "checkpoints" / "10"):
+        loaded = model_dir.load(path, which="best")
+        assert loaded.step == 10 and loaded.preprocessing == stored
+    with pytest.raises(ValueError, match=r"20/meta: metadata preprocessing: crop_pct must be"):
+        _ = model_dir.load(workdir, step=20).preprocessing

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from jax import export
 
-from resnet_jax import models, steps
+from resnet_jax import models, optim, steps
 from resnet_jax.cpu import xla_flags
 
 # torchvision.models.<arch>().parameters() totals (also checked against torchvision itself in
@@ -240,7 +240,7 @@ def test_accelerator_train_step_has_no_cpu_code(monkeypatch, backend_compiles):
     }
     for platform in ("cuda", "tpu"):
         model = models.resnet50(dtype=jnp.bfloat16, platform=platform)
-        tx = steps.create_optimizer(schedule=0.1)
+        tx = optim.create_optimizer(schedule=0.1)
         state = jax.eval_shape(
             lambda v, tx=tx: steps.create_train_state(v, tx), models.variable_shapes(model)
         )
@@ -278,3 +278,28 @@ def test_platform_reaches_every_convolution():
     flax_conv = tiny_bottleneck(num_classes=3, conv=nn.Conv)
     own_conv = tiny_bottleneck(num_classes=3)
     assert models.variable_shapes(flax_conv) == models.variable_shapes(own_conv)
+
+
+def test_appended_head_maps_the_fc_logits_and_its_widths_read_back(basic_vars):
+    """`fc_classes`: fc keeps its width, a `head` (nn.Linear's init) maps its logits to
+    `num_classes`; `classifier_widths` reads both back from the params, for `get_model`."""
+    model = tiny_basic(num_classes=3, fc_classes=1000)
+    variables = models.init_variables(model, KEY, 64)
+    params = variables["params"]
+    assert params["fc"]["kernel"].shape == (512, 1000) and params["head"]["kernel"].shape == (
+        1000,
+        3,
+    )
+    assert np.abs(params["head"]["bias"]).max() <= 1000**-0.5
+    out = model.apply(variables, jnp.ones((2, 64, 64, 3)), return_features=True)
+    head = params["head"]
+    expected = out["fc"] @ head["kernel"] + head["bias"]
+    np.testing.assert_allclose(out["logits"], expected, rtol=1e-5, atol=1e-6)
+    assert models.classifier_widths(params) == {"num_classes": 3, "fc_classes": 1000}
+    assert models.classifier_widths(basic_vars["params"]) == {  # basic_vars: 7 classes
+        "num_classes": 7,
+        "fc_classes": None,
+    }
+    assert models.classifier_widths({}) == {"num_classes": None, "fc_classes": None}
+    with pytest.raises(ValueError, match="fc_classes needs num_classes"):
+        models.variable_shapes(tiny_basic(num_classes=None, fc_classes=1000))

@@ -8,8 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+import torch
 
-from resnet_jax import models, parallel, steps
+from resnet_jax import mixing, models, optim, parallel, steps
 from resnet_jax.preprocessing import normalize_images
 
 NUM_CLASSES = 5
@@ -59,7 +60,7 @@ def _trees_equal(a, b) -> bool:
     return all(jax.tree.leaves(equal))
 
 
-SCHEDULE = steps.learning_rate_schedule(
+SCHEDULE = optim.learning_rate_schedule(
     global_batch_size=GLOBAL_BATCH, steps_per_epoch=4, epochs=3, warmup_epochs=0.5
 )
 
@@ -67,7 +68,7 @@ SCHEDULE = steps.learning_rate_schedule(
 @pytest.fixture(scope="module")
 def setup():
     """Initial state, optimizer, and the three compiled train steps (shared across tests)."""
-    tx = steps.create_optimizer(schedule=SCHEDULE)
+    tx = optim.create_optimizer(schedule=SCHEDULE)
     state = steps.create_train_state(_random_variables(tiny()), tx)
     mesh = parallel.make_mesh()
     sharded = tiny(axis_name="batch")
@@ -227,7 +228,7 @@ def test_image_dtype_neither_uint8_nor_float_is_an_error(setup):
 
 def test_bfloat16_step_keeps_float32_params_and_loss():
     model = tiny(dtype=jnp.bfloat16)
-    tx = steps.create_optimizer(schedule=0.01)
+    tx = optim.create_optimizer(schedule=0.01)
     state = steps.create_train_state(_random_variables(model), tx)
     new, metrics = jax.jit(steps.make_train_step(model, tx, axis_name=None))(state, _batch(6))
     assert metrics["loss"].dtype == jnp.float32 and np.isfinite(metrics["loss"])
@@ -248,7 +249,7 @@ def _path_name(path) -> str:
 @pytest.mark.parametrize("name", ["sgd", "adamw"])
 def test_weight_decay_only_touches_kernels(name):
     params = _params()
-    tx = steps.create_optimizer(name=name, schedule=1.0, weight_decay=0.1, momentum=0.0)
+    tx = optim.create_optimizer(name=name, schedule=1.0, weight_decay=0.1, momentum=0.0)
     zero_grads = jax.tree.map(np.zeros_like, params)
     updates, _ = jax.jit(tx.update)(zero_grads, jax.jit(tx.init)(params), params)
 
@@ -274,8 +275,8 @@ def test_frozen_and_head_labels():
     labels = jax.tree_util.tree_map_with_path(label, params)
     grads = jax.tree.map(lambda p: np.full_like(p, 0.5), params)
     kwargs = {"schedule": optax.constant_schedule(0.1), "weight_decay": 1e-2}
-    tx = steps.create_optimizer(param_labels=labels, head_lr_multiplier=10.0, **kwargs)
-    plain = steps.create_optimizer(**kwargs)
+    tx = optim.create_optimizer(param_labels=labels, head_lr_multiplier=10.0, **kwargs)
+    plain = optim.create_optimizer(**kwargs)
     opt_state = jax.jit(tx.init)(params)
     updates, _ = jax.jit(tx.update)(grads, opt_state, params)
     want, _ = jax.jit(plain.update)(grads, jax.jit(plain.init)(params), params)
@@ -303,33 +304,33 @@ def test_frozen_and_head_labels():
 
 def test_optimizer_argument_errors():
     with pytest.raises(ValueError, match="'lamb'.*sgd, adamw"):
-        steps.create_optimizer(name="lamb", schedule=0.1)
+        optim.create_optimizer(name="lamb", schedule=0.1)
     with pytest.raises(ValueError, match="param_labels"):
-        steps.create_optimizer(schedule=0.1, head_lr_multiplier=10.0)
+        optim.create_optimizer(schedule=0.1, head_lr_multiplier=10.0)
     params = _params()
     bad = jax.tree.map(lambda _: "freeze", params)
     with pytest.raises(ValueError, match="unknown labels \\['freeze'\\]"):
-        steps.create_optimizer(schedule=0.1, param_labels=bad)
+        optim.create_optimizer(schedule=0.1, param_labels=bad)
     partial_labels = {k: jax.tree.map(lambda _: "train", v) for k, v in params.items() if k != "fc"}
-    tx = steps.create_optimizer(schedule=0.1, param_labels=partial_labels)
+    tx = optim.create_optimizer(schedule=0.1, param_labels=partial_labels)
     with pytest.raises(ValueError, match="missing labels for.*fc"):
         tx.init(params)
 
 
 def test_schedule_warmup_then_cosine():
-    sched = steps.learning_rate_schedule(
+    sched = optim.learning_rate_schedule(
         base_lr=0.1, global_batch_size=512, steps_per_epoch=10, epochs=10, warmup_epochs=2
     )
     peak = 0.1 * 512 / 256
     at = np.array([0, 10, 20, 60, 100])
     want = [0.0, peak / 2, peak, peak / 2, 0.0]  # warmup ends at 20; cosine midpoint at 60
     np.testing.assert_allclose([sched(s) for s in at], want, rtol=1e-5, atol=1e-7)
-    no_warmup = steps.learning_rate_schedule(
+    no_warmup = optim.learning_rate_schedule(
         global_batch_size=256, steps_per_epoch=5, epochs=2, warmup_epochs=0
     )
     np.testing.assert_allclose(no_warmup(0), 0.1)
     with pytest.raises(ValueError, match="warmup_epochs"):
-        steps.learning_rate_schedule(
+        optim.learning_rate_schedule(
             global_batch_size=256, steps_per_epoch=5, epochs=2, warmup_epochs=3
         )
 
@@ -373,7 +374,7 @@ def test_batch_not_divisible_by_devices(setup):
 
 
 def test_model_axis_name_must_be_none_or_the_steps_axis():
-    tx = steps.create_optimizer(schedule=0.1)
+    tx = optim.create_optimizer(schedule=0.1)
     with pytest.raises(ValueError, match="axis_name is 'other' but the step maps over 'batch'"):
         steps.make_train_step(tiny(axis_name="other"), tx)
     steps.make_train_step(tiny(), tx)  # per-replica BatchNorm under a mapped step
@@ -384,7 +385,7 @@ def test_model_axis_name_must_be_none_or_the_steps_axis():
 def test_without_sync_each_device_normalises_with_its_own_batch(setup):
     """Model axis_name None under a 4-device step: each device's running statistics update is
     its own batch's (they differ), and the stored running statistics are their mean."""
-    tx = steps.create_optimizer(schedule=SCHEDULE)
+    tx = optim.create_optimizer(schedule=SCHEDULE)
     step = parallel.parallelize(steps.make_train_step(tiny(), tx, schedule=SCHEDULE), setup["mesh"])
     batch = _batch(3)
     batch["image"][:2] += 1.0  # device 0's images: a clearly different batch mean
@@ -416,7 +417,7 @@ def test_collectives_in_the_resnet18_train_step(setup):
     """The lowered 4-device resnet18 step: 62 gradient + 2 metric all-reduces, plus per
     BatchNorm layer (20) one all_gather forward and one all_reduce backward with synchronised
     BatchNorm, or none per layer and one all-reduce of all running statistics without."""
-    tx = steps.create_optimizer(schedule=0.1)
+    tx = optim.create_optimizer(schedule=0.1)
     batch = parallel.prepare_batch(_batch(0), setup["mesh"])
     counts = {}
     for sync in (True, False):
@@ -431,3 +432,185 @@ def test_collectives_in_the_resnet18_train_step(setup):
     none = dict.fromkeys(_collectives(""), 0)
     assert counts[True] == none | {"all_reduce": grads_and_metrics + 20, "all_gather": 20}
     assert counts[False] == none | {"all_reduce": grads_and_metrics + 1}
+
+
+def test_accumulation_applies_the_mean_of_the_micro_batch_gradients():
+    """float64: one step over 3 micro-batches (positions k, k+3, ...) equals, by hand, the mean
+    of their gradients, each micro-batch normalised on its own, the running statistics updated
+    by each in turn."""
+    with jax.enable_x64(True):
+        model = tiny(dtype=jnp.float64, param_dtype=jnp.float64)
+        variables = jax.tree.map(lambda x: x.astype(np.float64), _random_variables(model))
+        tx = optim.create_optimizer(schedule=1.0, weight_decay=0.0, momentum=0.0)
+        batch = _batch(8, n=6)
+        batch["image"] = batch["image"].astype(np.float64)
+        state = steps.create_train_state(variables, tx)
+        step = jax.jit(steps.make_train_step(model, tx, axis_name=None, accum_steps=3))
+        new, metrics = step(state, batch)
+
+        def loss(params, stats, micro):
+            logits, upd = model.apply(
+                {"params": params, "batch_stats": stats},
+                micro["image"],
+                train=True,
+                mutable=["batch_stats"],
+            )
+            ce = steps.cross_entropy_loss(logits, micro["label"], num_classes=NUM_CLASSES)
+            return ce, upd["batch_stats"]
+
+        grad_fn = jax.jit(jax.value_and_grad(loss, has_aux=True))
+        stats, grads, losses = variables["batch_stats"], [], []
+        for k in range(3):
+            micro = jax.tree.map(lambda x, k=k: x[k::3], batch)
+            (value, stats), g = grad_fn(variables["params"], stats, micro)
+            grads.append(g)
+            losses.append(value)
+        mean_grad = jax.tree.map(lambda *g: sum(g) / 3, *grads)
+        want_params = jax.tree.map(lambda p, g: p - g, variables["params"], mean_grad)
+        close = functools.partial(np.testing.assert_allclose, rtol=1e-10, atol=1e-12)
+        jax.tree.map(close, _host(new.params), _host(want_params))
+        jax.tree.map(close, _host(new.batch_stats), _host(stats))
+        close(metrics["loss"], np.mean(losses))
+        # Not the gradient of the whole batch at once (BatchNorm sees each micro-batch alone).
+        whole = jax.grad(lambda p: loss(p, variables["batch_stats"], batch)[0])(variables["params"])
+        diff = jax.tree.map(lambda a, b: np.abs(a - b).max(), whole, mean_grad)
+        assert max(jax.tree.leaves(diff)) > 1e-6
+    tx = optim.create_optimizer(schedule=0.1)
+    step = jax.jit(steps.make_train_step(tiny(), tx, axis_name=None, accum_steps=4))
+    with pytest.raises(ValueError, match="accum_steps=4 must divide"):
+        step(steps.create_train_state(_random_variables(tiny()), tx), _batch(0, n=6))
+
+
+def test_mixing_and_accumulation_do_not_depend_on_the_device_count(setup):
+    """MixUp/CutMix (both, one per micro-batch) with 2 micro-batches: the 4-device step with
+    synchronised BatchNorm equals the single-device step (the same global micro-batches, the same
+    mixing), as the plain data-parallel step does."""
+    m = mixing.Mixing(mixup_alpha=0.2, cutmix_alpha=1.0, seed=3)
+    tx = optim.create_optimizer(schedule=SCHEDULE)
+    kwargs = {"schedule": SCHEDULE, "mixing": m, "accum_steps": 2, "label_smoothing": 0.1}
+    single = jax.jit(steps.make_train_step(tiny(), tx, axis_name=None, **kwargs))
+    sharded = parallel.parallelize(
+        steps.make_train_step(tiny(axis_name="batch"), tx, **kwargs), setup["mesh"]
+    )
+    batches = [_batch(11, n=16), _batch(12, n=16)]
+    state = setup["state"]
+    for b in batches:
+        state, want_metrics = single(state, b)
+    got = parallel.place_state(setup["state"], setup["mesh"])
+    for b in batches:
+        got, got_metrics = sharded(got, parallel.prepare_batch(b, setup["mesh"]))
+    got = parallel.fetch_state(got)
+    close = functools.partial(np.testing.assert_allclose, rtol=1e-4, atol=1e-5)
+    for part in ("params", "batch_stats"):
+        jax.tree.map(close, getattr(got, part), _host(getattr(state, part)))
+    close(parallel.fetch_state(got_metrics)["loss"], want_metrics["loss"])
+    plain = jax.jit(steps.make_train_step(tiny(), tx, axis_name=None, schedule=SCHEDULE))
+    _, unmixed = plain(setup["state"], batches[0])
+    _, mixed = single(setup["state"], batches[0])
+    assert abs(float(unmixed["loss"]) - float(mixed["loss"])) > 1e-3  # mixing changed the loss
+
+
+def _decay_per_leaf(**kwargs) -> dict:
+    """{(module, name): the decay factor each leaf got} from zero gradients, lr 1."""
+    params = _params()
+    tx = optim.create_optimizer(schedule=1.0, momentum=0.0, **kwargs)
+    zero = jax.tree.map(np.zeros_like, params)
+    updates, _ = jax.jit(tx.update)(zero, jax.jit(tx.init)(params), params)
+    out = {}
+    for (path, p), u in zip(
+        jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(updates), strict=True
+    ):
+        factor = -np.asarray(u) / np.asarray(p)
+        np.testing.assert_allclose(factor, factor.flat[0], rtol=1e-4)
+        kind = "fc" if path[0].key == "fc" else "bn" if "bn" in path[-2].key else "conv"
+        out.setdefault((kind, path[-1].key), set()).add(round(float(factor.flat[0]), 5))
+    return out
+
+
+def test_weight_decay_groups_as_torchvision_set_weight_decay():
+    defaults = _decay_per_leaf(weight_decay=0.1)
+    assert defaults == {
+        ("conv", "kernel"): {0.1},
+        ("bn", "scale"): {0.0},
+        ("bn", "bias"): {0.0},
+        ("fc", "kernel"): {0.1},
+        ("fc", "bias"): {0.0},
+    }
+    groups = _decay_per_leaf(weight_decay=0.1, norm_weight_decay=0.3, bias_weight_decay=0.2)
+    assert groups[("bn", "scale")] == {0.3}
+    assert groups[("bn", "bias")] == groups[("fc", "bias")] == {0.2}  # bias wins over norm
+    no_bias_group = _decay_per_leaf(weight_decay=0.1, norm_weight_decay=0.3, bias_weight_decay=None)
+    assert no_bias_group[("bn", "bias")] == {0.3} and no_bias_group[("fc", "bias")] == {0.1}
+    everything = _decay_per_leaf(weight_decay=0.1, norm_weight_decay=None, bias_weight_decay=None)
+    assert set().union(*everything.values()) == {0.1}  # torchvision's default: one group
+
+
+def test_default_optimizer_state_keeps_its_structure():
+    """The default SGD / AdamW state is what a single masked decay gives (checkpoints resume)."""
+    params = _params()
+    mask = jax.tree.map(lambda _: True, params)
+    old_sgd = optax.chain(
+        optax.add_decayed_weights(1e-4, mask=mask), optax.sgd(0.1, momentum=0.9, nesterov=True)
+    )
+    old_adamw = optax.adamw(0.1, weight_decay=1e-4, mask=mask)
+    for name, old in (("sgd", old_sgd), ("adamw", old_adamw)):
+        new = optim.create_optimizer(name=name, schedule=0.1)
+        assert jax.tree.structure(new.init(params)) == jax.tree.structure(old.init(params))
+
+
+def test_clip_grad_norm_matches_torch():
+    rng = np.random.default_rng(0)
+    grads = {"a": rng.standard_normal((3, 4)), "b": rng.standard_normal(5)}
+    tensors = [torch.from_numpy(g.copy()) for g in grads.values()]
+    for t in tensors:
+        t.grad = t.clone()
+    torch.nn.utils.clip_grad_norm_(tensors, 0.5)
+    clip = optim.clip_grad_norm_as_torch(0.5)
+    got, _ = clip.update(jax.tree.map(np.float32, grads), clip.init(grads))
+    for g, t in zip(got.values(), tensors, strict=True):
+        np.testing.assert_allclose(g, t.grad.numpy(), rtol=1e-6)
+    small, _ = clip.update({"a": np.full(2, 0.1, np.float32)}, ())
+    np.testing.assert_array_equal(small["a"], np.float32(0.1))  # under the limit: unchanged
+    tx = optim.create_optimizer(schedule=1.0, weight_decay=0.0, momentum=0.0, clip_grad_norm=0.5)
+    updates, _ = tx.update(jax.tree.map(np.float32, grads), tx.init(grads), grads)
+    norm = optax.tree.norm(updates)
+    np.testing.assert_allclose(norm, 0.5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["linear", "constant"])
+def test_warmup_and_cosine_match_torch_schedulers(method):
+    """One step per epoch: torch's SequentialLR([LinearLR | ConstantLR, CosineAnnealingLR])."""
+    peak, epochs, warmup, decay, lr_min = 0.4, 10, 3, 0.01, 0.02
+    sched = optim.learning_rate_schedule(
+        base_lr=peak,
+        global_batch_size=256,
+        steps_per_epoch=1,
+        epochs=epochs,
+        warmup_epochs=warmup,
+        warmup_method=method,
+        warmup_decay=decay,
+        lr_min=lr_min,
+    )
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=peak)
+    sch = torch.optim.lr_scheduler
+    first = (
+        sch.LinearLR(opt, start_factor=decay, total_iters=warmup)
+        if method == "linear"
+        else sch.ConstantLR(opt, factor=decay, total_iters=warmup)
+    )
+    cosine = sch.CosineAnnealingLR(opt, T_max=epochs - warmup, eta_min=lr_min)
+    both = sch.SequentialLR(opt, [first, cosine], milestones=[warmup])
+    want = []
+    for _ in range(epochs):
+        want.append(opt.param_groups[0]["lr"])
+        opt.step()
+        both.step()
+    np.testing.assert_allclose([sched(s) for s in range(epochs)], want, rtol=1e-5, atol=1e-7)
+    with pytest.raises(ValueError, match="warmup_method 'cosine'"):
+        optim.learning_rate_schedule(
+            global_batch_size=256,
+            steps_per_epoch=1,
+            epochs=2,
+            warmup_epochs=1,
+            warmup_method="cosine",
+        )

@@ -14,9 +14,11 @@ import subprocess
 from pathlib import Path
 from typing import NamedTuple
 
+import hub_standin
 import jax
 import numpy as np
 import pytest
+import safetensors.numpy
 import torch
 import torchvision
 from helpers import ROOT, load_script, metrics_records, run_script
@@ -24,7 +26,17 @@ from jax.experimental import multihost_utils
 from PIL import Image
 from test_transfer import _changed_stages
 
-from resnet_jax import checkpoint, convert, model_dir, models, parallel, trainer, transfer
+from resnet_jax import (
+    checkpoint,
+    convert,
+    model_dir,
+    models,
+    parallel,
+    pretrained_registry,
+    train_config,
+    trainer,
+    transfer,
+)
 
 pytestmark = pytest.mark.launches
 
@@ -484,3 +496,107 @@ def test_bench_train_measures_the_loop_and_the_bare_step(tmp_path):
     )
     assert result["loop_images_per_sec"] > 0 and result["bare_step_images_per_sec"] > 0
     assert math.isfinite(result["loop_overhead_percent"])
+
+
+# ------------------------------------------------------------------------------------------------
+# --pretrained NAME through the local Hub stand-in (tests/hub_standin.py), --head append
+
+
+@pytest.fixture(scope="module")
+def hub(tmp_path_factory):
+    """The Hub stand-in serving a random 1000-class torchvision resnet18 as the registry's
+    `timm/resnet18.tv_in1k`, and its weights."""
+    weights = hub_standin.resnet18_weights()
+    repos = {"timm/resnet18.tv_in1k": {"model.safetensors": weights}}
+    with hub_standin.HubStandIn(repos) as server:
+        yield {"server": server, "weights": weights, "tmp": tmp_path_factory.mktemp("hub")}
+
+
+def _train_from_hub(hub, hf_home: Path, *args: str, offline: bool = False):
+    """scripts/train.py `args` in a fresh process pointed at the stand-in, cache in `hf_home`."""
+    env = {"HF_ENDPOINT": hub["server"].url, "HF_HOME": str(hf_home),
+           "HF_HUB_OFFLINE": "1" if offline else "0", "HF_HUB_DISABLE_TELEMETRY": "1"}  # fmt: skip
+    return run_script("train.py", *args, **env)
+
+
+def test_head_append_from_a_registry_name(hub, tiny_data, tmp_path):
+    """`--pretrained resnet18.tv_in1k --freeze backbone --head append`: downloaded through the
+    stand-in, the 1000-class fc kept (frozen) with the backbone, a 2-class head trained on top;
+    the weights' preprocessing, at --image-size, is stored in the checkpoint's metadata."""
+    workdir = tmp_path / "w"
+    proc = _train_from_hub(
+        hub, hub["tmp"] / "hf_home", "--arch", "resnet18", "--pretrained", "resnet18.tv_in1k",
+        "--freeze", "backbone", "--head", "append", "--data-dir", str(tiny_data),
+        "--image-size", "32", "--batch-size", "4", "--epochs", "1", "--max-steps", "2",
+        "--lr", "0.5", "--workdir", str(workdir),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "loaded pretrained resnet18 weights from resnet18.tv_in1k (Hub repo " in proc.stderr
+    assert "appending a new 2-class layer 'head' on the pretrained 1000-class fc" in proc.stderr
+    loaded = model_dir.load(workdir, which="latest")
+    registered = pretrained_registry.REGISTRY["resnet18.tv_in1k"].preprocessing
+    assert loaded.metadata["preprocessing"] == registered.override(eval_size=32).to_json()
+    assert loaded.metadata["fc_classes"] == 1000 and loaded.metadata["trainable"] == ["head"]
+    start = convert.from_torchvision(safetensors.numpy.load(hub["weights"]), "resnet18")
+    after = {k: dict(v) for k, v in loaded.variables.items()}
+    assert after["params"].pop("head")["kernel"].shape == (1000, 2)
+    for collection in ("params", "batch_stats"):
+        same, changed = _changed_stages(start[collection], after[collection])
+        kept = {"stem", *models.STAGE_NAMES} | ({"fc"} if collection == "params" else set())
+        assert not changed and same == kept, collection
+
+
+@pytest.mark.parametrize(
+    ("name", "offline", "says"),
+    [
+        ("resnet18.tv_in1k", True, "is not in the cache"),
+        # a corrupt download and a file of another arch: tests/test_pretrained.py (the message)
+        ("hf-hub:org/missing", False, "no such repo at"),
+    ],
+)
+def test_pretrained_name_that_cannot_load_is_one_line_and_writes_nothing(
+    hub, tiny_data, tmp_path, name, offline, says
+):
+    """Offline with an empty cache, a missing repo: exit 2, the last line
+    names the weights and the repo, and the workdir is not even created."""
+    workdir = tmp_path / "w"
+    proc = _train_from_hub(
+        hub, tmp_path / "empty_hf_home", "--arch", "resnet18", "--pretrained", name,
+        "--freeze", "backbone", "--data-dir", str(tiny_data), "--workdir", str(workdir),
+        offline=offline,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    line = proc.stderr.strip().splitlines()[-1]
+    assert line.startswith("train.py: error: cannot load ") and says in line, line
+    repo = name.removeprefix("hf-hub:") if name.startswith("hf-hub:") else "timm/" + name
+    assert repr(name) in line and repr(repo) in line, line
+    assert not workdir.exists()
+
+
+def test_pretrained_name_of_another_arch_is_a_usage_error(tiny_data, tmp_path, capsys):
+    workdir = tmp_path / "w"
+    line = _usage_error(
+        ["--arch", "resnet34", "--pretrained", "resnet18.tv_in1k", "--freeze", "backbone",
+         "--data-dir", str(tiny_data), "--workdir", str(workdir)], capsys
+    )  # fmt: skip
+    assert line.endswith(
+        "--pretrained resnet18.tv_in1k holds resnet18 weights but --arch is resnet34; "
+        "pass --arch resnet18"
+    )
+    assert not workdir.exists()
+
+
+def test_head_append_needs_freeze_backbone_thus_pretrained(tiny_data, tmp_path, capsys):
+    base = ["--data-dir", str(tiny_data), "--workdir", str(tmp_path / "w"), "--head", "append"]
+    line = _usage_error([*base, "--pretrained", "x.pth", "--freeze", "none"], capsys)
+    assert "use it with --freeze backbone, not --freeze none" in line
+    line = _usage_error([*base, "--freeze", "backbone"], capsys)
+    assert "--freeze backbone needs --pretrained" in line
+
+
+def test_a_registered_name_resumes_whatever_the_working_directory(tmp_path, monkeypatch):
+    """A NAME is not a path: resuming from another directory compares it as written."""
+    config = dataclasses.asdict(trainer.TrainConfig(pretrained="resnet18.tv_in1k"))
+    monkeypatch.chdir(tmp_path)
+    trainer.check_resume({"config": config}, {"config": dict(config)}, tmp_path)
+    assert train_config._resume_settings(config)["pretrained"] == "resnet18.tv_in1k"

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torchvision
 
-from resnet_jax import models, steps, transfer
+from resnet_jax import models, optim, steps, transfer
 
 tiny = functools.partial(models.ResNet, stage_sizes=(1, 1, 1, 1), block_cls=models.BasicBlock)
 
@@ -63,7 +63,7 @@ def test_freeze_modes_update_exactly_the_trainable_stages(
     stages = transfer.trainable_stages(freeze, trainable)
     assert set(stages) == trained
     model = tiny(num_classes=5, frozen_bn=transfer.frozen_bn(stages))
-    tx = steps.create_optimizer(
+    tx = optim.create_optimizer(
         schedule=0.1,
         param_labels=transfer.param_labels(start_variables["params"], stages),
         head_lr_multiplier=2.0,
@@ -91,7 +91,7 @@ def _frozen_step(freeze: str, variables: dict):
     stages = transfer.trainable_stages(freeze, None)
     model = tiny(num_classes=5, frozen_bn=transfer.frozen_bn(stages))
     labels = transfer.param_labels(variables["params"], stages)
-    tx = steps.create_optimizer(schedule=0.1, param_labels=labels)
+    tx = optim.create_optimizer(schedule=0.1, param_labels=labels)
     mask = transfer.trainable_mask(variables["params"], stages)
     step = jax.jit(steps.make_train_step(model, tx, axis_name=None, trainable=mask))
     return step, steps.create_train_state(variables, tx), model
@@ -138,6 +138,64 @@ def test_trainable_stages_errors():
         transfer.trainable_stages("backbone", ["fc"])
 
 
+def test_head_append_trains_only_the_new_layer(start_variables):
+    """--head append: the pretrained 5-class fc stays, frozen, under a new 3-class `head`; after
+    3 SGD steps with BatchNorm in train mode, every parameter but the head's and every BatchNorm
+    statistic are bit-identical, and every leaf of the head moved."""
+    stages = transfer.trainable_stages("backbone", None, "append")
+    assert stages == ("head",)
+    model = tiny(num_classes=3, fc_classes=5, frozen_bn=transfer.frozen_bn(stages))
+    fresh = models.init_variables(model, jax.random.key(2), 32)
+    pretrained = jax.tree.map(np.asarray, start_variables)
+    start = transfer.merge_pretrained(fresh, pretrained)
+    np.testing.assert_array_equal(
+        start["params"]["fc"]["kernel"], pretrained["params"]["fc"]["kernel"]
+    )
+    np.testing.assert_array_equal(
+        start["params"]["head"]["kernel"], fresh["params"]["head"]["kernel"]
+    )
+    labels = transfer.param_labels(start["params"], stages)
+    assert {top: jax.tree.leaves(sub)[0] for top, sub in labels.items()} == {
+        top: "head" if top == "head" else "frozen" for top in start["params"]
+    }
+    tx = optim.create_optimizer(schedule=0.5, param_labels=labels)
+    mask = transfer.trainable_mask(start["params"], stages)
+    step = jax.jit(steps.make_train_step(model, tx, axis_name=None, trainable=mask))
+    state = steps.create_train_state(start, tx)
+    rng = np.random.default_rng(3)
+    for _ in range(3):
+        batch = {"image": rng.integers(0, 256, (4, 32, 32, 3), dtype=np.uint8),
+                 "label": rng.integers(0, 3, 4).astype(np.int32)}  # fmt: skip
+        state, metrics = step(state, batch)
+        assert np.isfinite(metrics["loss"])
+    after = {"params": dict(state.params), "batch_stats": state.batch_stats}
+    head = after["params"].pop("head")
+    before = {"params": dict(start["params"]), "batch_stats": start["batch_stats"]}
+    before["params"].pop("head")
+    for collection in ("params", "batch_stats"):
+        same, changed = _changed_stages(before[collection], after[collection])
+        assert not changed and same == set(_leaves_by_stage(before[collection])), collection
+    _, changed = _changed_stages({"head": start["params"]["head"]}, {"head": head})
+    assert changed == {"head"}
+
+
+def test_head_append_errors():
+    with pytest.raises(ValueError, match="use it with --freeze backbone, not --freeze none"):
+        transfer.trainable_stages("none", None, "append")
+    with pytest.raises(ValueError, match="--head must be one of replace, append"):
+        transfer.trainable_stages("backbone", None, "stack")
+    with pytest.raises(ValueError, match=r"weights have no classifier \(fc\); use --head replace"):
+        transfer.check_head_trains({"params": {}}, 5, ("head",))
+    transfer.check_head_trains({"params": {"fc": {"kernel": np.zeros((512, 10))}}}, 5, ("head",))
+
+
+def test_a_registered_name_of_another_arch_is_refused_before_downloading():
+    with pytest.raises(
+        ValueError, match="holds resnet50 weights but --arch is resnet18; pass --arch resnet50"
+    ):
+        transfer.load_pretrained("resnet50.tv2_in1k", "resnet18")
+
+
 def test_a_new_head_must_train(start_variables):
     ten = {"params": {"fc": {"kernel": np.zeros((512, 10))}}}
     headless = {"params": {}}
@@ -173,4 +231,6 @@ def test_load_pretrained_reads_torchvision_files_in_any_case(tmp_path):
     path = tmp_path / "RESNET18.PTH"
     torch.save(torchvision.models.resnet18(num_classes=3).state_dict(), path)
     loaded = transfer.load_pretrained(path, "resnet18")
-    assert loaded["params"]["fc"]["kernel"].shape == (512, 3)
+    assert loaded.variables["params"]["fc"]["kernel"].shape == (512, 3)
+    assert loaded.preprocessing is None  # a torchvision file states none
+    assert loaded.origin == str(path)
