@@ -145,7 +145,7 @@ class Predictor:
         self.batch_size = check_positive_int("batch_size", batch_size)
         self.class_names = [str(c) for c in class_names]
         self.model = model
-        model_dir.check_variables(variables, model, "Predictor")
+        models.check_variables(variables, model, "Predictor")
         self.variables = jax.device_put({c: variables[c] for c in model_dir.VARIABLE_COLLECTIONS})
         try:
             hash(model)

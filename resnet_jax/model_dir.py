@@ -23,7 +23,6 @@ The metadata key "preprocessing" holds the eval transform the weights want
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import logging
 import math
@@ -107,62 +106,13 @@ def num_classes(params: Mapping[str, Any]) -> int | None:
     return int(np.shape(params["fc"]["kernel"])[-1])
 
 
-def _flat_shapes(variables: Mapping) -> dict[str, tuple[int, ...]]:
-    """{leaf path: shape} of the params and batch_stats of a variables tree (a missing
-    collection has no leaves)."""
-    tree = {c: variables.get(c, {}) for c in VARIABLE_COLLECTIONS}
-    leaves = jax.tree_util.tree_leaves_with_path(tree)
-    return {jax.tree_util.keystr(k): tuple(np.shape(v)) for k, v in leaves}
-
-
-@functools.lru_cache(maxsize=32)
-def _cached_model_shapes(model: models.ResNet) -> dict[str, tuple[int, ...]]:
-    """`_flat_shapes` of a (hashable) model's variables; tracing one takes about a second."""
-    return _flat_shapes(models.variable_shapes(model))
-
-
-def _model_shapes(model: models.ResNet) -> dict[str, tuple[int, ...]]:
-    """`_flat_shapes` of the variables `model` creates, cached for hashable models (those of
-    `models.get_model`; list-valued attributes make a hand-built one unhashable)."""
-    try:
-        hash(model)
-    except TypeError:
-        return _flat_shapes(models.variable_shapes(model))
-    return _cached_model_shapes(model)
-
-
-def _leaves(n: int) -> str:
-    return f"{n} leaf" if n == 1 else f"{n} leaves"
-
-
-def check_variables(
-    variables: Mapping, model: models.ResNet, where: str, *, what: str = "the model"
-) -> None:
-    """Raise ValueError unless `variables` has exactly the params and batch_stats leaves and
-    shapes of `model`; the message starts with `where`, calls the model `what` and names every
-    missing, unexpected and mis-shaped leaf. Dtypes are not compared."""
-    want, got = _model_shapes(model), _flat_shapes(variables)
-    missing = sorted(want.keys() - got.keys())
-    unexpected = sorted(got.keys() - want.keys())
-    misshaped = sorted(k for k in want.keys() & got.keys() if got[k] != want[k])
-    if not (missing or unexpected or misshaped):
-        return
-    lines = [f"{where}: variables do not match {what}:"]
-    if missing:
-        lines.append(f"  missing {_leaves(len(missing))}: " + ", ".join(missing))
-    if unexpected:
-        lines.append(f"  unexpected {_leaves(len(unexpected))}: " + ", ".join(unexpected))
-    lines += [f"  wrong shape for {k}: expected {want[k]}, found {got[k]}" for k in misshaped]
-    raise ValueError("\n".join(lines))
-
-
 def _check_arch_variables(arch: str, variables: Mapping, where: str) -> None:
     """`check_variables` against the `arch` model with the variables' classifier widths
     (`models.classifier_widths`: `fc`, and an appended `head` if any)."""
     widths = models.classifier_widths(variables["params"])
     model = models.get_model(arch, **widths)
     shown = ", ".join(f"{k}={v}" for k, v in widths.items() if v is not None) or "no head"
-    check_variables(variables, model, where, what=f"{arch} with {shown}")
+    models.check_variables(variables, model, where, what=f"{arch} with {shown}")
 
 
 def _check_class_names(class_names: Sequence[str] | None, classes: int | None, where: str) -> None:

@@ -399,3 +399,52 @@ def variable_shapes(model: ResNet) -> dict:
     return dict(
         jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0), dummy)
     )
+
+
+def _flat_shapes(variables: Mapping) -> dict[str, tuple[int, ...]]:
+    """{leaf path: shape} of the params and batch_stats of a variables tree (a missing
+    collection has no leaves)."""
+    tree = {c: variables.get(c, {}) for c in ("params", "batch_stats")}
+    leaves = jax.tree_util.tree_leaves_with_path(tree)
+    return {jax.tree_util.keystr(k): tuple(np.shape(v)) for k, v in leaves}
+
+
+@functools.lru_cache(maxsize=32)
+def _cached_model_shapes(model: ResNet) -> dict[str, tuple[int, ...]]:
+    """`_flat_shapes` of a (hashable) model's variables; tracing one takes about a second."""
+    return _flat_shapes(variable_shapes(model))
+
+
+def _model_shapes(model: ResNet) -> dict[str, tuple[int, ...]]:
+    """`_flat_shapes` of the variables `model` creates, cached for hashable models (those of
+    `models.get_model`; list-valued attributes make a hand-built one unhashable)."""
+    try:
+        hash(model)
+    except TypeError:
+        return _flat_shapes(variable_shapes(model))
+    return _cached_model_shapes(model)
+
+
+def _leaves(n: int) -> str:
+    return f"{n} leaf" if n == 1 else f"{n} leaves"
+
+
+def check_variables(
+    variables: Mapping, model: ResNet, where: str, *, what: str = "the model"
+) -> None:
+    """Raise ValueError unless `variables` has exactly the params and batch_stats leaves and
+    shapes of `model`; the message starts with `where`, calls the model `what` and names every
+    missing, unexpected and mis-shaped leaf. Dtypes are not compared."""
+    want, got = _model_shapes(model), _flat_shapes(variables)
+    missing = sorted(want.keys() - got.keys())
+    unexpected = sorted(got.keys() - want.keys())
+    misshaped = sorted(k for k in want.keys() & got.keys() if got[k] != want[k])
+    if not (missing or unexpected or misshaped):
+        return
+    lines = [f"{where}: variables do not match {what}:"]
+    if missing:
+        lines.append(f"  missing {_leaves(len(missing))}: " + ", ".join(missing))
+    if unexpected:
+        lines.append(f"  unexpected {_leaves(len(unexpected))}: " + ", ".join(unexpected))
+    lines += [f"  wrong shape for {k}: expected {want[k]}, found {got[k]}" for k in misshaped]
+    raise ValueError("\n".join(lines))
