@@ -2,12 +2,17 @@
 
 Both decode the flower JPEGs, random-resized-crop to 224, flip, scale to [0, 1], normalise with
 ImageNet mean/std and batch 64, with the same number of workers (threads for tf.data, processes for
-the DataLoader). With `--uint8` both stop before scaling and normalising and yield the uint8
-pixels, as `scripts/train.py` feeds its steps (they normalise on the devices). Runs alternate
-between the two; each run starts a fresh pipeline, discards its first batch (start-up) and times
-the next `--batches`. Prints a markdown table of medians.
+the DataLoader). `--auto-augment ta_wide|ra` adds TrivialAugmentWide / RandAugment after the flip
+on both sides (torchvision's ClassificationPresetTrain order) and `--random-erase P` torchvision's
+RandomErasing(P) after normalising: the DataLoader erases in its workers, the tf.data pipeline only
+draws the boxes (batch["erase_box"]; the train step erases them on the devices). With `--uint8`
+both stop before scaling and normalising and yield the uint8 pixels, as `scripts/train.py` feeds its
+steps (they normalise on the devices). Runs alternate between the two; each run starts a fresh
+pipeline, discards its first batch (start-up) and times the next `--batches`.
+Prints a markdown table of medians.
 
     python benchmarks/bench_input.py [--data-dir ../shared/data/flower_photos] [--workers 2]
+        [--auto-augment ta_wide --random-erase 0.1]
 
 (`--data-dir` defaults to $RESNET_JAX_FLOWERS, else ../shared/data/flower_photos.)
 """
@@ -26,7 +31,7 @@ import torch
 from torch.utils.data import DataLoader
 from torchvision import datasets, transforms
 
-from resnet_jax import data
+from resnet_jax import augment, data
 
 # The flower photos: RESNET_JAX_FLOWERS, else ../shared/data/flower_photos beside the repo.
 DEFAULT_DATA = Path(
@@ -52,7 +57,9 @@ def run_tf(source: data.DataSource, args: argparse.Namespace, epoch: int) -> flo
     batches = data.train_batches(
         source,
         batch_size=args.batch_size,
-        image_size=args.image_size,
+        augment=augment.TrainAugment(
+            args.image_size, auto_augment=args.auto_augment, random_erase=args.random_erase
+        ),
         seed=0,
         epoch=epoch,
         num_workers=args.workers,
@@ -74,6 +81,25 @@ def run_torch(folder: datasets.ImageFolder, args: argparse.Namespace, epoch: int
     return images_per_second(loader, args.batches, args.batch_size)
 
 
+def torch_transform(args: argparse.Namespace) -> transforms.Compose:
+    """torchvision's ClassificationPresetTrain for the benchmark's options."""
+    steps = [transforms.RandomResizedCrop(args.image_size), transforms.RandomHorizontalFlip()]
+    if args.auto_augment == "ta_wide":
+        steps.append(transforms.TrivialAugmentWide())
+    elif args.auto_augment == "ra":
+        steps.append(transforms.RandAugment())
+    if args.uint8:
+        steps.append(transforms.PILToTensor())
+    else:
+        steps += [
+            transforms.ToTensor(),
+            transforms.Normalize(data.IMAGENET_MEAN, data.IMAGENET_STD),
+        ]
+    if args.random_erase > 0:
+        steps.append(transforms.RandomErasing(args.random_erase))
+    return transforms.Compose(steps)
+
+
 def main() -> None:
     """Alternates tf.data and torchvision runs and prints the medians as a markdown table."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -86,22 +112,14 @@ def main() -> None:
     parser.add_argument(
         "--uint8", action="store_true", help="uint8 pixels out, no normalisation (as training)"
     )
+    parser.add_argument("--auto-augment", choices=augment.AUTO_AUGMENTS, default="none")
+    parser.add_argument("--random-erase", type=float, default=0.0, help="erasing probability")
     args = parser.parse_args()
 
     start = time.perf_counter()
     source = data.open_source(data_dir=args.data_dir)
     open_s = time.perf_counter() - start
-    augment = [transforms.RandomResizedCrop(args.image_size), transforms.RandomHorizontalFlip()]
-    if args.uint8:
-        to_batch = [transforms.PILToTensor()]
-    else:
-        to_batch = [
-            transforms.ToTensor(),
-            transforms.Normalize(data.IMAGENET_MEAN, data.IMAGENET_STD),
-        ]
-    folder = datasets.ImageFolder(
-        str(args.data_dir / "train"), transform=transforms.Compose(augment + to_batch)
-    )
+    folder = datasets.ImageFolder(str(args.data_dir / "train"), transform=torch_transform(args))
     results: dict[str, list[float]] = {
         "tf.data (resnet_jax.data)": [],
         "torchvision DataLoader": [],
@@ -116,6 +134,7 @@ def main() -> None:
         f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at the end; "
         f"batch {args.batch_size}, {args.image_size} px, "
         f"{'uint8' if args.uint8 else 'normalised float32'} output, {args.workers} workers, "
+        f"auto-augment {args.auto_augment}, random erase {args.random_erase}, "
         f"{args.batches} timed batches x {args.rounds} alternating runs; "
         f"open_source (file scan + vetting {source.num_train + source.num_eval} files) took "
         f"{open_s:.1f} s\n"

@@ -7,17 +7,24 @@ only the crop is decoded); anything else (PNG, GIF, BMP, PPM/PGM, TIFF, WebP) is
 and converted to RGB, exactly as torchvision's loader does. TensorFlow converts grayscale and CMYK
 JPEGs to RGB itself.
 
-Training transform: random-resized-crop (area 8-100 %, aspect ratio 3/4-4/3, 10 attempts, else
-the whole image), bilinear antialiased resize rounded to uint8 (as torchvision's PIL resize),
-random horizontal flip. Eval transform, as a `preprocessing.Preprocessing` says: resize the
-shorter side to its `resize_size` with its interpolation (antialiased; longer side truncated like
-torchvision; bicubic results clamped to [0, 255] as PIL's uint8 output is), center crop its
-`eval_size`, normalise with its mean/std. EXIF orientation is not applied (neither does
-torchvision).
+Training transform (`TrainAugment`, torchvision's ClassificationPresetTrain order):
+random-resized-crop (area 8-100 %, aspect ratio 3/4-4/3, 10 attempts, else the whole image),
+antialiased resize with its interpolation (default bilinear) rounded to uint8 (as torchvision's PIL
+resize), random horizontal flip, then optionally TrivialAugmentWide or RandAugment (`autoaugment`,
+torchvision's operations, magnitudes and fill 0) on the uint8 crop. Random erasing comes after
+normalisation, so it is not applied here: `erase_box` draws the box, the train step erases it.
+Every draw is a pure function of the example's stateless key. `ra_positions` lays out repeated
+augmentation (torchvision's RASampler) for `data.train_batches`.
+
+Eval transform, as a `preprocessing.Preprocessing` says: resize the shorter side to its
+`resize_size` with its interpolation (antialiased; longer side truncated like torchvision; bicubic
+results clamped to [0, 255] as PIL's uint8 output is), center crop its `eval_size`, normalise with
+its mean/std. EXIF orientation is not applied (neither does torchvision).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib
 import importlib.util
@@ -32,7 +39,14 @@ from types import ModuleType
 import numpy as np
 from PIL import Image
 
-from resnet_jax.preprocessing import IMAGENET_MEAN, IMAGENET_STD, Preprocessing, eval_preprocessing
+from resnet_jax.preprocessing import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    INTERPOLATIONS,
+    Preprocessing,
+    check_positive_int,
+    eval_preprocessing,
+)
 
 
 @functools.cache
@@ -142,16 +156,122 @@ def _decode_random_crop(data: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
     return tf.cond(tf.io.is_jpeg(data), jpeg, other)
 
 
-def _train_transform(data: tf.Tensor, key: tf.Tensor, image_size: int) -> tf.Tensor:
-    """Encoded image + stateless key -> augmented uint8 [S, S, 3].
+AUTO_AUGMENTS = ("none", "ta_wide", "ra")
+# fold_in tags deriving the auto-augment and erasing keys from an example's key (the crop and
+# flip keys are its two splits).
+_AUTO_AUGMENT_TAG, _ERASE_TAG = 1, 2
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainAugment:
+    """The training augmentation, in torchvision's ClassificationPresetTrain order:
+    RandomResizedCrop(`crop_size`, `interpolation`), horizontal flip with probability `hflip`,
+    `auto_augment` ("ta_wide": TrivialAugmentWide, "ra": RandAugment with `ra_num_ops` ops at
+    magnitude `ra_magnitude`, "none"), then (after normalisation, in the train step) random
+    erasing with probability `random_erase`.
+
+    torchvision's preset hands `interpolation` to the auto-augment as well; `autoaugment`
+    implements the geometric ops with nearest sampling only, so they sample nearest whatever
+    `interpolation` says (it sets the crop's resize)."""
+
+    crop_size: int
+    interpolation: str = "bilinear"
+    hflip: float = 0.5
+    auto_augment: str = "none"
+    ra_magnitude: int = 9
+    ra_num_ops: int = 2
+    random_erase: float = 0.0
+
+    def __post_init__(self) -> None:
+        check_positive_int("crop_size", self.crop_size)
+        if self.interpolation not in INTERPOLATIONS:
+            raise ValueError(
+                f"interpolation must be one of {', '.join(INTERPOLATIONS)}, "
+                f"got {self.interpolation!r}"
+            )
+        if self.auto_augment not in AUTO_AUGMENTS:
+            raise ValueError(
+                f"auto_augment must be one of {', '.join(AUTO_AUGMENTS)}, got {self.auto_augment!r}"
+            )
+        for name in ("hflip", "random_erase"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(
+                    f"{name} must be a probability in [0, 1], got {getattr(self, name)}"
+                )
+        if not 0 <= self.ra_magnitude < 31:
+            raise ValueError(f"ra_magnitude must be in [0, 31), got {self.ra_magnitude}")
+        if not isinstance(self.ra_num_ops, int) or self.ra_num_ops < 0:
+            raise ValueError(f"ra_num_ops must be a non-negative integer, got {self.ra_num_ops!r}")
+
+
+def train_augment(augment: TrainAugment | None, image_size: int | None) -> TrainAugment:
+    """`augment`, or `TrainAugment(crop_size=image_size)`; an error if they disagree."""
+    if augment is None:
+        if image_size is None:
+            raise ValueError("train_batches needs augment or image_size")
+        check_positive_int("image_size", image_size)
+        return TrainAugment(crop_size=image_size)
+    if image_size is not None and image_size != augment.crop_size:
+        raise ValueError(
+            f"image_size {image_size} disagrees with augment.crop_size {augment.crop_size}"
+        )
+    return augment
+
+
+def ra_positions(
+    order: np.ndarray, reps: int, replicas: int, per_replica_batch: int, steps: int
+) -> np.ndarray:
+    """Repeated augmentation as torchvision's RASampler: every index of `order` repeated `reps`
+    times in a row, replica r taking every `replicas`-th entry from r (so the repeats of an image
+    go to consecutive replicas). Returns [steps, replicas, per_replica_batch, 2] (index,
+    repetition): global batch g holds entries [g*b, (g+1)*b) of every replica's stream.
+    (RASampler's padding to a multiple of the replicas lies past any batch kept: the epoch is at
+    most n entries of the n * reps.)"""
+    stream = np.stack([np.repeat(order, reps), np.tile(np.arange(reps), len(order))], -1)
+    chunk = stream[: steps * per_replica_batch * replicas]
+    return chunk.reshape(steps, per_replica_batch, replicas, 2).transpose(0, 2, 1, 3)
+
+
+def auto_augment_key(key: tf.Tensor) -> tf.Tensor:
+    """The auto-augment seed of an example with stateless `key` (int64 [2])."""
+    return tf.random.experimental.stateless_fold_in(key, _AUTO_AUGMENT_TAG, alg="philox")
+
+
+def erase_box(key: tf.Tensor, size: int, p: float) -> tf.Tensor:
+    """The random-erasing box of an example with stateless `key` in a `size` x `size` image:
+    int32 [top, left, height, width] from torchvision's RandomErasing draw (scale 0.02-0.33,
+    ratio 0.3-3.3, 10 attempts) with probability `p`, else zeros (also when no attempt fits)."""
+    from resnet_jax.random_erasing import random_erasing_params  # imports this module
+
+    erase_key = tf.random.experimental.stateless_fold_in(key, _ERASE_TAG, alg="philox")
+    apply_key, box_key = tf.unstack(tf.random.experimental.stateless_split(erase_key, 2, "philox"))
+    box = tf.stack(random_erasing_params(box_key, size, size))
+    applied = (tf.random.stateless_uniform([], apply_key, alg="philox") < p) & (box[2] > 0)
+    return tf.where(applied, box, tf.zeros_like(box))
+
+
+def _train_transform(data: tf.Tensor, key: tf.Tensor, augment: TrainAugment) -> tf.Tensor:
+    """Encoded image + stateless key -> augmented uint8 [S, S, 3] (all but the erasing).
 
     The resized crop is rounded to uint8 as torchvision's PIL transforms do; `train_batches`
     normalises whole batches (a quarter of the bytes per image to batch, one op per batch)."""
+    from resnet_jax import autoaugment  # imports this module
+
     crop_key, flip_key = tf.unstack(tf.random.experimental.stateless_split(key, 2, alg="philox"))
     image = _decode_random_crop(data, crop_key)
-    image = tf.image.resize(image, [image_size, image_size], method="bilinear", antialias=True)
-    image = tf.image.stateless_random_flip_left_right(image, flip_key)
-    return tf.cast(tf.clip_by_value(tf.round(image), 0.0, 255.0), tf.uint8)
+    size, method = augment.crop_size, augment.interpolation
+    image = tf.image.resize(image, [size, size], method=method, antialias=True)
+    image = tf.ensure_shape(image, [size, size, 3])  # the ops need the static shape
+    flip = tf.random.stateless_uniform([], flip_key) < augment.hflip
+    image = tf.where(flip, tf.reverse(image, [1]), image)
+    image = tf.cast(tf.clip_by_value(tf.round(image), 0.0, 255.0), tf.uint8)
+    if augment.auto_augment == "ta_wide":
+        image = autoaugment.trivial_augment_wide(image, auto_augment_key(key))
+    elif augment.auto_augment == "ra":
+        image = autoaugment.rand_augment(
+            image, auto_augment_key(key), augment.ra_num_ops, augment.ra_magnitude
+        )
+    return image
 
 
 def _eval_transform(image: tf.Tensor, preprocessing: Preprocessing) -> tf.Tensor:
@@ -177,10 +297,10 @@ def _eval_transform(image: tf.Tensor, preprocessing: Preprocessing) -> tf.Tensor
 
 
 @functools.cache
-def train_fn(image_size: int) -> Callable[[tf.Tensor, tf.Tensor], tf.Tensor]:
-    """`_train_transform` traced once per image size (pipelines are built once per epoch)."""
+def train_fn(augment: TrainAugment) -> Callable[[tf.Tensor, tf.Tensor], tf.Tensor]:
+    """`_train_transform` traced once per augmentation (pipelines are built once per epoch)."""
     return tf.function(
-        functools.partial(_train_transform, image_size=image_size),
+        functools.partial(_train_transform, augment=augment),
         input_signature=[tf.TensorSpec([], tf.string), tf.TensorSpec([2], tf.int64)],
         autograph=False,
     )

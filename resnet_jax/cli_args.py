@@ -58,7 +58,8 @@ def add_checkpoint_arguments(
     required: bool = True,
 ) -> None:
     """`flag` PATH (added to `group` when the path is one of mutually exclusive model sources),
-    `--step N` and `--which best|latest`: what `model_dir.load(path, step=..., which=...)` takes.
+    `--step N`, `--which best|latest` and `--ema`: what `model_dir.load(path, step=...,
+    which=..., ema=...)` takes.
 
     `--which` defaults to None (meaning "best") so that a script can tell it was not given.
     """
@@ -76,6 +77,11 @@ def add_checkpoint_arguments(
             "(val_accuracy by default; the latest when no step recorded it) or 'latest' "
             f"(default: {DEFAULT_WHICH})"
         ),
+    )
+    parser.add_argument(
+        "--ema",
+        action="store_true",
+        help="the checkpoint's moving average of the model (trained with --model-ema)",
     )
 
 
@@ -143,8 +149,8 @@ def load_model(args: argparse.Namespace) -> model_dir.LoadedModel:
         return model_dir.load(args.checkpoint, **step_selection(args))
     if Path(name).is_dir():
         return model_dir.load(name, **step_selection(args))
-    if args.step is not None or args.which is not None:
-        raise ValueError("--step and --which apply to checkpoints, not to named weights")
+    if args.step is not None or args.which is not None or getattr(args, "ema", False):
+        raise ValueError("--step, --which and --ema apply to checkpoints, not to named weights")
     weights = pretrained.load(name)  # an unknown name: PretrainedError with the spelling
     classes = weights.model.num_classes
     names = imagenet_class_names() if classes == IMAGENET_NUM_CLASSES else None
@@ -171,8 +177,8 @@ def add_batch_size_argument(
 
 
 def step_selection(args: argparse.Namespace) -> dict:
-    """The `step` and `which` keyword arguments of `model_dir.load` from the parsed flags."""
-    return {"step": args.step, "which": args.which or DEFAULT_WHICH}
+    """The `step`, `which` and `ema` keyword arguments of `model_dir.load` from the flags."""
+    return {"step": args.step, "which": args.which or DEFAULT_WHICH, "ema": args.ema}
 
 
 def setup_platform(log: logging.Logger, **settings: bool) -> list[str]:

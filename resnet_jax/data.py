@@ -9,9 +9,12 @@ Two kinds of source, one preprocessing (`augment`):
   downloading, the download hosts are checked with a short timeout, so that without network
   opening fails within seconds instead of after TFDS's minutes of retries.
 
-Training batches: random-resized-crop, flip, ImageNet mean/std (applied per batch;
-``normalize=False`` leaves the uint8 pixels for `normalize_images` to normalise on the devices,
-as training does). Eval batches: the eval transform a `preprocessing.Preprocessing` describes
+Training batches: the `augment.TrainAugment` transform (random-resized-crop, flip, optional
+TrivialAugmentWide/RandAugment), ImageNet mean/std (applied per batch; ``normalize=False`` leaves
+the uint8 pixels for `normalize_images` to normalise on the devices, as training does), and with
+random erasing a per-example box ("erase_box") that the train step erases after normalising.
+Repeated augmentation (``ra_reps`` N > 1, image folders only) follows torchvision's RASampler.
+Eval batches: the eval transform a `preprocessing.Preprocessing` describes
 (default: `default_preprocessing(image_size)`, training's validation transform): shorter side
 resized, center crop, normalisation with its mean/std.
 
@@ -25,7 +28,8 @@ Determinism: an epoch is a function of ``(seed, epoch)`` (and the process count,
 image folders the example order is a stateless shuffle of the file indices, and every example's
 augmentation uses a key folded from ``(seed, epoch)`` and its example index, so the stream is
 bit-identical whatever the parallelism, the process of an example does not change its pixels,
-and resuming at ``start_batch`` drops file indices before anything is read or decoded. TFDS
+and resuming at ``start_batch`` drops file indices before anything is read or decoded. With
+repeated augmentation the key also folds in the repetition (0..N-1). TFDS
 sources (no random access) shuffle files and a buffer with seeds derived from ``(seed, epoch)``
 and skip records before decoding.
 
@@ -44,7 +48,8 @@ from pathlib import Path
 
 import numpy as np
 
-from resnet_jax import augment, image_folders, tfds_sources
+from resnet_jax import augment as augment_lib
+from resnet_jax import image_folders, tfds_sources
 
 # Re-exported for pipeline users: the decoders, the TensorFlow-free preprocessing pieces, the
 # image-folder and TFDS pieces.
@@ -181,14 +186,21 @@ def _check_seed(seed: int) -> None:
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
 
 
-def steps_per_epoch(source: DataSource, global_batch_size: int) -> int:
-    """Full global batches in one training epoch (the remainder is dropped)."""
+def steps_per_epoch(source: DataSource, global_batch_size: int, ra_reps: int = 1) -> int:
+    """Full global batches in one training epoch (the remainder is dropped). With repeated
+    augmentation (`ra_reps` > 1) the epoch keeps torchvision's RASampler length: every replica
+    yields floor(n // 256 * 256 / replicas) examples, so the epoch holds n // 256 * 256 examples
+    (repetitions included) whatever the replica count, and the first ~n / ra_reps images of the
+    epoch's order appear ra_reps times each."""
     check_positive_int("global_batch_size", global_batch_size)
-    steps = source.num_train // global_batch_size
+    check_positive_int("ra_reps", ra_reps)
+    examples = source.num_train if ra_reps == 1 else source.num_train // 256 * 256
+    steps = examples // global_batch_size
     if steps == 0:
         raise ValueError(
-            f"global batch size {global_batch_size} exceeds the {source.num_train} training "
-            f"examples of {source.origin}"
+            f"global batch size {global_batch_size} exceeds the {examples} training examples of "
+            f"an epoch of {source.origin}"
+            + (" (repeated augmentation uses n // 256 * 256 of them)" if ra_reps > 1 else "")
         )
     return steps
 
@@ -202,6 +214,13 @@ def eval_steps(source: DataSource, global_batch_size: int) -> int:
 def _derived_seed(seed: int, epoch: int, tag: int) -> np.ndarray:
     """Two uint32 words from (seed, epoch, tag): independent streams per purpose and epoch."""
     return np.random.SeedSequence([seed, epoch, tag]).generate_state(2).astype(np.int64)
+
+
+def _file_order(n: int, seed: int, epoch: int) -> np.ndarray:
+    """The epoch's order of an image-folder split: a stateless shuffle of range(n)."""
+    return tf.random.experimental.stateless_shuffle(
+        tf.range(n, dtype=tf.int64), seed=_derived_seed(seed, epoch, _SHUFFLE), alg="philox"
+    ).numpy()
 
 
 def _pipeline_options(num_workers: int | None) -> tf.data.Options:
@@ -225,9 +244,9 @@ def _shard_positions(
 ) -> tf.data.Dataset:
     """Keeps this process's slice of every global batch from a stream of (position, record)."""
     mine = positions.filter(
-        augment.plain(lambda pos, _: (pos // batch_size) % process_count == index)
+        augment_lib.plain(lambda pos, _: (pos // batch_size) % process_count == index)
     )
-    return mine.map(augment.plain(lambda _, record: record))
+    return mine.map(augment_lib.plain(lambda _, record: record))
 
 
 def _train_records(
@@ -239,25 +258,35 @@ def _train_records(
     batch_size: int,
     process_count: int,
     process_index: int,
+    ra: tuple[int, int] = (1, 1),
 ) -> tf.data.Dataset:
-    """(key, label, example index) of this process's examples for global positions [first, stop)."""
+    """(key, label, example index[, repetition]) of this process's examples for global positions
+    [first, stop); `ra` (reps, devices per process) with reps > 1: RASampler's order, the
+    repetition included."""
     if isinstance(split, FileSplit):
-        order = tf.random.experimental.stateless_shuffle(
-            tf.range(len(split), dtype=tf.int64),
-            seed=_derived_seed(seed, epoch, _SHUFFLE),
-            alg="philox",
-        ).numpy()
-        order = order[first:stop].reshape(-1, process_count, batch_size)[:, process_index]
-        order = order.reshape(-1)
+        order = _file_order(len(split), seed, epoch)
         # object arrays: a fixed-width unicode array of a million paths would take ~0.5 GB
         paths, labels = np.asarray(split.paths, dtype=object), np.asarray(split.labels, np.int32)
-        return tf.data.Dataset.from_tensor_slices((paths[order], labels[order], order))
+        reps, devices = ra
+        if reps == 1:
+            order = order[first:stop].reshape(-1, process_count, batch_size)[:, process_index]
+            order = order.reshape(-1)
+            return tf.data.Dataset.from_tensor_slices((paths[order], labels[order], order))
+        global_batch = batch_size * process_count
+        picked = augment_lib.ra_positions(
+            order, reps, process_count * devices, batch_size // devices, stop // global_batch
+        )[first // global_batch :]
+        mine = picked.reshape(-1, process_count, batch_size, 2)[:, process_index].reshape(-1, 2)
+        index, rep = mine[:, 0], mine[:, 1]
+        return tf.data.Dataset.from_tensor_slices((paths[index], labels[index], index, rep))
+    if ra[0] > 1:
+        raise ValueError("repeated augmentation (ra_reps > 1) needs an image-folder source")
     split.check_process(process_index, process_count)
     offset = split.share_offset
     file_seed, buffer_seed = (int(s) for s in _derived_seed(seed, epoch, _SHUFFLE))
     ds = split.records(shuffle_seed=file_seed).enumerate()
     ds = ds.shuffle(min(split.share_size, TFDS_SHUFFLE_BUFFER), seed=buffer_seed)
-    ds = ds.map(augment.plain(lambda index, record: (record[0], record[1], index + offset)))
+    ds = ds.map(augment_lib.plain(lambda index, record: (record[0], record[1], index + offset)))
     # Global positions [first, stop) hold this process's share positions [first/P, stop/P).
     return ds.take(stop // process_count).skip(first // process_count)
 
@@ -266,16 +295,24 @@ def train_batches(
     source: DataSource,
     *,
     batch_size: int,
-    image_size: int,
     seed: int,
     epoch: int,
+    augment: augment_lib.TrainAugment | None = None,
+    image_size: int | None = None,
     start_batch: int = 0,
+    ra_reps: int = 1,
+    devices_per_process: int = 1,
     process_index: int = 0,
     process_count: int = 1,
     num_workers: int | None = None,
     normalize: bool = True,
 ) -> Iterator[dict[str, np.ndarray]]:
     """One epoch of this process's augmented batches {"image": f32 [B,S,S,3], "label": i32 [B]}.
+
+    `augment` is the transform (default `TrainAugment(crop_size=image_size)`; give one of the
+    two, both only if they agree on the size). With `augment.random_erase` > 0 batches also hold
+    "erase_box" i32 [B, 4] (top, left, height, width; zeros: no erase, see
+    `augment.erase_box`), which the train step erases after normalising (`steps._model_input`).
 
     `normalize=False` yields the same pixels as uint8 [B,S,S,3] before the ImageNet
     normalisation (`normalize_images` of them equals the normalised batch within float32
@@ -284,18 +321,29 @@ def train_batches(
 
     `batch_size` is per process; image folders: global batch g holds positions
     [g*B*P, (g+1)*B*P) of the epoch's order and process i takes its i-th slice of B; TFDS:
-    process i batches its own share (see the module docstring). Deterministic in (seed, epoch);
+    process i batches its own share (see the module docstring). `ra_reps` N > 1 (image folders):
+    torchvision's RASampler over process_count * `devices_per_process` replicas
+    (`augment.ra_positions`; a process's batch is its devices' batches in a row, as the devices
+    shard it), every repetition augmented with its own key; the epoch is
+    `steps_per_epoch(source, B * P, N)` batches. Deterministic in (seed, epoch);
     `start_batch=k` yields global batches k, k+1, ... exactly as a full epoch would.
     `num_workers` bounds the decoding threads (default: tf.data's autotuning).
+
+    (Over 80 lines: the argument checks and the traced per-example function are one contract.)
     """
     check_positive_int("batch_size", batch_size)
-    check_positive_int("image_size", image_size)
+    augment = augment_lib.train_augment(augment, image_size)
     _check_seed(seed)
     check_process(process_index, process_count)
+    check_positive_int("devices_per_process", devices_per_process)
+    if ra_reps > 1 and batch_size % devices_per_process:
+        raise ValueError(
+            f"devices_per_process {devices_per_process} must divide batch_size {batch_size}"
+        )
     if epoch < 0:
         raise ValueError(f"epoch must be non-negative, got {epoch}")
     global_batch = batch_size * process_count
-    steps = steps_per_epoch(source, global_batch)
+    steps = steps_per_epoch(source, global_batch, ra_reps)
     if not 0 <= start_batch <= steps:
         raise ValueError(
             f"start_batch must be in [0, {steps}] (batches per epoch), got {start_batch}"
@@ -310,20 +358,30 @@ def train_batches(
         batch_size,
         process_count,
         process_index,
+        (ra_reps, devices_per_process),
     )
     load, base_key = _loader(split), tf.constant(_derived_seed(seed, epoch, _AUGMENT))
-    transform = augment.train_fn(image_size)
+    transform = augment_lib.train_fn(augment)
 
-    @augment.plain
-    def example(key: tf.Tensor, label: tf.Tensor, index: tf.Tensor) -> dict[str, tf.Tensor]:
+    @augment_lib.plain
+    def example(key: tf.Tensor, label: tf.Tensor, index: tf.Tensor, *rep) -> dict:
         aug_key = tf.random.experimental.stateless_fold_in(base_key, index, alg="philox")
-        return {"image": transform(load(key), aug_key), "label": label}
+        if rep:  # repeated augmentation: one key per repetition
+            aug_key = tf.random.experimental.stateless_fold_in(aug_key, rep[0], alg="philox")
+        out = {"image": transform(load(key), aug_key), "label": label}
+        if augment.random_erase > 0:
+            out["erase_box"] = augment_lib.erase_box(
+                aug_key, augment.crop_size, augment.random_erase
+            )
+        return out
 
     ds = records.map(example, num_parallel_calls=AUTOTUNE, deterministic=True)
     ds = ds.batch(batch_size, drop_remainder=True)
     if normalize:
         ds = ds.map(
-            augment.plain(lambda batch: {**batch, "image": augment.normalize(batch["image"])})
+            augment_lib.plain(
+                lambda batch: {**batch, "image": augment_lib.normalize(batch["image"])}
+            )
         )
     return ds.prefetch(AUTOTUNE).with_options(_pipeline_options(num_workers)).as_numpy_iterator()
 
@@ -347,7 +405,7 @@ def _eval_records(
         split.check_process(process_index, process_count)
         real, offset, count = split.records(), split.share_offset, split.share_size
     real = real.enumerate().map(
-        augment.plain(lambda i, r: (r[0], r[1], tf.cast(i + offset, tf.int32), True))
+        augment_lib.plain(lambda i, r: (r[0], r[1], tf.cast(i + offset, tf.int32), True))
     )
     pad = tf.data.Dataset.from_tensors((tf.constant(""), 0, -1, False))
     if isinstance(split, TfdsSplit):
@@ -389,13 +447,13 @@ def eval_batches(
     split = source.eval_split
     steps = eval_steps(source, batch_size * process_count)
     records = _eval_records(split, batch_size, steps, process_index, process_count)
-    load, transform = _loader(split), augment.eval_fn(preprocessing)
+    load, transform = _loader(split), augment_lib.eval_fn(preprocessing)
 
-    @augment.plain
+    @augment_lib.plain
     def example(key: tf.Tensor, label: tf.Tensor, index: tf.Tensor, mask: tf.Tensor) -> dict:
         image = tf.cond(
             mask,
-            lambda: transform(augment.decode(load(key))),
+            lambda: transform(augment_lib.decode(load(key))),
             lambda: tf.zeros([image_size, image_size, 3]),
         )
         return {"image": image, "label": label, "mask": mask, "index": index}

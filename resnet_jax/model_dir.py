@@ -291,14 +291,22 @@ def _stored_preprocessing(meta: Mapping[str, Any], where: str) -> Preprocessing:
         raise ValueError(f"{where} {PREPROCESSING_KEY}: {e}") from e
 
 
-def _restore_variables(directory: Path) -> dict:
-    """Restore only params and batch_stats of a state item onto the first local device,
-    whatever the sharding (and device count) they were saved with."""
+def _restore_variables(directory: Path, ema: bool = False) -> dict:
+    """Restore only params and batch_stats of a state item (with `ema`, those of its moving
+    average, `TrainState.ema`) onto the first local device, whatever the sharding (and device
+    count) they were saved with."""
     state_dir = epath.Path((directory / STATE_ITEM).absolute())
     try:
         saved = ocp.PyTreeCheckpointHandler().metadata(state_dir).tree
     except (OSError, ValueError) as e:
         raise ValueError(f"{state_dir}: unreadable checkpoint state ({e})") from e
+    if ema:
+        if not isinstance(saved, Mapping) or not isinstance(saved.get("ema"), Mapping):
+            raise ValueError(
+                f"{state_dir}: the checkpoint has no EMA weights (train with --model-ema to "
+                "keep them); load it without ema"
+            )
+        saved = saved["ema"]
     missing = [c for c in VARIABLE_COLLECTIONS if not isinstance(saved, Mapping) or c not in saved]
     if missing:
         raise ValueError(f"{state_dir}: checkpoint state has no {missing}")
@@ -309,8 +317,10 @@ def _restore_variables(directory: Path) -> dict:
         )
         for c in VARIABLE_COLLECTIONS
     }
+    if ema:
+        template = {"ema": template}
     with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as checkpointer:
-        return checkpointer.restore(
+        restored = checkpointer.restore(
             state_dir.absolute(),
             args=ocp.args.PyTreeRestore(
                 item=template,
@@ -318,10 +328,12 @@ def _restore_variables(directory: Path) -> dict:
                 partial_restore=True,
             ),
         )
+    return restored["ema"] if ema else restored
 
 
-def _load_model_dir(directory: Path, step: int | None) -> LoadedModel:
-    """Read metadata and variables of one step or `save_model` directory."""
+def _load_model_dir(directory: Path, step: int | None, ema: bool = False) -> LoadedModel:
+    """Read metadata and variables (with `ema`, the moving average's) of one step or
+    `save_model` directory."""
     meta = read_metadata(directory)
     arch = meta.get("arch")
     if not isinstance(arch, str):
@@ -330,7 +342,7 @@ def _load_model_dir(directory: Path, step: int | None) -> LoadedModel:
         models.check_arch(arch)
     except ValueError as e:
         raise ValueError(f"{directory}: {e}") from e
-    variables = _restore_variables(directory)
+    variables = _restore_variables(directory, ema)
     classes = models.classifier_widths(variables["params"])["num_classes"]
     if meta.get("num_classes", classes) != classes:
         raise ValueError(
@@ -389,13 +401,16 @@ def _pick_step(root: Path, step: int | None, which: str) -> int:
         return max(scored, key=lambda sm: (metric_score(sm[1], best_metric), sm[0]))[0]
 
 
-def load(path: str | Path, step: int | None = None, which: str = "best") -> LoadedModel:
+def load(
+    path: str | Path, step: int | None = None, which: str = "best", ema: bool = False
+) -> LoadedModel:
     """Load params, batch_stats and metadata for research code, onto the default device.
 
     `path` may be a `save_model` directory, a training workdir, its `checkpoints` directory, or
     one step directory. From a workdir, `step` picks a step, else `which` ("best" by the run's
     best metric, falling back to latest when no step has it; or "latest"). Optimizer state is
-    never read.
+    never read. `ema`: the checkpoint's moving average of the model (`--model-ema`) instead
+    of the model's own variables; ValueError if it has none.
     """
     if which not in ("best", "latest"):
         raise ValueError(f"which must be 'best' or 'latest', got {which!r}")
@@ -410,10 +425,10 @@ def load(path: str | Path, step: int | None = None, which: str = "best") -> Load
         if step is not None:
             raise ValueError(f"{path} is a single checkpoint; step={step} does not apply")
         in_run = path.parent.name == CHECKPOINTS_DIR and path.name.isdigit()
-        return _load_model_dir(path, int(path.name) if in_run else None)
+        return _load_model_dir(path, int(path.name) if in_run else None, ema)
     root = path / CHECKPOINTS_DIR if (path / CHECKPOINTS_DIR).is_dir() else path
     chosen = _pick_step(root, step, which)
-    return _load_model_dir(root / str(chosen), chosen)
+    return _load_model_dir(root / str(chosen), chosen, ema)
 
 
 def write_class_names(workdir: str | Path, class_names: Sequence[str]) -> Path:

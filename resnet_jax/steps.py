@@ -95,18 +95,35 @@ def cross_entropy_loss(
     return (losses * mask).sum() / jnp.maximum(mask.sum(), 1.0)
 
 
-def _model_input(images: jax.Array, mean_std: tuple[Sequence[float], Sequence[float]]) -> jax.Array:
+def _model_input(
+    images: jax.Array,
+    mean_std: tuple[Sequence[float], Sequence[float]],
+    erase_box: jax.Array | None = None,
+) -> jax.Array:
     """A batch's images as the model takes them: uint8 is normalised here (float32) with
-    `mean_std`, floating images are taken as already normalised. The model casts to its compute
-    dtype itself."""
+    `mean_std`, floating images are taken as already normalised; then, with `erase_box`
+    (int [B, 4] top, left, height, width from `data.train_batches`), each box is set to 0 (after
+    normalisation, as torchvision's RandomErasing; zero-sized boxes erase nothing). The model
+    casts to its compute dtype itself."""
     if images.dtype == jnp.uint8:
-        return normalize_images(images, *mean_std)
-    if jnp.issubdtype(images.dtype, jnp.floating):
+        images = normalize_images(images, *mean_std)
+    elif not jnp.issubdtype(images.dtype, jnp.floating):
+        raise ValueError(
+            f'batch["image"] must be uint8 (normalised on device) or floating (already '
+            f"normalised), got dtype {images.dtype}"
+        )
+    if erase_box is None:
         return images
-    raise ValueError(
-        f'batch["image"] must be uint8 (normalised on device) or floating (already normalised), '
-        f"got dtype {images.dtype}"
-    )
+    return _erase(images, erase_box)
+
+
+def _erase(images: jax.Array, boxes: jax.Array) -> jax.Array:
+    """[B, H, W, C] images with each example's box (top, left, height, width) set to 0."""
+    top, left, height, width = (boxes[:, i, None, None] for i in range(4))
+    rows = jnp.arange(images.shape[1])[None, :, None]
+    cols = jnp.arange(images.shape[2])[None, None, :]
+    inside = (rows >= top) & (rows < top + height) & (cols >= left) & (cols < left + width)
+    return jnp.where(inside[..., None], jnp.zeros((), images.dtype), images)
 
 
 def _check_model(model: nn.Module, axis_name: str | None) -> int:
@@ -318,7 +335,8 @@ def make_train_step(
 
         def micro_step(batch_stats, micro, index):
             """Gradients, loss, accuracy and new running statistics of one micro-batch."""
-            images, labels = _model_input(micro["image"], mean_std), micro["label"]
+            images = _model_input(micro["image"], mean_std, micro.get("erase_box"))
+            labels = micro["label"]
             targets = labels
             if mixing is not None:
                 key = mixing_lib.step_key(mixing, state.step, index)

@@ -16,6 +16,9 @@ import jax.numpy as jnp
 from resnet_jax import models, parallel, pretrained, transfer
 
 PRECISIONS = {"fp32": jnp.float32, "bf16": jnp.bfloat16}
+RECIPE_NAMES = ("tv1", "tv2", "small")
+AUTO_AUGMENTS = ("none", "ta_wide", "ra")
+INTERPOLATIONS = ("bilinear", "bicubic")
 DEFAULT_WARMUP_EPOCHS = 5.0
 
 
@@ -23,9 +26,16 @@ class ConfigError(ValueError):
     """A bad option or missing data, found before anything is compiled."""
 
 
-def _option(default: Any, help: str) -> Any:
-    """A dataclass field with its command-line help."""
-    return dataclasses.field(default=default, metadata={"help": help})
+def _option(default: Any, help: str, parse: Any = None) -> Any:
+    """A dataclass field with its command-line help (and, if the type's constructor does not
+    parse the flag, the function `parse` that does)."""
+    metadata = {"help": help} if parse is None else {"help": help, "parse": parse}
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+def optional_float(text: str) -> float | None:
+    """A flag's float, or None for "none" (torchvision's None)."""
+    return None if text.strip().lower() == "none" else float(text)
 
 
 def _every_field_has_help(cls: type) -> type:
@@ -127,6 +137,67 @@ class TrainConfig:
         None, "with --freeze stages: comma list of stem,layer1,...,layer4,fc"
     )
     head_lr_multiplier: float = _option(1.0, "learning-rate factor for the classifier")
+    recipe: str | None = _option(
+        None,
+        f"preset of the options below ({', '.join(RECIPE_NAMES)}; resnet_jax/recipes.py names "
+        "each value's source); flags given explicitly override it",
+    )
+    # torchvision classification-reference options (references/classification/train.py).
+    auto_augment: str = _option("none", f"one of {', '.join(AUTO_AUGMENTS)} (TrivialAugmentWide, "
+                                "RandAugment)")  # fmt: skip
+    ra_magnitude: int = _option(9, "RandAugment magnitude (--auto-augment ra), in [0, 30]")
+    random_erase: float = _option(0.0, "random erasing probability per training image")
+    train_crop_size: int | None = _option(
+        None, "training random-resized-crop size (default: --image-size)"
+    )
+    val_resize_size: int | None = _option(
+        None, "evaluation resize of the shorter side (default: the eval preprocessing's)"
+    )
+    val_crop_size: int | None = _option(
+        None, "evaluation center crop (default: the eval preprocessing's, i.e. --image-size)"
+    )
+    interpolation: str | None = _option(
+        None,
+        "bilinear or bicubic, for the training crop and the evaluation resize (default: "
+        "bilinear for training, the eval preprocessing's for evaluation)",
+    )
+    ra_reps: int = _option(
+        1, "repeated augmentation: each image N times per epoch (torchvision's --ra-reps)"
+    )
+    mixup_alpha: float = _option(0.0, "MixUp Beta(alpha, alpha); 0: off")
+    cutmix_alpha: float = _option(0.0, "CutMix Beta(alpha, alpha); 0: off")
+    model_ema: bool = _option(
+        False,
+        "keep an exponential moving average of params and BatchNorm statistics, evaluated each "
+        "epoch beside the model (ema_val_*) and checkpointed (load it with --ema)",
+    )
+    model_ema_decay: float = _option(
+        0.99998,
+        "EMA decay, adjusted as torchvision's to the update batch (--batch-size x "
+        "--accum-steps), --model-ema-steps and --epochs",
+    )
+    model_ema_steps: int = _option(32, "update the EMA every N optimizer steps")
+    norm_weight_decay: float | None = _option(
+        0.0,
+        "weight decay of normalisation-layer params; none: as --weight-decay",
+        parse=optional_float,
+    )
+    bias_weight_decay: float | None = _option(
+        0.0, "weight decay of biases; none: as their layer's group", parse=optional_float
+    )
+    lr_warmup_method: str = _option("linear", "linear (from the factor to the peak) or constant")
+    lr_warmup_decay: float = _option(
+        0.0, "warm-up start factor (linear) or factor (constant) of the peak, in [0, 1]"
+    )
+    lr_min: float = _option(0.0, "learning rate at the end of the cosine (absolute)")
+    accum_steps: int = _option(
+        1,
+        "gradient accumulation: each optimizer step averages N batches of --batch-size, so "
+        "the update batch (which scales --lr and counts the steps per epoch) is N x --batch-size",
+    )
+    clip_grad_norm: float | None = _option(
+        None, "clip the gradients to this global norm (default: no clipping)"
+    )
 
     @property
     def trainable_list(self) -> list[str]:
@@ -135,6 +206,15 @@ class TrainConfig:
     @property
     def eval_bs(self) -> int:
         return self.batch_size if self.eval_batch_size is None else self.eval_batch_size
+
+    @property
+    def update_batch(self) -> int:
+        """Images per optimizer step: --batch-size x --accum-steps."""
+        return self.batch_size * self.accum_steps
+
+    @property
+    def train_crop(self) -> int:
+        return self.image_size if self.train_crop_size is None else self.train_crop_size
 
     @property
     def warmup(self) -> float:
@@ -189,7 +269,50 @@ class TrainConfig:
                 self.parallel in parallel.PARALLEL_KINDS,
                 f"--parallel: one of {parallel.PARALLEL_KINDS}",
             ),
+            *self._recipe_checks(),
         ]
+
+    def _recipe_checks(self) -> list[tuple[bool, str]]:
+        """The checks of the torchvision-reference options (`_checks`' second half)."""
+
+        def choice(name: str, choices: tuple) -> tuple[bool, str]:
+            value, flag = getattr(self, name), "--" + name.replace("_", "-")
+            ok = value is None or value in choices
+            return ok, f"--{flag[2:]} must be one of {', '.join(choices)}, got {value!r}"
+
+        def non_negative(name: str) -> tuple[bool, str]:
+            value, flag = getattr(self, name), "--" + name.replace("_", "-")
+            return value is None or value >= 0, f"{flag} must be >= 0, got {value}"
+
+        def at_least(name: str, low: int) -> tuple[bool, str]:
+            value, flag = getattr(self, name), "--" + name.replace("_", "-")
+            return value is None or value >= low, f"{flag} must be >= {low}, got {value}"
+
+        return [
+            (self.recipe is None or self.recipe in RECIPE_NAMES,
+             f"--recipe must be one of {', '.join(RECIPE_NAMES)}, got {self.recipe!r}"),
+            choice("auto_augment", AUTO_AUGMENTS),
+            choice("interpolation", INTERPOLATIONS),
+            choice("lr_warmup_method", ("linear", "constant")),
+            (0 <= self.ra_magnitude <= 30, f"--ra-magnitude must be in [0, 30], got "
+             f"{self.ra_magnitude}"),
+            (0 <= self.random_erase <= 1, f"--random-erase must be in [0, 1], got "
+             f"{self.random_erase}"),
+            *(at_least(n, 32) for n in ("train_crop_size", "val_resize_size", "val_crop_size")),
+            (self.val_resize_size is None or self.val_crop_size is None
+             or self.val_resize_size >= self.val_crop_size,
+             f"--val-resize-size {self.val_resize_size} must be >= --val-crop-size "
+             f"{self.val_crop_size}"),
+            *(at_least(n, 1) for n in ("ra_reps", "model_ema_steps", "accum_steps")),
+            *map(non_negative, ("mixup_alpha", "cutmix_alpha", "lr_min")),
+            *map(non_negative, ("norm_weight_decay", "bias_weight_decay")),
+            (0 <= self.model_ema_decay <= 1, f"--model-ema-decay must be in [0, 1], got "
+             f"{self.model_ema_decay}"),
+            (0 <= self.lr_warmup_decay <= 1, f"--lr-warmup-decay must be in [0, 1], got "
+             f"{self.lr_warmup_decay}"),
+            (self.clip_grad_norm is None or self.clip_grad_norm > 0,
+             f"--clip-grad-norm must be > 0, got {self.clip_grad_norm}"),
+        ]  # fmt: skip
 
 
 def resolved_warmup(warmup_epochs: float | None, epochs: int) -> float:
@@ -198,6 +321,16 @@ def resolved_warmup(warmup_epochs: float | None, epochs: int) -> float:
         return float(warmup_epochs)
     return float(max(0, min(DEFAULT_WARMUP_EPOCHS, epochs - 1)))
 
+
+# The torchvision-reference options: all define the run (the augmentation, the batches, the
+# optimizer, the schedule, the EMA, the evaluation's preprocessing, which a resumed run takes
+# from the checkpoint). A checkpoint written before they existed trained with their defaults.
+RECIPE_OPTIONS = (
+    "auto_augment", "ra_magnitude", "random_erase", "train_crop_size", "val_resize_size",
+    "val_crop_size", "interpolation", "ra_reps", "mixup_alpha", "cutmix_alpha", "model_ema",
+    "model_ema_decay", "model_ema_steps", "norm_weight_decay", "bias_weight_decay",
+    "lr_warmup_method", "lr_warmup_decay", "lr_min", "accum_steps", "clip_grad_norm",
+)  # fmt: skip
 
 # Options a resumed run must share with the checkpoint's: they define the model, the data and
 # its train/held-out split (seed, val_fraction), the batches and the schedule, so resuming with
@@ -211,6 +344,7 @@ RESUME_MUST_MATCH = (
     "arch", "dataset", "data_dir", "val_fraction", "seed", "image_size", "batch_size", "epochs",
     "lr", "warmup_epochs", "weight_decay", "label_smoothing", "optimizer", "precision",
     "sync_bn", "pretrained", "freeze", "head", "head_lr_multiplier",
+    *RECIPE_OPTIONS,
 )  # fmt: skip
 # What the data and the freezing decide, recorded in the checkpoint's metadata next to "config".
 RESUME_MUST_MATCH_DERIVED = ("num_classes", "class_names", "steps_per_epoch", "trainable")
@@ -218,9 +352,16 @@ RESUME_MUST_MATCH_DERIVED = ("num_classes", "class_names", "steps_per_epoch", "t
 
 def _resume_settings(config: dict) -> dict[str, Any]:
     """The RESUME_MUST_MATCH options of a config dict: paths resolved (relative to the current
-    directory), the warm-up resolved, the TFDS name replaced when image folders are read
-    instead (it is unused). Options the checkpoint lacks read "(not recorded)"."""
-    settings = {key: config.get(key, "(not recorded)") for key in RESUME_MUST_MATCH}
+    directory), the warm-up and train crop resolved, the TFDS name replaced when image folders
+    are read instead (it is unused). Options the checkpoint lacks read "(not recorded)", except
+    RECIPE_OPTIONS (their defaults: a checkpoint from before them trained so)."""
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    settings = {
+        key: config.get(key, defaults[key] if key in RECIPE_OPTIONS else "(not recorded)")
+        for key in RESUME_MUST_MATCH
+    }
+    if settings["train_crop_size"] is None:  # resolved: the default is --image-size
+        settings["train_crop_size"] = settings["image_size"]
     for key in ("data_dir", "pretrained"):
         if isinstance(settings[key], str) and not pretrained.is_registered_or_hub(settings[key]):
             settings[key] = str(Path(settings[key]).resolve())

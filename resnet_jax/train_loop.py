@@ -28,7 +28,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from resnet_jax import data, evaluation, parallel
+from resnet_jax import augment, data, evaluation, parallel
 from resnet_jax.metrics_log import MetricsWriter, ProgressBar, plot_curves
 
 if TYPE_CHECKING:
@@ -104,6 +104,7 @@ class Loop:
         self.stop = StopRequest() if stop is None else stop
         self.streak = int(parallel.fetch_state(self.state.nonfinite_streak, self.cfg.parallel))
         self._tick = time.perf_counter()
+        self.ema_result: evaluation.EvalResult | None = None  # set by `evaluate`
 
     def run_epoch(self) -> evaluation.EvalResult:
         """Train from `step` to the end of its epoch (or the last step), then evaluate and
@@ -140,14 +141,29 @@ class Loop:
             result = self.evaluate(epoch)
         except evaluation.EvalInterrupted as stopped:
             self.checkpoint_and_exit(stopped.signum)
-        self.save({"val_accuracy": result.top1, **result.as_metrics()})
+        self.save({"val_accuracy": result.top1, **result.as_metrics(), **self._ema_metrics()})
         return result
 
+    def _ema_metrics(self) -> dict:
+        """The last evaluation's EMA metrics, prefixed "ema_" (none without --model-ema)."""
+        if self.ema_result is None:
+            return {}
+        return {"ema_" + k: v for k, v in self.ema_result.as_metrics().items()}
+
     def _train_batches(self, epoch: int, first_batch: int) -> Iterator[dict]:
+        cfg = self.cfg
         return data.train_batches(
             self.run.source,
-            batch_size=self.cfg.batch_size // jax.process_count(),
-            image_size=self.cfg.image_size,
+            batch_size=cfg.update_batch // jax.process_count(),
+            augment=augment.TrainAugment(
+                crop_size=cfg.train_crop,
+                interpolation=cfg.interpolation or "bilinear",
+                auto_augment=cfg.auto_augment,
+                ra_magnitude=cfg.ra_magnitude,
+                random_erase=cfg.random_erase,
+            ),
+            ra_reps=cfg.ra_reps,
+            devices_per_process=jax.local_device_count(),
             seed=self.cfg.seed,
             epoch=epoch,
             start_batch=first_batch,
@@ -164,7 +180,7 @@ class Loop:
         if not pending:
             return
         now = time.perf_counter()
-        images_per_sec = len(pending) * self.cfg.batch_size / (now - self._tick)
+        images_per_sec = len(pending) * self.cfg.update_batch / (now - self._tick)
         self._tick = now
         first = self.step - len(pending) + 1
         record: dict[str, Any] = {}
@@ -187,7 +203,17 @@ class Loop:
     def evaluate(self, epoch: int) -> evaluation.EvalResult:
         """Evaluate the state on the whole eval split, prepared as `run.preprocessing` says, log
         the result and return it; a stop request is agreed every `log_every` batches
-        (EvalInterrupted)."""
+        (EvalInterrupted). With --model-ema the average is evaluated too: its metrics are
+        logged and written prefixed "ema_" (`ema_result`), the returned result stays the
+        model's."""
+        variables = {"params": self.state.params, "batch_stats": self.state.batch_stats}
+        result = self._evaluate(epoch, variables, "")
+        self.ema_result = None
+        if self.state.ema is not None:
+            self.ema_result = self._evaluate(epoch, self.state.ema.variables(), "ema_")
+        return result
+
+    def _evaluate(self, epoch: int, variables: dict, prefix: str) -> evaluation.EvalResult:
         run, cfg = self.run, self.cfg
         batches = data.eval_batches(
             run.source,
@@ -197,15 +223,16 @@ class Loop:
             process_count=jax.process_count(),
             num_workers=cfg.num_workers,
         )
-        variables = {"params": self.state.params, "batch_stats": self.state.batch_stats}
         stop = self.stop.every(cfg.log_every)
         result = evaluation.evaluate(run.eval_step, variables, batches, run.mesh, cfg.parallel,
                                      run.num_classes, stop=stop)  # fmt: skip
         if self.writer:
-            self.writer.write(self.step, {"epoch": epoch, **result.as_metrics()})
+            metrics = {prefix + k: v for k, v in result.as_metrics().items()}
+            self.writer.write(self.step, {"epoch": epoch, **metrics})
         log.info(
-            "epoch %d step %d: val loss %.4f  top-1 %.4f  top-5 %.4f (%d images)",
-            epoch, self.step, result.loss, result.top1, result.top5, result.count,
+            "epoch %d step %d: %sval loss %.4f  top-1 %.4f  top-5 %.4f (%d images)",
+            epoch, self.step, prefix.replace("_", " ").upper(), result.loss, result.top1,
+            result.top5, result.count,
         )  # fmt: skip
         return result
 
@@ -255,6 +282,7 @@ def train(run: Run) -> dict[str, Any]:
     final = {"step": loop.step, "epochs_completed": loop.step / run.steps_per_epoch}
     if result is not None:
         final.update(result.as_metrics())
+        final.update(loop._ema_metrics())
     if loop.writer and loop.writer.path.exists():
         plot_curves(loop.writer.path, Path(run.config.workdir) / "curves.png")
     return final

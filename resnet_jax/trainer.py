@@ -23,7 +23,19 @@ from typing import Any
 
 import jax
 
-from resnet_jax import checkpoint, data, model_dir, models, optim, parallel, steps, transfer
+from resnet_jax import (
+    checkpoint,
+    data,
+    model_dir,
+    models,
+    optim,
+    parallel,
+    recipes,
+    steps,
+    transfer,
+)
+from resnet_jax import ema as ema_lib
+from resnet_jax import mixing as mixing_lib
 from resnet_jax.preprocessing import Preprocessing, default_preprocessing
 from resnet_jax.train_config import PRECISIONS, ConfigError, TrainConfig, check_resume
 from resnet_jax.train_loop import Loop, NonFiniteError, StopRequest, train
@@ -134,7 +146,7 @@ def _prepare(
     del variables
     state, resumed = _restore(ckpt, state, latest)
     train_step, eval_step = _compile(cfg, mesh, model, tx, schedule, trainable, state,
-                                     preprocessing)  # fmt: skip
+                                     preprocessing, steps_per_epoch)  # fmt: skip
     if jax.process_index() == 0:
         model_dir.write_class_names(cfg.workdir, source.class_names)
     start_step = int(state.step)
@@ -145,8 +157,9 @@ def _prepare(
     log.info(
         "%s: %d classes, %d train / %d eval images; %d steps/epoch of %d images on %d device(s)",
         source.origin, len(source.class_names), source.num_train, source.num_eval,
-        steps_per_epoch, cfg.batch_size, mesh.size,
+        steps_per_epoch, cfg.update_batch, mesh.size,
     )  # fmt: skip
+    log.info("options: %s; eval %s", recipes.summary(cfg), preprocessing.to_json())
     return Run(
         config=cfg,
         mesh=mesh,
@@ -197,15 +210,25 @@ def _preprocessing(
 ) -> Preprocessing:
     """The run's eval preprocessing: a resumed checkpoint's (the pretrained weights are not
     read again), else the pretrained weights' at --image-size (their crop_pct, interpolation,
-    mean and std), else `default_preprocessing(--image-size)`."""
+    mean and std), else `default_preprocessing(--image-size)`; then --val-crop-size,
+    --val-resize-size and --interpolation replace its fields where given."""
     if saved is not None and "preprocessing" in saved:
         try:
             return Preprocessing.from_json(saved["preprocessing"])
         except ValueError as err:
             raise ConfigError(f"{cfg.workdir}: checkpoint metadata: {err}") from err
     if pretrained is None or pretrained.preprocessing is None:
-        return default_preprocessing(cfg.image_size)
-    return pretrained.preprocessing.override(eval_size=cfg.image_size)
+        base = default_preprocessing(cfg.image_size)
+    else:
+        base = pretrained.preprocessing.override(eval_size=cfg.image_size)
+    try:
+        return base.override(
+            eval_size=cfg.val_crop_size,
+            resize_size=cfg.val_resize_size,
+            interpolation=cfg.interpolation,
+        )
+    except ValueError as err:
+        raise ConfigError(f"--val-resize-size/--val-crop-size: {err}") from err
 
 
 def _fc_classes(
@@ -246,11 +269,12 @@ def _open_data(cfg: TrainConfig) -> data.DataSource:
 
 
 def _schedule_length(cfg: TrainConfig, source: data.DataSource) -> tuple[int, int]:
-    """(steps per epoch, steps to train in total: the epochs', cut at --max-steps)."""
+    """(optimizer steps per epoch, each of --batch-size x --accum-steps images, with
+    --ra-reps repetitions; steps to train in total: the epochs', cut at --max-steps)."""
     try:
-        steps_per_epoch = data.steps_per_epoch(source, cfg.batch_size)
+        steps_per_epoch = data.steps_per_epoch(source, cfg.update_batch, cfg.ra_reps)
     except ValueError as err:
-        raise ConfigError(f"--batch-size: {err}") from err
+        raise ConfigError(f"--batch-size (x --accum-steps): {err}") from err
     total_steps = steps_per_epoch * cfg.epochs
     return steps_per_epoch, min(total_steps, cfg.max_steps or total_steps)
 
@@ -287,19 +311,25 @@ def _initial_state(
         log.info("training %s; frozen: the rest", ", ".join(trainable))
     schedule = optim.learning_rate_schedule(
         base_lr=cfg.lr,
-        global_batch_size=cfg.batch_size,
+        global_batch_size=cfg.update_batch,
         steps_per_epoch=steps_per_epoch,
         epochs=cfg.epochs,
         warmup_epochs=cfg.warmup,
+        warmup_method=cfg.lr_warmup_method,
+        warmup_decay=cfg.lr_warmup_decay,
+        lr_min=cfg.lr_min,
     )
     tx = optim.create_optimizer(
         name=cfg.optimizer,
         schedule=schedule,
         weight_decay=cfg.weight_decay,
+        norm_weight_decay=cfg.norm_weight_decay,
+        bias_weight_decay=cfg.bias_weight_decay,
+        clip_grad_norm=cfg.clip_grad_norm,
         param_labels=labels,
         head_lr_multiplier=cfg.head_lr_multiplier,
     )
-    return steps.create_train_state(variables, tx), tx, schedule
+    return steps.create_train_state(variables, tx, ema=cfg.model_ema), tx, schedule
 
 
 def _restore(
@@ -317,17 +347,32 @@ def _restore(
 
 
 def _compile(
-    cfg, mesh, model, tx, schedule, trainable, state, preprocessing
+    cfg, mesh, model, tx, schedule, trainable, state, preprocessing, steps_per_epoch
 ) -> tuple[Callable, Callable]:
     """The parallelized (jit-compiled on first call) train and eval steps; uint8 images are
-    normalised with `preprocessing`'s mean/std."""
+    normalised with `preprocessing`'s mean/std. The train step mixes with --mixup-alpha /
+    --cutmix-alpha, accumulates --accum-steps batches and updates the --model-ema average
+    (its decay adjusted to the update batch, --model-ema-steps and --epochs, and reset during
+    the warm-up, as torchvision's reference)."""
     mask = None
     if cfg.freeze != "none":
         mask = transfer.trainable_mask(state.params, trainable)
     mean_std = (preprocessing.mean, preprocessing.std)
+    mixing = None
+    if cfg.mixup_alpha > 0 or cfg.cutmix_alpha > 0:
+        mixing = mixing_lib.Mixing(cfg.mixup_alpha, cfg.cutmix_alpha, seed=cfg.seed)
+    ema = None
+    if cfg.model_ema:
+        decay = ema_lib.adjusted_decay(
+            cfg.model_ema_decay,
+            global_batch_size=cfg.update_batch,
+            ema_steps=cfg.model_ema_steps,
+            epochs=cfg.epochs,
+        )
+        ema = ema_lib.EmaSchedule(decay, steps_per_epoch, cfg.model_ema_steps, cfg.warmup)
     train_step = steps.make_train_step(
         model, tx, schedule=schedule, label_smoothing=cfg.label_smoothing, trainable=mask,
-        mean_std=mean_std,
+        mean_std=mean_std, mixing=mixing, accum_steps=cfg.accum_steps, ema=ema,
     )  # fmt: skip
     eval_step = steps.make_eval_step(model, mean_std=mean_std)
     return (

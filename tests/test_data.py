@@ -1,8 +1,11 @@
 """Input pipeline: sources, determinism, resumption, sharding, padding, bad files, the
 file-list cache, TFDS shares and the offline failure."""
 
+import dataclasses
+import hashlib
 import itertools
 import json
+import math
 import shutil
 import socket
 import threading
@@ -14,7 +17,9 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from resnet_jax import data, image_folders, tfds_sources
+from resnet_jax import augment, autoaugment, data, image_folders, steps, tfds_sources
+
+tf = data.import_tensorflow()
 
 FLOWER_CLASSES = ["daisy", "dandelion", "roses", "sunflowers", "tulips"]
 # Normalised values of pixel 0 and 255 per channel.
@@ -670,3 +675,229 @@ def test_processes_vet_their_share_of_the_files(synthetic_folders, tmp_path, mon
     assert sorted(decoded[0] + decoded[1]) == sorted(everything)
     assert not set(decoded[0]) & set(decoded[1]) and abs(len(decoded[0]) - len(decoded[1])) <= 1
     assert caches[0].is_file() and not caches[1].exists()
+
+
+# --------------------------------------------------------------------------------------------
+# Training augmentation: TrainAugment, random-erasing boxes, repeated augmentation
+
+
+def test_default_augment_is_the_old_pipeline(small):
+    """The default transform yields the batches the pipeline gave before TrainAugment existed."""
+    small = data.open_source(data_dir=small)
+    digest = hashlib.sha256()
+    for batch in data.train_batches(
+        small, batch_size=4, image_size=24, seed=5, epoch=1, normalize=False
+    ):
+        digest.update(batch["image"].tobytes())
+        digest.update(batch["label"].tobytes())
+    assert digest.hexdigest() == "6bb84623d616c4d3bacf4a0f5fcb5cb06f1322488ee37e20ae58fa634c9f4b90"
+    explicit = augment.TrainAugment(crop_size=24)
+    assert_same_batches(
+        take(data.train_batches(small, batch_size=4, augment=explicit, seed=5, epoch=1), 2),
+        take(data.train_batches(small, batch_size=4, image_size=24, seed=5, epoch=1), 2),
+    )
+
+
+def example_key(base: np.ndarray, index) -> tf.Tensor:
+    """An example's augmentation key as `data.train_batches` derives it (the index as int64)."""
+    return tf.random.experimental.stateless_fold_in(base, tf.constant(index, tf.int64), "philox")
+
+
+@pytest.fixture(scope="module")
+def numbered(tmp_path_factory) -> data.DataSource:
+    """300 training examples (over RASampler's 256) from 6 small JPEGs, label = example index."""
+    root = tmp_path_factory.mktemp("numbered")
+    files = []
+    for i in range(6):
+        gradient(20 + 2 * i, 24 - i, phase=i).save(root / f"{i}.jpg", quality=95)
+        files.append(str(root / f"{i}.jpg"))
+    split = data.FileSplit(tuple(files[i % 6] for i in range(300)), tuple(range(300)))
+    return data.DataSource(["x"], 300, 0, split, data.FileSplit((), ()), origin="numbered")
+
+
+def test_auto_augment_is_trivial_augment_wide_with_the_derived_key(numbered):
+    args = dict(batch_size=6, seed=2, epoch=3, normalize=False)
+    plain = take(data.train_batches(numbered, augment=augment.TrainAugment(16), **args), 2)
+    wide = augment.TrainAugment(16, auto_augment="ta_wide")
+    augmented = take(data.train_batches(numbered, augment=wide, **args), 2)
+    base = data._derived_seed(2, 3, data._AUGMENT)
+    changed = 0
+    for before, after in zip(plain, augmented, strict=True):
+        np.testing.assert_array_equal(before["label"], after["label"])
+        for image, result, index in zip(
+            before["image"], after["image"], before["label"], strict=True
+        ):
+            key = example_key(base, index)
+            expected = autoaugment.trivial_augment_wide(image, augment.auto_augment_key(key))
+            np.testing.assert_array_equal(result, expected.numpy())
+            changed += not np.array_equal(image, result)
+    assert changed >= 6
+    ra = augment.TrainAugment(16, auto_augment="ra", ra_magnitude=15)
+    rand = take(data.train_batches(numbered, augment=ra, **args), 1)
+    assert not np.array_equal(rand[0]["image"], plain[0]["image"])
+
+
+def test_erase_boxes_follow_random_erasing(numbered):
+    size = 32
+    args = dict(batch_size=50, seed=1, epoch=0, normalize=False)
+    always = augment.TrainAugment(size, random_erase=1.0)
+    batches = take(data.train_batches(numbered, augment=always, **args), 4)
+    boxes = np.concatenate([b["erase_box"] for b in batches])
+    assert boxes.dtype == np.int32 and boxes.shape == (200, 4)
+    top, left, height, width = boxes.T
+    assert np.all((top >= 0) & (left >= 0) & (top + height <= size) & (left + width <= size))
+    erased = height > 0
+    assert erased.mean() > 0.9  # only boxes no attempt fitted are left out
+    area = height[erased] * width[erased] / size**2
+    assert area.min() > 0.015 and area.max() < 0.36 and np.median(area) > 0.1
+    ratio = height[erased] / width[erased]
+    assert ratio.min() > 0.25 and ratio.max() < 4.0
+    assert ratio.min() < 0.6 and ratio.max() > 1.8
+    base = data._derived_seed(1, 0, data._AUGMENT)
+    for box, index in zip(
+        boxes[:20], np.concatenate([b["label"] for b in batches])[:20], strict=True
+    ):
+        key = example_key(base, index)
+        np.testing.assert_array_equal(box, augment.erase_box(key, size, 1.0).numpy())
+        assert not np.any(augment.erase_box(key, size, 0.0).numpy())
+    # The pixels are those of the plain pipeline: erasing happens in the train step.
+    plain = take(data.train_batches(numbered, augment=augment.TrainAugment(size), **args), 1)
+    np.testing.assert_array_equal(plain[0]["image"], batches[0]["image"])
+    half = augment.TrainAugment(size, random_erase=0.3)
+    rate = np.mean(
+        [
+            b["erase_box"][:, 2] > 0
+            for b in take(data.train_batches(numbered, augment=half, **args), 4)
+        ]
+    )
+    assert 0.15 < rate < 0.45
+
+
+def test_model_input_erases_the_box_after_normalising():
+    images = np.random.default_rng(0).integers(0, 256, (3, 10, 12, 3), dtype=np.uint8)
+    boxes = np.array([[2, 3, 4, 5], [0, 0, 0, 0], [9, 11, 1, 1]], np.int32)
+    out = np.asarray(steps._model_input(images, (data.IMAGENET_MEAN, data.IMAGENET_STD), boxes))
+    normalised = np.asarray(data.normalize_images(images))
+    inside = np.zeros(images.shape[:3], bool)
+    inside[0, 2:6, 3:8] = True
+    inside[2, 9, 11] = True
+    assert np.all(out[inside] == 0)
+    np.testing.assert_array_equal(out[~inside], normalised[~inside])
+    floats = np.asarray(
+        steps._model_input(normalised, (data.IMAGENET_MEAN, data.IMAGENET_STD), boxes)
+    )
+    np.testing.assert_array_equal(floats, out)
+
+
+def rasampler(order: np.ndarray, reps: int, replicas: int, rank: int) -> list[int]:
+    """torchvision's RASampler.__iter__ (references/classification/sampler.py) given the
+    epoch's permutation `order`."""
+    n = len(order)
+    num_samples = math.ceil(n * reps / replicas)
+    total = num_samples * replicas
+    selected = math.floor(n // 256 * 256 / replicas)
+    indices = [int(i) for i in order for _ in range(reps)]
+    indices += indices[: total - len(indices)]
+    return indices[rank:total:replicas][:selected]
+
+
+@pytest.mark.parametrize("process_count", [2, 3, 4])
+def test_repeated_augmentation_is_rasampler(numbered, process_count):
+    batch, reps = 8, 3
+    steps_ = data.steps_per_epoch(numbered, batch * process_count, ra_reps=reps)
+    assert steps_ == 256 // (batch * process_count)
+    order = data._file_order(300, 4, 1)
+    per_process = []
+    for p in range(process_count):
+        batches = list(
+            data.train_batches(
+                numbered,
+                batch_size=batch,
+                image_size=8,
+                seed=4,
+                epoch=1,
+                ra_reps=reps,
+                process_index=p,
+                process_count=process_count,
+                normalize=False,
+            )
+        )
+        assert len(batches) == steps_
+        labels = np.concatenate([b["label"] for b in batches]).tolist()
+        assert labels == rasampler(order, reps, process_count, p)[: steps_ * batch]
+        per_process.append(batches)
+    # Repeats of one image go to different processes and are augmented differently.
+    first = {p: per_process[p][0] for p in range(process_count)}
+    image = order[0]
+    holders = [p for p in range(process_count) if image in first[p]["label"]]
+    assert len(holders) == min(reps, process_count)
+    crops = [first[p]["image"][list(first[p]["label"]).index(image)] for p in holders]
+    assert not np.array_equal(crops[0], crops[1])
+    counts = np.bincount(
+        np.concatenate([b["label"] for bs in per_process for b in bs]), minlength=300
+    )
+    assert set(counts[order[: steps_ * batch * process_count // reps]].tolist()) == {reps}
+
+
+def test_repeated_augmentation_spreads_over_devices(numbered):
+    """Replicas are processes x devices: each device's slice of a batch is RASampler's rank."""
+    order = data._file_order(300, 0, 0)
+    batch = next(
+        data.train_batches(
+            numbered,
+            batch_size=8,
+            image_size=8,
+            seed=0,
+            epoch=0,
+            ra_reps=2,
+            devices_per_process=4,
+            process_index=1,
+            process_count=2,
+            normalize=False,
+        )
+    )
+    for device in range(4):
+        rank = 4 + device
+        assert (
+            batch["label"][2 * device : 2 * device + 2].tolist() == rasampler(order, 2, 8, rank)[:2]
+        )
+
+
+def test_every_option_is_deterministic_and_resumable(numbered):
+    full = augment.TrainAugment(
+        20, interpolation="bicubic", hflip=0.3, auto_augment="ta_wide", random_erase=0.5
+    )
+    args = dict(
+        batch_size=4, augment=full, seed=7, epoch=2, ra_reps=2, process_index=1, process_count=2
+    )
+    epoch = list(data.train_batches(numbered, **args))
+    assert len(epoch) == 256 // 8 and epoch[0].keys() == {"image", "label", "erase_box"}
+    assert_same_batches(take(data.train_batches(numbered, **args), 3), epoch[:3])
+    assert_same_batches(list(data.train_batches(numbered, start_batch=29, **args)), epoch[29:])
+    ra = dataclasses.replace(full, auto_augment="ra")
+    a = take(data.train_batches(numbered, **{**args, "augment": ra}), 2)
+    assert_same_batches(
+        a, list(data.train_batches(numbered, start_batch=0, **{**args, "augment": ra}))[:2]
+    )
+
+
+def test_augment_arguments_are_checked(numbered, small):
+    small = data.open_source(data_dir=small)
+    for kwargs, message in [
+        (dict(auto_augment="aa"), "auto_augment must be one of none, ta_wide, ra"),
+        (dict(interpolation="lanczos"), "interpolation must be one of"),
+        (dict(random_erase=1.5), "random_erase must be a probability"),
+        (dict(hflip=-0.1), "hflip must be a probability"),
+        (dict(ra_magnitude=31), "ra_magnitude must be in"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            augment.TrainAugment(16, **kwargs)
+    args = dict(batch_size=4, seed=0, epoch=0)
+    with pytest.raises(ValueError, match="image_size 24 disagrees with augment.crop_size 16"):
+        data.train_batches(small, augment=augment.TrainAugment(16), image_size=24, **args)
+    with pytest.raises(ValueError, match="needs augment or image_size"):
+        data.train_batches(small, **args)
+    with pytest.raises(ValueError, match="repeated augmentation uses n // 256"):
+        data.train_batches(small, image_size=8, ra_reps=2, **args)
+    with pytest.raises(ValueError, match="devices_per_process 3 must divide batch_size 4"):
+        data.train_batches(numbered, image_size=8, ra_reps=2, devices_per_process=3, **args)

@@ -19,7 +19,7 @@ from helpers import load_script, run_script
 from PIL import Image
 from test_inference import random_variables
 
-from resnet_jax import data, evaluation, inference, model_dir, models
+from resnet_jax import data, evaluation, inference, model_dir, models, pretrained_registry
 from resnet_jax.preprocessing import Preprocessing
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -427,7 +427,7 @@ HUB_CFG = {"test_input_size": [3, 40, 40], "test_crop_pct": 1.0, "interpolation"
 
 
 @pytest.mark.launches
-def test_pretrained_names_in_predict_and_evaluate(hub, work, capsys):
+def test_pretrained_names_in_predict_evaluate_and_convert(hub, work, capsys, tmp_path):
     url, hf_home = hub
     env = hub_env(url, hf_home, JAX_PLATFORMS="cpu")
     image = _images(work)[0]
@@ -446,6 +446,15 @@ def test_pretrained_names_in_predict_and_evaluate(hub, work, capsys):
     assert metrics["checkpoint"] == "hf-hub:org/four" and metrics["count"] == len(_images(work))
     assert metrics["preprocessing"] == {"eval_size": 40, "crop_pct": 1.0,
         "interpolation": "bicubic", "mean": [0.5] * 3, "std": [0.25] * 3}  # fmt: skip
+
+    out = tmp_path / "tv_in1k"
+    proc = run_script("convert_weights.py", "to-flax", "--input", "resnet18.tv_in1k", "--output",
+                      str(out), **env)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    converted = model_dir.load(out)
+    assert converted.arch == "resnet18" and converted.num_classes == 1000
+    assert converted.class_names == inference.imagenet_class_names()
+    assert converted.preprocessing == pretrained_registry.REGISTRY["resnet18.tv_in1k"].preprocessing
 
     evaluate = load_script(EVALUATE)
     with pytest.raises(SystemExit) as exit_info:

@@ -253,3 +253,22 @@ def test_training_checkpoint_preprocessing_is_read(tmp_path, variables):
         assert loaded.step == 10 and loaded.preprocessing == stored
     with pytest.raises(ValueError, match=r"20/meta: metadata preprocessing: crop_pct must be"):
         _ = model_dir.load(workdir, step=20).preprocessing
+
+
+def test_load_ema_gives_the_moving_average_and_a_clear_error_without_one(tmp_path, variables):
+    """A training state with an `ema` (--model-ema): `load(..., ema=True)` returns the
+    average's params and BatchNorm statistics, plain `load` the model's; a checkpoint without
+    an average says so."""
+    average = perturbed(variables, 0.25)
+    state = {**variables, "ema": {**average, "n_averaged": np.int32(3)}}
+    workdir = tmp_path / "run"
+    with checkpoint.TrainCheckpointer(workdir) as ckpt:
+        ckpt.save(1, state, metadata=step_meta(epoch=1), metrics={"val_accuracy": 0.5})
+    assert_trees_equal(model_dir.load(workdir, ema=True).variables, average)
+    assert_trees_equal(model_dir.load(workdir).variables, variables)
+
+    plain = tmp_path / "plain"
+    with checkpoint.TrainCheckpointer(plain) as ckpt:
+        ckpt.save(1, variables, metadata=step_meta(epoch=1), metrics={"val_accuracy": 0.5})
+    with pytest.raises(ValueError, match="has no EMA weights .*--model-ema"):
+        model_dir.load(plain, ema=True)

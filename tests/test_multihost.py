@@ -29,7 +29,7 @@ pytestmark = pytest.mark.launches
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = ROOT / "scripts" / "train.py"
 STEPS = 3
-NUM_VAL = 16  # synthetic_folders/val
+NUM_VAL = 736  # flower_photos/val
 PHASE_TIMEOUT_S = 900  # per launch; a collective that never completes fails here, not forever
 
 # Why --lr 0.001 and not bit-exact: gloo sums the 4 devices' gradients and BatchNorm statistics
@@ -148,11 +148,11 @@ def _wait_for_train_step(metrics: Path, step: int, procs, deadline: float) -> No
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, synthetic_folders) -> dict:
+def runs(tmp_path_factory, flowers_dir) -> dict:
     """Run everything once: the interrupted and resumed 2-process run, the 1-process run."""
     root = tmp_path_factory.mktemp("multihost")
     multi, single = root / "multi", root / "single"
-    launcher = _Launcher(root, synthetic_folders)
+    launcher = _Launcher(root, flowers_dir)
     started = time.monotonic()
     try:
         deadline = started + PHASE_TIMEOUT_S
@@ -270,7 +270,7 @@ def test_only_process_zero_writes_logs_and_progress(runs):
 
 @pytest.fixture
 def fake_jax_distributed(monkeypatch):
-    """Record jax.parallel.initialize calls instead of joining a cluster."""
+    """Record jax.distributed.initialize calls instead of joining a cluster."""
     calls = []
     monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: calls.append(kw))
     return calls

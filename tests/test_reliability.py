@@ -85,7 +85,13 @@ class _Launch:
     started_here: list["_Launch"] = []  # killed at the end of the module if still running
 
     def __init__(
-        self, name: str, workdir: Path, setup: Setup, prefix: tuple[str, ...] = ()
+        self,
+        name: str,
+        workdir: Path,
+        setup: Setup,
+        prefix: tuple[str, ...] = (),
+        flags: tuple[str, ...] = (),
+        data: Path | None = None,
     ) -> None:
         self.name, self.workdir = name, workdir
         self.log_path = setup.root / f"{name}.log"
@@ -97,7 +103,8 @@ class _Launch:
             "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
             "PYTHONUNBUFFERED": "1",
         }
-        cmd = [*prefix, sys.executable, str(TRAIN), *FLAGS, "--data-dir", str(setup.data)]
+        data = setup.data if data is None else data
+        cmd = [*prefix, sys.executable, str(TRAIN), *FLAGS, *flags, "--data-dir", str(data)]
         with self.log_path.open("w") as log:
             self.proc = subprocess.Popen(
                 [*cmd, "--workdir", str(workdir)],
@@ -158,7 +165,11 @@ def _no_launch_outlives_the_module():
 
 
 def _step_dirs(workdir: Path) -> list[str]:
-    return sorted(p.name for p in (workdir / "checkpoints").iterdir() if p.name != "metadata")
+    """The names in workdir/checkpoints (none before a run has created it)."""
+    checkpoints = workdir / "checkpoints"
+    if not checkpoints.is_dir():
+        return []
+    return sorted(p.name for p in checkpoints.iterdir() if p.name != "metadata")
 
 
 def _resumed_at(launch: _Launch) -> int | None:
@@ -484,3 +495,57 @@ def test_resumed_metrics_drop_what_was_logged_after_the_checkpoint(tmp_path):
     path.write_text(lines[0])  # complete, but the kill came before its newline
     metrics_log.keep_records_up_to(path, 5)
     assert path.read_text() == lines[0] + "\n"
+
+
+# Every torchvision-reference option on (tiny sizes). Repeated augmentation keeps RASampler's
+# n // 256 * 256 examples per epoch (repetitions included), so this run reads 256 training
+# images (64 per class, each of the fixture's 12 linked several times): 256 / (8 x 2) = 16
+# optimizer steps per epoch.
+EVERY_OPTION = (
+    "--auto-augment", "ta_wide", "--random-erase", "0.25", "--mixup-alpha", "0.2",
+    "--cutmix-alpha", "1.0", "--model-ema", "--model-ema-steps", "3", "--accum-steps", "2",
+    "--ra-reps", "2", "--clip-grad-norm", "1.0", "--epochs", "1", "--checkpoint-every", "1000",
+    "--train-crop-size", "40", "--val-resize-size", "36", "--lr-warmup-method", "constant",
+    "--lr-warmup-decay", "0.1", "--lr-min", "0.001",
+    "--norm-weight-decay", "none",
+)  # fmt: skip
+EVERY_OPTION_STEPS, EVERY_OPTION_STOP = 16, 7
+
+
+def test_every_recipe_option_resumes_bit_identical(setup, synthetic_folders):
+    """A run with every option on, stopped at --max-steps mid-epoch and rerun without it, ends
+    bit-identical (params, BatchNorm statistics and their EMA) to an uninterrupted run; the EMA
+    is evaluated beside the model and `load(..., ema=True)` exports it."""
+    data = setup.root / "data256"
+    for class_dir in sorted((synthetic_folders / "train").iterdir()):
+        (data / "train" / class_dir.name).mkdir(parents=True)
+        images = sorted(class_dir.iterdir())
+        for i in range(64):
+            image = images[i % len(images)]
+            (data / "train" / class_dir.name / f"{i:02d}{image.suffix}").symlink_to(image)
+    (data / "val").symlink_to(setup.data / "val")
+    reference, resumed = setup.root / "options_ref", setup.root / "options_resumed"
+    run = _Launch("options_ref", reference, setup, flags=EVERY_OPTION, data=data)
+    assert run.wait() == 0, run.tail()
+    assert "steps/epoch of 16 images" in run.log()
+    assert "auto_augment=ta_wide" in run.log()  # the resolved options, logged once
+    stop = ("--max-steps", str(EVERY_OPTION_STOP))
+    first = _Launch("options_1", resumed, setup, flags=(*EVERY_OPTION, *stop), data=data)
+    assert first.wait() == 0, first.tail()
+    second = _Launch("options_2", resumed, setup, flags=EVERY_OPTION, data=data)
+    assert second.wait() == 0, second.tail()
+    assert _resumed_at(second) == EVERY_OPTION_STOP
+    for ema in (False, True):
+        got, want = (model_dir.load(w, step=EVERY_OPTION_STEPS, ema=ema) for w in
+                     (resumed, reference))  # fmt: skip
+        _assert_same_variables(got.variables, want.variables, f"ema={ema}: ")
+    raw, ema = (model_dir.load(reference, ema=e).variables for e in (False, True))
+    assert not np.array_equal(raw["params"]["fc"]["kernel"], ema["params"]["fc"]["kernel"])
+    train = [r for r in metrics_records(reference) if "train_loss" in r]
+    assert _comparable(train) == _comparable(
+        [r for r in metrics_records(resumed) if "train_loss" in r]
+    )
+    (last,) = [r for r in metrics_records(reference) if "ema_val_accuracy" in r]
+    assert last["step"] == EVERY_OPTION_STEPS
+    meta = model_dir.load(reference).metadata
+    assert meta["config"]["model_ema"] and meta["preprocessing"]["eval_size"] == 32

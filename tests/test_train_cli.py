@@ -359,13 +359,13 @@ def test_data_and_checkpoint_problems_are_one_line_usage_errors(
 ):
     """Problems found after the arguments are parsed (data, an incompatible checkpoint) are
     usage errors too, not tracebacks."""
-    import tensorflow_datasets as tfds  # after torch (conftest imports it first)
+    import tensorflow_datasets as tfds
 
     _refuse_to_compile(monkeypatch)
     workdir = ["--arch", "resnet18", "--workdir", str(tmp_path / "w")]
     base = [*workdir, "--data-dir", str(tiny_data), "--batch-size", "4"]
     line = _usage_error([*base, "--batch-size", "16"], capsys)
-    assert "--batch-size: global batch size 16 exceeds the 12 training examples" in line
+    assert "--batch-size (x --accum-steps): global batch size 16 exceeds the 12 training" in line
 
     def offline(self, *args, **kwargs):
         raise ConnectionError("no route to download.tensorflow.org")
