@@ -29,6 +29,7 @@ from test_transfer import _changed_stages
 from resnet_jax import (
     checkpoint,
     convert,
+    inference,
     model_dir,
     models,
     parallel,
@@ -544,6 +545,12 @@ def test_head_append_from_a_registry_name(hub, tiny_data, tmp_path):
         same, changed = _changed_stages(start[collection], after[collection])
         kept = {"stem", *models.STAGE_NAMES} | ({"fc"} if collection == "params" else set())
         assert not changed and same == kept, collection
+    # Evaluation and prediction rebuild the model with its appended head.
+    evaluate = ["--checkpoint", str(workdir), "--data-dir", str(tiny_data), "--batch-size", "4"]
+    assert load_script("evaluate.py").main(evaluate) == 0
+    image = next((tiny_data / "val" / "ant").iterdir())
+    probs = inference.Predictor.from_checkpoint(workdir).predict_proba([image])
+    assert probs.shape == (1, 2) and np.isclose(probs.sum(), 1.0)
 
 
 @pytest.mark.parametrize(
