@@ -16,8 +16,7 @@ Conversions: torchvision's `--batch-size` is per GPU (8 GPUs), ours global; torc
 is for its global batch, ours per 256 images (scaled by batch/256), so ours is
 `lr_torchvision * 256 / global_batch`: the same effective learning rate at their batch size.
 Deviations the presets cannot remove: our schedule is always warm-up then cosine (tv1's step
-schedule, x0.1 every 30 epochs, becomes a cosine over 90 epochs), and our SGD uses Nesterov
-momentum (torchvision's "sgd" does not).
+schedule, x0.1 every 30 epochs, becomes a cosine over 90 epochs).
 """
 
 from __future__ import annotations
@@ -31,7 +30,8 @@ _GPUS = 8  # README: "all models have been trained on 8x V100 GPUs"
 
 # torchvision train.py's argparse defaults, as our options.
 _TORCHVISION_DEFAULTS: dict[str, Any] = {
-    "optimizer": "sgd",  # train.py --opt sgd (momentum 0.9, ours Nesterov)
+    "optimizer": "sgd",  # train.py --opt sgd: torch.optim.SGD with --momentum 0.9 ...
+    "nesterov": False,  # ... and without Nesterov momentum
     "image_size": 224,  # train.py --val-crop-size 224 (our eval crop)
     "train_crop_size": 224,  # train.py --train-crop-size 224
     "val_resize_size": 256,  # train.py --val-resize-size 256

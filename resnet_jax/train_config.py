@@ -89,7 +89,10 @@ class TrainConfig:
     )
     weight_decay: float = _option(1e-4, "decoupled for adamw, L2 for sgd; skips BatchNorm, biases")
     label_smoothing: float = _option(0.0, "cross-entropy label smoothing")
-    optimizer: str = _option("sgd", "sgd (Nesterov momentum 0.9) or adamw")
+    optimizer: str = _option("sgd", "sgd (momentum 0.9) or adamw")
+    nesterov: bool = _option(
+        True, "Nesterov momentum for sgd (--no-nesterov: plain momentum, torchvision's --opt sgd)"
+    )
     precision: str = _option("fp32", "fp32, or bf16 (bf16 compute, fp32 params, BatchNorm, loss)")
     parallel: str = _option("shard_map", "shard_map (jit over a device mesh) or pmap")
     sync_bn: bool = _option(
@@ -329,7 +332,7 @@ RECIPE_OPTIONS = (
     "auto_augment", "ra_magnitude", "random_erase", "train_crop_size", "val_resize_size",
     "val_crop_size", "interpolation", "ra_reps", "mixup_alpha", "cutmix_alpha", "model_ema",
     "model_ema_decay", "model_ema_steps", "norm_weight_decay", "bias_weight_decay",
-    "lr_warmup_method", "lr_warmup_decay", "lr_min", "accum_steps", "clip_grad_norm",
+    "lr_warmup_method", "lr_warmup_decay", "lr_min", "accum_steps", "clip_grad_norm", "nesterov",
 )  # fmt: skip
 
 # Options a resumed run must share with the checkpoint's: they define the model, the data and

@@ -322,6 +322,7 @@ def _initial_state(
     tx = optim.create_optimizer(
         name=cfg.optimizer,
         schedule=schedule,
+        nesterov=cfg.nesterov,
         weight_decay=cfg.weight_decay,
         norm_weight_decay=cfg.norm_weight_decay,
         bias_weight_decay=cfg.bias_weight_decay,

@@ -42,7 +42,8 @@ TV2 = {
     "ra_reps": 4,  # --ra-sampler --ra-reps 4
     "clip_grad_norm": None,  # train.py default None
     "accum_steps": 1,
-    "optimizer": "sgd",  # train.py default --opt sgd
+    "optimizer": "sgd",  # train.py default --opt sgd: torch.optim.SGD, momentum 0.9 ...
+    "nesterov": False,  # ... without Nesterov
 }
 # README defaults table (8x V100): --batch_size 32, --epochs 90, --lr 0.1, --momentum 0.9,
 # --weight-decay 1e-4 (--lr-step-size 30 --lr-gamma 0.1: our schedule is a cosine instead).
@@ -51,7 +52,7 @@ TV1 = {
     "norm_weight_decay": None, "bias_weight_decay": None, "label_smoothing": 0.0,
     "auto_augment": "none", "random_erase": 0.0, "mixup_alpha": 0.0, "cutmix_alpha": 0.0,
     "train_crop_size": 224, "val_resize_size": 256, "val_crop_size": 224, "model_ema": False,
-    "ra_reps": 1, "clip_grad_norm": None, "optimizer": "sgd",
+    "ra_reps": 1, "clip_grad_norm": None, "optimizer": "sgd", "nesterov": False,
 }  # fmt: skip
 
 
