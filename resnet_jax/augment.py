@@ -170,9 +170,9 @@ class TrainAugment:
     magnitude `ra_magnitude`, "none"), then (after normalisation, in the train step) random
     erasing with probability `random_erase`.
 
-    torchvision's preset hands `interpolation` to the auto-augment as well; `autoaugment`
-    implements the geometric ops with nearest sampling only, so they sample nearest whatever
-    `interpolation` says (it sets the crop's resize)."""
+    `interpolation` sets the crop's resize and, as torchvision's preset hands it on, the
+    auto-augment's geometric ops, which (as torchvision's tensor transforms) sample bilinear or
+    nearest only: bicubic with an auto-augment is an error."""
 
     crop_size: int
     interpolation: str = "bilinear"
@@ -192,6 +192,12 @@ class TrainAugment:
         if self.auto_augment not in AUTO_AUGMENTS:
             raise ValueError(
                 f"auto_augment must be one of {', '.join(AUTO_AUGMENTS)}, got {self.auto_augment!r}"
+            )
+        if self.auto_augment != "none" and self.interpolation == "bicubic":
+            raise ValueError(
+                f"interpolation bicubic with auto_augment {self.auto_augment!r}: the "
+                "auto-augment's geometric ops sample bilinear or nearest (as torchvision's tensor "
+                "transforms); use bilinear, or auto_augment 'none'"
             )
         for name in ("hflip", "random_erase"):
             if not 0.0 <= getattr(self, name) <= 1.0:
@@ -266,10 +272,14 @@ def _train_transform(data: tf.Tensor, key: tf.Tensor, augment: TrainAugment) -> 
     image = tf.where(flip, tf.reverse(image, [1]), image)
     image = tf.cast(tf.clip_by_value(tf.round(image), 0.0, 255.0), tf.uint8)
     if augment.auto_augment == "ta_wide":
-        image = autoaugment.trivial_augment_wide(image, auto_augment_key(key))
+        image = autoaugment.trivial_augment_wide(image, auto_augment_key(key), interpolation=method)
     elif augment.auto_augment == "ra":
         image = autoaugment.rand_augment(
-            image, auto_augment_key(key), augment.ra_num_ops, augment.ra_magnitude
+            image,
+            auto_augment_key(key),
+            augment.ra_num_ops,
+            augment.ra_magnitude,
+            interpolation=method,
         )
     return image
 

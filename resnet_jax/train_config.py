@@ -296,6 +296,10 @@ class TrainConfig:
              f"--recipe must be one of {', '.join(RECIPE_NAMES)}, got {self.recipe!r}"),
             choice("auto_augment", AUTO_AUGMENTS),
             choice("interpolation", INTERPOLATIONS),
+            (self.auto_augment == "none" or self.interpolation != "bicubic",
+             f"--interpolation bicubic with --auto-augment {self.auto_augment}: the "
+             "auto-augment's geometric ops sample bilinear or nearest (as torchvision's tensor "
+             "transforms); use --interpolation bilinear or --auto-augment none"),
             choice("lr_warmup_method", ("linear", "constant")),
             (0 <= self.ra_magnitude <= 30, f"--ra-magnitude must be in [0, 30], got "
              f"{self.ra_magnitude}"),

@@ -11,6 +11,7 @@ from resnet_jax import autoaugment, random_erasing
 
 tf = autoaugment.tf
 
+BILINEAR = "bilinear"
 AFFINE_OPS = {"ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate"}
 # Per op: magnitudes from both augmentation spaces' ranges, signed ones with both signs.
 MAGNITUDES = {
@@ -40,28 +41,54 @@ def _images() -> list[np.ndarray]:
     return [np.clip(gradient, 0, 255).astype(np.uint8), noise.astype(np.uint8)]
 
 
-def _torchvision_op(image: np.ndarray, op: str, magnitude: float, fill) -> np.ndarray:
+def _torchvision_op(
+    image: np.ndarray, op: str, magnitude: float, fill, interpolation: str = "nearest"
+) -> np.ndarray:
     chw = torch.from_numpy(image).permute(2, 0, 1).contiguous()
-    out = tv_autoaugment._apply_op(chw, op, magnitude, InterpolationMode.NEAREST, fill)
+    out = tv_autoaugment._apply_op(chw, op, magnitude, InterpolationMode(interpolation), fill)
     return out.permute(1, 2, 0).numpy()
 
 
-def _assert_matches(ours: np.ndarray, theirs: np.ndarray, op: str) -> None:
+def _assert_matches(ours: np.ndarray, theirs: np.ndarray, op: str, interpolation: str) -> None:
     assert ours.shape == theirs.shape and ours.dtype == np.uint8
-    if op in AFFINE_OPS:  # the sampling grid sums in float32: a tie may round the other way
-        assert (ours == theirs).all(-1).mean() >= 0.99
-    else:
+    if op not in AFFINE_OPS:
         np.testing.assert_array_equal(ours, theirs)
+    elif interpolation == "nearest":  # the grid sums in float32: a tie may round the other way
+        assert (ours == theirs).all(-1).mean() >= 0.99
+    else:  # bilinear: the weights' float32 products round a .5 either way at a few pixels
+        assert np.abs(ours.astype(int) - theirs.astype(int)).max() <= 1
+        assert (ours == theirs).all(-1).mean() >= 0.95
 
 
 @pytest.mark.parametrize("op", autoaugment.OPS)
-@pytest.mark.parametrize("fill", [None, [128.0, 64.0, 32.0]])
-def test_apply_op_matches_torchvision(op, fill):
+@pytest.mark.parametrize("fill", [None, [128.0, 64.5, 32.0]])
+@pytest.mark.parametrize("interpolation", ["nearest", "bilinear"])
+def test_apply_op_matches_torchvision(op, fill, interpolation):
     for image in _images():
         for magnitude in MAGNITUDES[op]:
-            ours = autoaugment.apply_op(tf.constant(image), op, magnitude, fill).numpy()
-            theirs = _torchvision_op(image, op, magnitude, fill)
-            _assert_matches(ours, theirs, op)
+            ours = autoaugment.apply_op(tf.constant(image), op, magnitude, fill, interpolation)
+            theirs = _torchvision_op(image, op, magnitude, fill, interpolation)
+            _assert_matches(ours.numpy(), theirs, op, interpolation)
+
+
+def test_bilinear_blends_neighbours_and_fill():
+    """Stripes sheared along them stay stripes inside the image; across them bilinear sampling
+    averages neighbours (nearest only copies them); a corner uncovered by a rotation takes the
+    fill."""
+    image = np.zeros((8, 8, 3), np.uint8)
+    image[:, ::2] = 200  # columns 0, 2, 4, 6 bright
+
+    def shear(op: str, interpolation: str) -> np.ndarray:  # shifts of up to 0.2 * 7 pixels
+        return autoaugment.apply_op(tf.constant(image), op, 0.2, None, interpolation).numpy()
+
+    assert set(np.unique(shear("ShearY", "bilinear")[2:6])) == {0, 200}
+    assert set(np.unique(shear("ShearX", "nearest"))) == {0, 200}
+    blended = np.unique(shear("ShearX", "bilinear")[2:6, 2:6])
+    assert ((blended > 0) & (blended < 200)).any()
+    white = tf.constant(np.full((8, 8, 3), 255, np.uint8))
+    rotated = autoaugment.apply_op(white, "Rotate", 45.0, [10.0, 20.0, 30.0], "bilinear").numpy()
+    np.testing.assert_array_equal(rotated[0, 0], [10, 20, 30])
+    np.testing.assert_array_equal(rotated[4, 4], [255, 255, 255])
 
 
 def test_affine_fill_and_exactness():
@@ -107,13 +134,17 @@ def test_magnitude_tables_match_torchvision(num_bins):
 
 def test_trivial_augment_wide_is_torchvision_op_drawn_from_the_seed():
     """The result for a seed is torchvision's op at the drawn op, bin and sign; same seed, same
-    result; inside tf.data it is the same function."""
+    result; inside tf.data it is the same function (bilinear, as the training preset)."""
     image = _images()[0]
     torch_space = TrivialAugmentWide()._augmentation_space(31)
     seeds = [tf.constant([s, 7], tf.int64) for s in range(40)]
-    traced = tf.function(lambda seed: autoaugment.trivial_augment_wide(image, seed))
+    traced = tf.function(
+        lambda seed: autoaugment.trivial_augment_wide(image, seed, interpolation=BILINEAR)
+    )
     dataset = tf.data.Dataset.from_tensor_slices(tf.stack(seeds)).map(
-        lambda seed: autoaugment.trivial_augment_wide(tf.constant(image), seed)
+        lambda seed: autoaugment.trivial_augment_wide(
+            tf.constant(image), seed, interpolation=BILINEAR
+        )
     )
     for seed, from_pipeline in zip(seeds, dataset.as_numpy_iterator(), strict=True):
         op_index, bin_index, negate = (
@@ -123,10 +154,11 @@ def test_trivial_augment_wide_is_torchvision_op_drawn_from_the_seed():
         magnitudes, signed = torch_space[op]
         magnitude = float(magnitudes[bin_index]) if magnitudes.ndim else 0.0
         magnitude = -magnitude if signed and negate else magnitude
-        _assert_matches(from_pipeline, _torchvision_op(image, op, magnitude, None), op)
+        expected = _torchvision_op(image, op, magnitude, None, BILINEAR)
+        _assert_matches(from_pipeline, expected, op, BILINEAR)
         np.testing.assert_array_equal(traced(seed).numpy(), from_pipeline)
     np.testing.assert_array_equal(
-        autoaugment.trivial_augment_wide(image, seeds[0]), traced(seeds[0])
+        autoaugment.trivial_augment_wide(image, seeds[0], interpolation=BILINEAR), traced(seeds[0])
     )
 
 
@@ -185,6 +217,8 @@ def test_invalid_arguments_raise_clear_errors():
         autoaugment.rand_augment(image, seed, magnitude=31)
     with pytest.raises(ValueError, match="fill needs 1 or 3 values"):
         autoaugment.apply_op(image, "Rotate", 10.0, [1.0, 2.0])
+    with pytest.raises(ValueError, match="interpolation must be one of nearest, bilinear"):
+        autoaugment.apply_op(image, "Rotate", 10.0, None, "bicubic")
     with pytest.raises(ValueError, match="probability p"):
         random_erasing.random_erasing(tf.zeros([8, 8, 3]), seed, p=1.5)
 

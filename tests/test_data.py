@@ -728,7 +728,9 @@ def test_auto_augment_is_trivial_augment_wide_with_the_derived_key(numbered):
             before["image"], after["image"], before["label"], strict=True
         ):
             key = example_key(base, index)
-            expected = autoaugment.trivial_augment_wide(image, augment.auto_augment_key(key))
+            expected = autoaugment.trivial_augment_wide(
+                image, augment.auto_augment_key(key), interpolation="bilinear"
+            )
             np.testing.assert_array_equal(result, expected.numpy())
             changed += not np.array_equal(image, result)
     assert changed >= 6
@@ -889,6 +891,7 @@ def test_augment_arguments_are_checked(numbered, small):
         (dict(random_erase=1.5), "random_erase must be a probability"),
         (dict(hflip=-0.1), "hflip must be a probability"),
         (dict(ra_magnitude=31), "ra_magnitude must be in"),
+        (dict(auto_augment="ta_wide", interpolation="bicubic"), "sample bilinear or nearest"),
     ]:
         with pytest.raises(ValueError, match=message):
             augment.TrainAugment(16, **kwargs)

@@ -115,6 +115,15 @@ def test_every_option_is_validated_with_a_clear_error(option, value, message):
         TrainConfig(**{option: value}).validate(1)
 
 
+def test_bicubic_needs_no_auto_augment():
+    """The auto-augment's geometric ops sample as the training crop's --interpolation, bilinear
+    or nearest only (torchvision's tensor transforms)."""
+    with pytest.raises(ConfigError, match="--interpolation bicubic with --auto-augment ta_wide"):
+        TrainConfig(interpolation="bicubic", auto_augment="ta_wide").validate(1)
+    TrainConfig(interpolation="bicubic").validate(1)
+    TrainConfig(interpolation="bilinear", auto_augment="ra").validate(1)
+
+
 def test_val_crop_cannot_exceed_the_resize():
     with pytest.raises(ConfigError, match="--val-resize-size 200 must be >= --val-crop-size 224"):
         TrainConfig(val_resize_size=200, val_crop_size=224).validate(1)
