@@ -12,11 +12,13 @@ from pathlib import Path
 
 
 def summarize(workdir: Path) -> str:
-    """Per-epoch val accuracy, train time and throughput of the run in `workdir`."""
+    """Per-epoch val accuracy (and the EMA weights' with --model-ema), train time and throughput
+    of the run in `workdir`."""
     records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     config = json.loads((workdir / "class_names.json").read_text())
     train = [r for r in records if "train_loss" in r]
     evals = [r for r in records if "val_accuracy" in r]
+    ema = {r["step"]: r["ema_val_accuracy"] for r in records if "ema_val_accuracy" in r}
     if not train or not evals:
         raise SystemExit(f"{workdir}: no complete epoch in metrics.jsonl")
     rows = []
@@ -32,24 +34,35 @@ def summarize(workdir: Path) -> str:
             previous = r["step"]
         rate = statistics.median(r["images_per_sec"] for r in logs[1:] or logs)
         rows.append((e["epoch"], e["step"], e["val_loss"], e["val_accuracy"], seconds, rate))
-    best = max(rows, key=lambda r: r[3])
+    ema_column = bool(ema)
     lines = [
         f"Run: `{workdir}` ({len(config)} classes)",
         "",
-        "| epoch | step | val loss | val top-1 | train time (s) | median images/s |",
-        "|---:|---:|---:|---:|---:|---:|",
+        "| epoch | step | val loss | val top-1 |"
+        + (" EMA val top-1 |" if ema_column else "")
+        + " train time (s) | median images/s |",
+        "|---:|---:|---:|---:|" + ("---:|" if ema_column else "") + "---:|---:|",
     ]
     for epoch, step, loss, acc, seconds, rate in rows:
+        ema_cell = f" {ema[step]:.4f} |" if ema_column else ""
         lines.append(
-            f"| {epoch + 1} | {step} | {loss:.4f} | {acc:.4f} | {seconds:.0f} | {rate:.1f} |"
+            f"| {epoch + 1} | {step} | {loss:.4f} | {acc:.4f} |{ema_cell} {seconds:.0f} | "
+            f"{rate:.1f} |"
         )
-    lines += [
-        "",
-        f"Final val top-1 {rows[-1][3]:.4f}, best {best[3]:.4f} (epoch {best[0] + 1}); "
-        f"median train time per epoch {statistics.median(r[4] for r in rows):.0f} s; "
-        f"median {statistics.median(r[5] for r in rows):.1f} images/s.",
-    ]
+    lines += ["", _final_line("val top-1", [(r[0], r[3]) for r in rows])]
+    if ema_column:
+        lines.append(_final_line("EMA val top-1", [(r[0], ema[r[1]]) for r in rows]))
+    lines.append(
+        f"Median train time per epoch {statistics.median(r[4] for r in rows):.0f} s; "
+        f"median {statistics.median(r[5] for r in rows):.1f} images/s."
+    )
     return "\n".join(lines)
+
+
+def _final_line(name: str, by_epoch: list[tuple[int, float]]) -> str:
+    """ "Final NAME x, best y (epoch e)." for (epoch, accuracy) pairs."""
+    best_epoch, best = max(by_epoch, key=lambda pair: pair[1])
+    return f"Final {name} {by_epoch[-1][1]:.4f}, best {best:.4f} (epoch {best_epoch + 1})."
 
 
 def _batch_size(workdir: Path) -> int:

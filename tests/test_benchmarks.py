@@ -2,6 +2,7 @@
 possible) and the CPU tools cannot break unseen. Their timings are not checked: benchmarks are
 commands, not timed tests."""
 
+import json
 import re
 import subprocess
 import sys
@@ -115,3 +116,26 @@ def test_model_benchmark_compares_group_caps(tmp_path):
     rows = _rows(text, "resnext50_32x4d")
     assert [row[4] for row in rows] == ["torch", "jax-Conv", "jax-Conv-cap16"]
     assert all(float(row[9]) > 0 for row in rows)
+
+
+def test_training_summary_has_raw_and_ema_columns(tmp_path):
+    """summarize_training.py tabulates each epoch's val top-1, the EMA's beside it, and the time
+    from the logged images/s at the checkpoint's batch size."""
+    records = [
+        {"step": 10, "epoch": 0, "train_loss": 1.0, "images_per_sec": 20.0},
+        {"step": 10, "epoch": 0, "val_loss": 0.9, "val_accuracy": 0.5},
+        {"step": 10, "epoch": 0, "ema_val_loss": 1.1, "ema_val_accuracy": 0.4},
+        {"step": 20, "epoch": 1, "train_loss": 0.5, "images_per_sec": 40.0},
+        {"step": 20, "epoch": 1, "val_loss": 0.6, "val_accuracy": 0.75},
+        {"step": 20, "epoch": 1, "ema_val_loss": 0.5, "ema_val_accuracy": 0.8},
+    ]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in records))
+    (tmp_path / "class_names.json").write_text(json.dumps(["a", "b"]))
+    meta = tmp_path / "checkpoints" / "20" / "meta"
+    meta.mkdir(parents=True)
+    (meta / "metadata").write_text(json.dumps({"config": {"batch_size": 4}}))
+    table = _run(sys.executable, str(BENCHMARKS / "summarize_training.py"), str(tmp_path)).stdout
+    assert _rows(table, "1") == [["1", "10", "0.9000", "0.5000", "0.4000", "2", "20.0"]]
+    assert _rows(table, "2") == [["2", "20", "0.6000", "0.7500", "0.8000", "1", "40.0"]]
+    assert "Final val top-1 0.7500, best 0.7500 (epoch 2)." in table
+    assert "Final EMA val top-1 0.8000, best 0.8000 (epoch 2)." in table
