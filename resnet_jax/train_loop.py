@@ -179,12 +179,13 @@ class Loop:
         step where `max_nonfinite` consecutive steps were skipped."""
         if not pending:
             return
-        now = time.perf_counter()
+        fetched = parallel.fetch_state(pending, self.cfg.parallel)  # waits for the steps
+        now = time.perf_counter()  # after the wait: the interval's device time, not its dispatch
         images_per_sec = len(pending) * self.cfg.update_batch / (now - self._tick)
         self._tick = now
         first = self.step - len(pending) + 1
         record: dict[str, Any] = {}
-        for step, metrics in enumerate(parallel.fetch_state(pending, self.cfg.parallel), first):
+        for step, metrics in enumerate(fetched, first):
             record = {f"train_{k}": float(v) for k, v in metrics.items()}
             if step == self.step:
                 record["images_per_sec"] = images_per_sec

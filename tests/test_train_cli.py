@@ -11,6 +11,7 @@ import os
 import shutil
 import signal
 import subprocess
+import time
 from pathlib import Path
 from typing import NamedTuple
 
@@ -279,6 +280,29 @@ def test_the_loop_fetches_and_agrees_only_at_log_points(tiny_data, tmp_path, mon
     assert [r["step"] for r in records if "train_loss" in r] == [1, 2, 3, 4, 5, 6]
     with_speed = [r["step"] for r in records if "images_per_sec" in r]
     assert with_speed == [2, 3, 4, 6]
+
+
+def test_images_per_sec_counts_the_wait_for_the_steps(tiny_data, tmp_path, monkeypatch):
+    """Steps are dispatched asynchronously, so a log point's images/s is timed after its fetch
+    has waited for them: when the fetch at the epoch's end (step 3, one step of 4 images after
+    the log point at step 2) takes 3 s, that interval reports at most 4 / 3 images/s."""
+    run = trainer.prepare(_tiny_config(tiny_data, tmp_path / "run", epochs=1, log_every=2))
+    fetch_state = parallel.fetch_state
+
+    def slow_fetch(tree, *args, **kwargs):
+        if isinstance(tree, list) and len(tree) == 1:  # the metrics of step 3 alone
+            time.sleep(3.0)
+        return fetch_state(tree, *args, **kwargs)
+
+    monkeypatch.setattr(parallel, "fetch_state", slow_fetch)
+    loop = trainer.Loop(run)
+    try:
+        loop.run_epoch()
+    finally:
+        loop.close()
+    records = metrics_records(tmp_path / "run")
+    speeds = {r["step"]: r["images_per_sec"] for r in records if "images_per_sec" in r}
+    assert list(speeds) == [2, 3] and speeds[3] <= 4 / 3.0
 
 
 def test_flags_come_from_the_config_fields(capsys):
