@@ -22,6 +22,7 @@ schedule, x0.1 every 30 epochs, becomes a cosine over 90 epochs).
 from __future__ import annotations
 
 import dataclasses
+import sys
 from typing import Any
 
 from resnet_jax.train_config import RECIPE_OPTIONS, ConfigError, TrainConfig
@@ -133,3 +134,16 @@ SUMMARY_OPTIONS = ("recipe", "batch_size", "lr", "epochs", "warmup_epochs", "wei
 def summary(cfg: TrainConfig) -> str:
     """The resolved recipe options as one line `name=value ...` (for the log)."""
     return " ".join(f"{name}={getattr(cfg, name)}" for name in SUMMARY_OPTIONS)
+
+
+def main(argv: list[str]) -> int:
+    """`python -m resnet_jax.recipes NAME`: print the preset's resolved options, one per line."""
+    if len(argv) != 1 or argv[0] not in RECIPES:
+        print(f"usage: python -m resnet_jax.recipes {{{','.join(RECIPES)}}}", file=sys.stderr)
+        return 2
+    print(summary(config({"recipe": argv[0]})).replace(" ", "\n"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

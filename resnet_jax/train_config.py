@@ -161,8 +161,9 @@ class TrainConfig:
     )
     interpolation: str | None = _option(
         None,
-        "bilinear or bicubic, for the training crop and the evaluation resize (default: "
-        "bilinear for training, the eval preprocessing's for evaluation)",
+        "bilinear or bicubic, for the training crop, the auto-augment's geometric ops "
+        "(bilinear only) and the evaluation resize (default: bilinear for training, the eval "
+        "preprocessing's for evaluation)",
     )
     ra_reps: int = _option(
         1, "repeated augmentation: each image N times per epoch (torchvision's --ra-reps)"

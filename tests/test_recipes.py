@@ -127,3 +127,11 @@ def test_bicubic_needs_no_auto_augment():
 def test_val_crop_cannot_exceed_the_resize():
     with pytest.raises(ConfigError, match="--val-resize-size 200 must be >= --val-crop-size 224"):
         TrainConfig(val_resize_size=200, val_crop_size=224).validate(1)
+
+
+def test_module_prints_a_presets_resolved_options(capsys):
+    assert recipes.main(["small"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "recipe=small" and "auto_augment=ta_wide" in lines
+    assert recipes.main(["tv3"]) == 2
+    assert "usage: python -m resnet_jax.recipes {tv1,tv2,small}" in capsys.readouterr().err
