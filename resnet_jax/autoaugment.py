@@ -5,14 +5,11 @@ run augments bit-exactly as the uninterrupted one.
 
 The operations (`apply_op`) reproduce torchvision 0.29's `transforms.autoaugment._apply_op` on a
 uint8 tensor: the affine ones (ShearX/Y about the top-left corner, TranslateX/Y by whole pixels,
-Rotate about the centre) as `F.affine` / `F.rotate` build their sampling grid in float32 and
-sample it as `grid_sample` does, with `interpolation` "nearest" (the transforms' default; source
-coordinates rounded half to even, pixels from outside the image taking `fill`, 0 when None) or
-"bilinear" (what torchvision's training preset passes; the four neighbours weighted in float32,
-outside ones 0, blended with `fill` by the sampled coverage when one is given, rounded to
-uint8); Brightness, Color, Contrast and
-Sharpness as float32 blends truncated to uint8 (`_blend`) with black, the grayscale image, the
-grayscale mean and the 3x3 (1, 1, 1 / 1, 5, 1 / 1, 1, 1) / 13 blur (border pixels unblurred);
+Rotate about the centre) with torchvision's tensor warp (`affine_warp`: nearest, the transforms'
+default, or bilinear, what torchvision's training preset passes; pixels from outside the image
+take `fill`, 0 when None); Brightness, Color, Contrast and Sharpness as float32 blends truncated
+to uint8 (`_blend`) with black, the grayscale image, the grayscale mean and the 3x3
+(1, 1, 1 / 1, 5, 1 / 1, 1, 1) / 13 blur (border pixels unblurred);
 Posterize (keep the top bits), Solarize (invert values >= the threshold), AutoContrast (per
 channel min-max stretch) and Equalize (torchvision's histogram lookup table) exactly. The
 augmentation spaces, magnitude bins and signs are torchvision's. Random draws use TensorFlow's
@@ -23,8 +20,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
 
+from resnet_jax import affine_warp
 from resnet_jax.augment import import_tensorflow
 
 tf = import_tensorflow()
@@ -87,106 +84,6 @@ RAND_AUGMENT_SPACE: dict[str, _Linear | _PosterizeBits | None] = {
     "Equalize": None,
 }
 OPS = tuple(TRIVIAL_AUGMENT_WIDE_SPACE)
-AFFINE_INTERPOLATIONS = ("nearest", "bilinear")  # torchvision's tensor affine supports these two
-Fill = float | Sequence[float] | None
-
-
-def _fill_floats(fill: Fill, channels: int) -> tf.Tensor:
-    """`fill` as float32 [channels] (None: 0); an error unless it has 1 or `channels` values."""
-    values = [0.0] if fill is None else [fill] if isinstance(fill, (int, float)) else list(fill)
-    if len(values) not in (1, channels):
-        raise ValueError(f"fill needs 1 or {channels} values, got {len(values)}")
-    return tf.broadcast_to(tf.constant(values, tf.float32), [channels])
-
-
-def _fill_values(fill: Fill, channels: int) -> tf.Tensor:
-    """`fill` as uint8 [channels] (None: 0), rounded half to even like torchvision's cast."""
-    return tf.cast(tf.clip_by_value(tf.round(_fill_floats(fill, channels)), 0.0, 255.0), tf.uint8)
-
-
-def _inverse_affine_matrix(center, angle, translate, shear) -> list[tf.Tensor]:
-    """torchvision's `_get_inverse_affine_matrix` (scale 1) in float64: output pixel -> input
-    pixel, both relative to the image centre. Arguments are float64 scalars or floats."""
-    rad = math.pi / 180.0
-    rot, sx, sy = angle * rad, shear[0] * rad, shear[1] * rad
-    cx, cy = center
-    tx, ty = translate
-    a = tf.cos(rot - sy) / tf.cos(sy)
-    b = -tf.cos(rot - sy) * tf.tan(sx) / tf.cos(sy) - tf.sin(rot)
-    c = tf.sin(rot - sy) / tf.cos(sy)
-    d = -tf.sin(rot - sy) * tf.tan(sx) / tf.cos(sy) + tf.cos(rot)
-    m0, m1, m3, m4 = d, -b, -c, a
-    m2 = m0 * (-cx - tx) + m1 * (-cy - ty) + cx
-    m5 = m3 * (-cx - tx) + m4 * (-cy - ty) + cy
-    return [m0, m1, m2, m3, m4, m5]
-
-
-def _check_interpolation(interpolation: str) -> None:
-    if interpolation not in AFFINE_INTERPOLATIONS:
-        raise ValueError(
-            "the auto-augment's interpolation must be one of "
-            f"{', '.join(AFFINE_INTERPOLATIONS)} (as torchvision's tensor transforms), "
-            f"got {interpolation!r}"
-        )
-
-
-def _affine(image: tf.Tensor, matrix: list[tf.Tensor], fill: Fill, interpolation: str) -> tf.Tensor:
-    """Warp by an inverse affine `matrix`, as torchvision's tensor `affine`: the float32 grid
-    of `_gen_affine_grid` and `grid_sample`'s unnormalisation (align_corners False), sampled
-    `interpolation` "nearest" or "bilinear" (`_bilinear`); pixels sampled from outside the
-    image are `fill`."""
-    shape = tf.shape(image)
-    height, width = shape[0], shape[1]
-    h, w = tf.cast(height, tf.float32), tf.cast(width, tf.float32)
-    theta = [tf.cast(tf.cast(m, tf.float64), tf.float32) for m in matrix]
-    rx = [t / (0.5 * w) for t in theta[:3]]
-    ry = [t / (0.5 * h) for t in theta[3:]]
-    xs = (tf.range(w) - 0.5 * w + 0.5)[tf.newaxis, :]
-    ys = (tf.range(h) - 0.5 * h + 0.5)[:, tf.newaxis]
-    grid_x = xs * rx[0] + ys * rx[1] + rx[2]
-    grid_y = xs * ry[0] + ys * ry[1] + ry[2]
-    src_x = ((grid_x + 1.0) * w - 1.0) / 2.0
-    src_y = ((grid_y + 1.0) * h - 1.0) / 2.0
-    if interpolation == "bilinear":
-        return _bilinear(image, src_x, src_y, fill)
-    src_x, src_y = tf.cast(tf.round(src_x), tf.int32), tf.cast(tf.round(src_y), tf.int32)
-    inside = (src_x >= 0) & (src_x < width) & (src_y >= 0) & (src_y < height)
-    index = tf.stack(
-        [tf.clip_by_value(src_y, 0, height - 1), tf.clip_by_value(src_x, 0, width - 1)], -1
-    )
-    warped = tf.gather_nd(image, index)
-    return tf.where(inside[..., tf.newaxis], warped, _fill_values(fill, image.shape[-1]))
-
-
-def _bilinear(image: tf.Tensor, src_x: tf.Tensor, src_y: tf.Tensor, fill: Fill) -> tf.Tensor:
-    """`grid_sample` bilinear at float32 source coordinates [H, W] with zero padding; with a
-    `fill`, torchvision's mask blend `image * coverage + (1 - coverage) * fill` (coverage: the
-    weight of the neighbours inside the image); rounded half to even to uint8."""
-    shape = tf.shape(image)
-    height, width = shape[0], shape[1]
-    values = tf.cast(image, tf.float32)
-    x0, y0 = tf.floor(src_x), tf.floor(src_y)
-    x1, y1 = x0 + 1.0, y0 + 1.0
-    corners = [  # (x, y, weight) in grid_sample's order: nw, ne, sw, se
-        (x0, y0, (x1 - src_x) * (y1 - src_y)),
-        (x1, y0, (src_x - x0) * (y1 - src_y)),
-        (x0, y1, (x1 - src_x) * (src_y - y0)),
-        (x1, y1, (src_x - x0) * (src_y - y0)),
-    ]
-    total, coverage = tf.zeros_like(values), tf.zeros_like(src_x)
-    for x, y, weight in corners:
-        xi, yi = tf.cast(x, tf.int32), tf.cast(y, tf.int32)
-        inside = (xi >= 0) & (xi < width) & (yi >= 0) & (yi < height)
-        weight = tf.where(inside, weight, 0.0)
-        index = tf.stack(
-            [tf.clip_by_value(yi, 0, height - 1), tf.clip_by_value(xi, 0, width - 1)], -1
-        )
-        total += weight[..., tf.newaxis] * tf.gather_nd(values, index)
-        coverage += weight
-    if fill is not None:
-        coverage = coverage[..., tf.newaxis]
-        total = total * coverage + (1.0 - coverage) * _fill_floats(fill, image.shape[-1])
-    return tf.cast(tf.clip_by_value(tf.round(total), 0.0, 255.0), tf.uint8)
 
 
 def _blend(image: tf.Tensor, other: tf.Tensor, ratio: tf.Tensor) -> tf.Tensor:
@@ -285,13 +182,13 @@ def apply_op(
     image: tf.Tensor,
     op: str,
     magnitude: float | tf.Tensor,
-    fill: Fill = None,
+    fill: affine_warp.Fill = None,
     interpolation: str = "nearest",
 ) -> tf.Tensor:
     """One torchvision augmentation `op` (a name in `OPS`) with an explicit `magnitude` (already
     signed) on a uint8 [H, W, 3] image, as torchvision's `_apply_op` with `interpolation`
     ("nearest" or "bilinear", for the affine ops)."""
-    _check_interpolation(interpolation)
+    affine_warp.check_interpolation(interpolation)
     if op not in OPS:
         raise ValueError(f"unknown augmentation op {op!r}; expected one of {', '.join(OPS)}")
     image = tf.convert_to_tensor(image)
@@ -306,37 +203,41 @@ def apply_op(
     shift = tf.cast(tf.cast(magnitude, tf.int64), tf.float64)  # int() truncates toward zero
     zero = tf.constant(0.0, tf.float64)
     if op == "ShearX":
-        return _affine(
+        return affine_warp.affine(
             image,
-            _inverse_affine_matrix((-half_w, -half_h), zero, (0.0, 0.0), (shear_angle, zero)),
+            affine_warp.inverse_affine_matrix(
+                (-half_w, -half_h), zero, (0.0, 0.0), (shear_angle, zero)
+            ),
             fill,
             interpolation,
         )
     if op == "ShearY":
-        return _affine(
+        return affine_warp.affine(
             image,
-            _inverse_affine_matrix((-half_w, -half_h), zero, (0.0, 0.0), (zero, shear_angle)),
+            affine_warp.inverse_affine_matrix(
+                (-half_w, -half_h), zero, (0.0, 0.0), (zero, shear_angle)
+            ),
             fill,
             interpolation,
         )
     if op == "TranslateX":
-        return _affine(
+        return affine_warp.affine(
             image,
-            _inverse_affine_matrix((0.0, 0.0), zero, (shift, 0.0), (zero, zero)),
+            affine_warp.inverse_affine_matrix((0.0, 0.0), zero, (shift, 0.0), (zero, zero)),
             fill,
             interpolation,
         )
     if op == "TranslateY":
-        return _affine(
+        return affine_warp.affine(
             image,
-            _inverse_affine_matrix((0.0, 0.0), zero, (0.0, shift), (zero, zero)),
+            affine_warp.inverse_affine_matrix((0.0, 0.0), zero, (0.0, shift), (zero, zero)),
             fill,
             interpolation,
         )
     if op == "Rotate":
-        return _affine(
+        return affine_warp.affine(
             image,
-            _inverse_affine_matrix((0.0, 0.0), -magnitude, (0.0, 0.0), (zero, zero)),
+            affine_warp.inverse_affine_matrix((0.0, 0.0), -magnitude, (0.0, 0.0), (zero, zero)),
             fill,
             interpolation,
         )
@@ -433,12 +334,12 @@ def trivial_augment_wide(
     image: tf.Tensor,
     seed: tf.Tensor,
     num_magnitude_bins: int = 31,
-    fill: Fill = None,
+    fill: affine_warp.Fill = None,
     interpolation: str = "nearest",
 ) -> tf.Tensor:
     """torchvision's `TrivialAugmentWide` on a uint8 [H, W, 3] image: one op, one magnitude bin
     and one sign drawn uniformly from the stateless `seed` (int64 [2])."""
-    _check_interpolation(interpolation)
+    affine_warp.check_interpolation(interpolation)
     op_index, bin_index, negate = trivial_augment_wide_params(seed, num_magnitude_bins)
     space = TRIVIAL_AUGMENT_WIDE_SPACE
     return _apply_drawn_op(
@@ -464,14 +365,14 @@ def rand_augment(
     num_ops: int = 2,
     magnitude: int = 9,
     num_magnitude_bins: int = 31,
-    fill: Fill = None,
+    fill: affine_warp.Fill = None,
     interpolation: str = "nearest",
 ) -> tf.Tensor:
     """torchvision's `RandAugment` on a uint8 [H, W, 3] image: `num_ops` ops drawn uniformly (with
     replacement) from the stateless `seed`, each at magnitude bin `magnitude` with a random sign,
     applied in turn."""
     _check_bins(num_magnitude_bins)
-    _check_interpolation(interpolation)
+    affine_warp.check_interpolation(interpolation)
     if not 0 <= magnitude < num_magnitude_bins:
         raise ValueError(f"magnitude must be in [0, {num_magnitude_bins}), got {magnitude}")
     if num_ops < 0:
