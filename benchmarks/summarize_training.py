@@ -1,6 +1,6 @@
 """Summarise a training run from its workdir/metrics.jsonl as a markdown table (for BENCHMARKS.md).
 
-python benchmarks/summarize_training.py runs/flowers_resnet18
+python benchmarks/summarize_training.py runs/flowers_resnet18 [--every 5]
 """
 
 from __future__ import annotations
@@ -11,9 +11,10 @@ import statistics
 from pathlib import Path
 
 
-def summarize(workdir: Path) -> str:
+def summarize(workdir: Path, every: int = 1) -> str:
     """Per-epoch val accuracy (and the EMA weights' with --model-ema), train time and throughput
-    of the run in `workdir`."""
+    of the run in `workdir`: a row for every `every`-th epoch and the last; the closing lines
+    cover all epochs."""
     records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     config = json.loads((workdir / "class_names.json").read_text())
     train = [r for r in records if "train_loss" in r]
@@ -43,7 +44,8 @@ def summarize(workdir: Path) -> str:
         + " train time (s) | median images/s |",
         "|---:|---:|---:|---:|" + ("---:|" if ema_column else "") + "---:|---:|",
     ]
-    for epoch, step, loss, acc, seconds, rate in rows:
+    shown = [r for r in rows if (r[0] + 1) % every == 0 or r is rows[-1]]
+    for epoch, step, loss, acc, seconds, rate in shown:
         ema_cell = f" {ema[step]:.4f} |" if ema_column else ""
         lines.append(
             f"| {epoch + 1} | {step} | {loss:.4f} | {acc:.4f} |{ema_cell} {seconds:.0f} | "
@@ -78,7 +80,11 @@ def _batch_size(workdir: Path) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("workdir", type=Path)
-    print(summarize(parser.parse_args().workdir))
+    parser.add_argument("--every", type=int, default=1, help="a row every N epochs (and the last)")
+    args = parser.parse_args()
+    if args.every < 1:
+        parser.error(f"--every must be >= 1, got {args.every}")
+    print(summarize(args.workdir, args.every))
 
 
 if __name__ == "__main__":

@@ -139,3 +139,7 @@ def test_training_summary_has_raw_and_ema_columns(tmp_path):
     assert _rows(table, "2") == [["2", "20", "0.6000", "0.7500", "0.8000", "1", "40.0"]]
     assert "Final val top-1 0.7500, best 0.7500 (epoch 2)." in table
     assert "Final EMA val top-1 0.8000, best 0.8000 (epoch 2)." in table
+    every = _run(
+        sys.executable, str(BENCHMARKS / "summarize_training.py"), str(tmp_path), "--every", "3"
+    )
+    assert _rows(every.stdout, "1") == [] and len(_rows(every.stdout, "2")) == 1  # the last
