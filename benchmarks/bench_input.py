@@ -83,11 +83,12 @@ def run_torch(folder: datasets.ImageFolder, args: argparse.Namespace, epoch: int
 
 def torch_transform(args: argparse.Namespace) -> transforms.Compose:
     """torchvision's ClassificationPresetTrain for the benchmark's options."""
+    bilinear = transforms.InterpolationMode.BILINEAR  # the preset's default, as TrainAugment's
     steps = [transforms.RandomResizedCrop(args.image_size), transforms.RandomHorizontalFlip()]
     if args.auto_augment == "ta_wide":
-        steps.append(transforms.TrivialAugmentWide())
+        steps.append(transforms.TrivialAugmentWide(interpolation=bilinear))
     elif args.auto_augment == "ra":
-        steps.append(transforms.RandAugment())
+        steps.append(transforms.RandAugment(interpolation=bilinear))
     if args.uint8:
         steps.append(transforms.PILToTensor())
     else:
