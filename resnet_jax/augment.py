@@ -267,6 +267,7 @@ def _train_transform(data: tf.Tensor, key: tf.Tensor, augment: TrainAugment) -> 
     image = _decode_random_crop(data, crop_key)
     size, method = augment.crop_size, augment.interpolation
     image = tf.image.resize(image, [size, size], method=method, antialias=True)
+    image = tf.cast(image, tf.float32)  # nearest keeps the input's uint8
     image = tf.ensure_shape(image, [size, size, 3])  # the ops need the static shape
     flip = tf.random.stateless_uniform([], flip_key) < augment.hflip
     image = tf.where(flip, tf.reverse(image, [1]), image)
