@@ -85,7 +85,8 @@ _TV2 = _TORCHVISION_DEFAULTS | {
 }
 
 # Ours, not torchvision's: the V2 recipe's augmentation for a few thousand images trained from
-# scratch on one machine in tens of epochs (BENCHMARKS.md measures it on the flower photos).
+# scratch on one machine (BENCHMARKS.md: on the flower photos in 40 epochs it does not beat crop
+# and flip yet).
 # TrivialAugmentWide, random erasing, label smoothing and the EMA stay; MixUp and CutMix go (a
 # run this short on data this small underfits with them: its train top-1 stays far below its
 # val top-1); the weight decay is the small-data value (V2's 2e-5 suits 600 ImageNet epochs);
