@@ -62,7 +62,7 @@ def summarize(workdir: Path, every: int = 1) -> str:
 
 
 def _final_line(name: str, by_epoch: list[tuple[int, float]]) -> str:
-    """ "Final NAME x, best y (epoch e)." for (epoch, accuracy) pairs."""
+    """The line "Final NAME x, best y (epoch e)." for (epoch, accuracy) pairs."""
     best_epoch, best = max(by_epoch, key=lambda pair: pair[1])
     return f"Final {name} {by_epoch[-1][1]:.4f}, best {best:.4f} (epoch {best_epoch + 1})."
 

@@ -202,45 +202,17 @@ def apply_op(
     shear_angle = tf.atan(magnitude) * (180.0 / math.pi)
     shift = tf.cast(tf.cast(magnitude, tf.int64), tf.float64)  # int() truncates toward zero
     zero = tf.constant(0.0, tf.float64)
-    if op == "ShearX":
-        return affine_warp.affine(
-            image,
-            affine_warp.inverse_affine_matrix(
-                (-half_w, -half_h), zero, (0.0, 0.0), (shear_angle, zero)
-            ),
-            fill,
-            interpolation,
-        )
-    if op == "ShearY":
-        return affine_warp.affine(
-            image,
-            affine_warp.inverse_affine_matrix(
-                (-half_w, -half_h), zero, (0.0, 0.0), (zero, shear_angle)
-            ),
-            fill,
-            interpolation,
-        )
-    if op == "TranslateX":
-        return affine_warp.affine(
-            image,
-            affine_warp.inverse_affine_matrix((0.0, 0.0), zero, (shift, 0.0), (zero, zero)),
-            fill,
-            interpolation,
-        )
-    if op == "TranslateY":
-        return affine_warp.affine(
-            image,
-            affine_warp.inverse_affine_matrix((0.0, 0.0), zero, (0.0, shift), (zero, zero)),
-            fill,
-            interpolation,
-        )
-    if op == "Rotate":
-        return affine_warp.affine(
-            image,
-            affine_warp.inverse_affine_matrix((0.0, 0.0), -magnitude, (0.0, 0.0), (zero, zero)),
-            fill,
-            interpolation,
-        )
+    matrix = None  # the affine ops' inverse matrix
+    if op in ("ShearX", "ShearY"):
+        shear = (shear_angle, zero) if op == "ShearX" else (zero, shear_angle)
+        matrix = affine_warp.inverse_affine_matrix((-half_w, -half_h), zero, (0.0, 0.0), shear)
+    elif op in ("TranslateX", "TranslateY"):
+        translate = (shift, 0.0) if op == "TranslateX" else (0.0, shift)
+        matrix = affine_warp.inverse_affine_matrix((0.0, 0.0), zero, translate, (zero, zero))
+    elif op == "Rotate":
+        matrix = affine_warp.inverse_affine_matrix((0.0, 0.0), -magnitude, (0.0, 0.0), (zero, zero))
+    if matrix is not None:
+        return affine_warp.affine(image, matrix, fill, interpolation)
     if op == "Brightness":
         return _blend(image, tf.zeros_like(image), 1.0 + magnitude)
     if op == "Color":
