@@ -73,7 +73,7 @@ def import_tensorflow() -> ModuleType:
 tf = import_tensorflow()
 
 # Random-resized-crop parameters (torchvision's RandomResizedCrop defaults).
-CROP_AREA_RANGE = (0.08, 1.0)
+CROP_MIN_SCALE = 0.08
 CROP_ASPECT_RANGE = (3.0 / 4.0, 4.0 / 3.0)
 CROP_ATTEMPTS = 10
 _JPEG_MAGIC = b"\xff\xd8\xff"
@@ -125,32 +125,35 @@ def normalize(
     return (image - tf.constant(mean, tf.float32)) / tf.constant(std, tf.float32)
 
 
-def _sample_crop(shape: tf.Tensor, seed: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-    """Random-resized-crop window (begin [y, x, 0], size [h, w, -1]) for an image of `shape`."""
+def _sample_crop(
+    shape: tf.Tensor, seed: tf.Tensor, min_scale: float
+) -> tuple[tf.Tensor, tf.Tensor]:
+    """Random-resized-crop window (begin [y, x, 0], size [h, w, -1]) for an image of `shape`,
+    covering a fraction in [min_scale, 1] of its area."""
     begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
         shape,
         bounding_boxes=tf.constant([[[0.0, 0.0, 1.0, 1.0]]]),
         seed=seed,
         min_object_covered=0.0,
         aspect_ratio_range=CROP_ASPECT_RANGE,
-        area_range=CROP_AREA_RANGE,
+        area_range=(min_scale, 1.0),
         max_attempts=CROP_ATTEMPTS,
         use_image_if_no_bounding_boxes=True,
     )
     return begin, size
 
 
-def _decode_random_crop(data: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
+def _decode_random_crop(data: tf.Tensor, seed: tf.Tensor, min_scale: float) -> tf.Tensor:
     """Decodes only a random-resized-crop window of the image (fused for JPEG)."""
 
     def jpeg() -> tf.Tensor:
-        begin, size = _sample_crop(tf.image.extract_jpeg_shape(data), seed)
+        begin, size = _sample_crop(tf.image.extract_jpeg_shape(data), seed, min_scale)
         window = tf.stack([begin[0], begin[1], size[0], size[1]])
         return tf.image.decode_and_crop_jpeg(data, window, channels=3)
 
     def other() -> tf.Tensor:
         image = _pil_decode(data)
-        begin, size = _sample_crop(tf.shape(image), seed)
+        begin, size = _sample_crop(tf.shape(image), seed, min_scale)
         return tf.slice(image, begin, size)
 
     return tf.cond(tf.io.is_jpeg(data), jpeg, other)
@@ -165,16 +168,17 @@ _AUTO_AUGMENT_TAG, _ERASE_TAG = 1, 2
 @dataclasses.dataclass(frozen=True)
 class TrainAugment:
     """The training augmentation, in torchvision's ClassificationPresetTrain order:
-    RandomResizedCrop(`crop_size`, `interpolation`), horizontal flip with probability `hflip`,
-    `auto_augment` ("ta_wide": TrivialAugmentWide, "ra": RandAugment with `ra_num_ops` ops at
-    magnitude `ra_magnitude`, "none"), then (after normalisation, in the train step) random
-    erasing with probability `random_erase`.
+    RandomResizedCrop(`crop_size`, scale=(`crop_min_scale`, 1), `interpolation`), horizontal
+    flip with probability `hflip`, `auto_augment` ("ta_wide": TrivialAugmentWide, "ra":
+    RandAugment with `ra_num_ops` ops at magnitude `ra_magnitude`, "none"), then (after
+    normalisation, in the train step) random erasing with probability `random_erase`.
 
     `interpolation` sets the crop's resize and, as torchvision's preset hands it on, the
     auto-augment's geometric ops, which (as torchvision's tensor transforms) sample bilinear or
     nearest only: bicubic with an auto-augment is an error."""
 
     crop_size: int
+    crop_min_scale: float = CROP_MIN_SCALE
     interpolation: str = "bilinear"
     hflip: float = 0.5
     auto_augment: str = "none"
@@ -199,6 +203,8 @@ class TrainAugment:
                 "auto-augment's geometric ops sample bilinear or nearest (as torchvision's tensor "
                 "transforms); use bilinear, or auto_augment 'none'"
             )
+        if not 0.0 < self.crop_min_scale <= 1.0:
+            raise ValueError(f"crop_min_scale must be in (0, 1], got {self.crop_min_scale}")
         for name in ("hflip", "random_erase"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(
@@ -264,7 +270,7 @@ def _train_transform(data: tf.Tensor, key: tf.Tensor, augment: TrainAugment) -> 
     from resnet_jax import autoaugment  # imports this module
 
     crop_key, flip_key = tf.unstack(tf.random.experimental.stateless_split(key, 2, alg="philox"))
-    image = _decode_random_crop(data, crop_key)
+    image = _decode_random_crop(data, crop_key, augment.crop_min_scale)
     size, method = augment.crop_size, augment.interpolation
     image = tf.image.resize(image, [size, size], method=method, antialias=True)
     image = tf.cast(image, tf.float32)  # nearest keeps the input's uint8

@@ -56,6 +56,8 @@ _TORCHVISION_DEFAULTS: dict[str, Any] = {
     "model_ema_decay": 0.99998,  # train.py --model-ema-decay 0.99998
     "clip_grad_norm": None,  # train.py --clip-grad-norm None
     "accum_steps": 1,  # torchvision has no gradient accumulation
+    "crop_min_scale": 0.08,  # presets.py: RandomResizedCrop's default scale=(0.08, 1.0)
+    "zero_init_residual": False,  # train.py builds the model without zero_init_residual
 }
 
 _TV1 = _TORCHVISION_DEFAULTS | {
@@ -108,6 +110,8 @@ _SMALL = _TV2 | {
     "ra_reps": 1,
     "model_ema_decay": 0.995,
     "model_ema_steps": 4,
+    "crop_min_scale": 0.25,
+    "zero_init_residual": True,
 }
 
 RECIPES: dict[str, dict[str, Any]] = {"tv1": _TV1, "tv2": _TV2, "small": _SMALL}

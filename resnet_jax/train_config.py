@@ -153,6 +153,11 @@ class TrainConfig:
     train_crop_size: int | None = _option(
         None, "training random-resized-crop size (default: --image-size)"
     )
+    crop_min_scale: float = _option(
+        0.08,
+        "smallest area fraction of the training random-resized crop (torchvision's "
+        "RandomResizedCrop(scale=(MIN, 1.0)), timm's --scale MIN 1.0)",
+    )
     val_resize_size: int | None = _option(
         None, "evaluation resize of the shorter side (default: the eval preprocessing's)"
     )
@@ -201,6 +206,11 @@ class TrainConfig:
     )
     clip_grad_norm: float | None = _option(
         None, "clip the gradients to this global norm (default: no clipping)"
+    )
+    zero_init_residual: bool = _option(
+        False,
+        "initialise each residual block's last BatchNorm scale to zero, so every block starts as "
+        "the identity (torchvision's zero_init_residual; timm's ResNets do so by default)",
     )
 
     @property
@@ -306,6 +316,8 @@ class TrainConfig:
              f"{self.ra_magnitude}"),
             (0 <= self.random_erase <= 1, f"--random-erase must be in [0, 1], got "
              f"{self.random_erase}"),
+            (0 < self.crop_min_scale <= 1, f"--crop-min-scale must be in (0, 1], got "
+             f"{self.crop_min_scale}"),
             *(at_least(n, 32) for n in ("train_crop_size", "val_resize_size", "val_crop_size")),
             (self.val_resize_size is None or self.val_crop_size is None
              or self.val_resize_size >= self.val_crop_size,
@@ -338,6 +350,7 @@ RECIPE_OPTIONS = (
     "val_crop_size", "interpolation", "ra_reps", "mixup_alpha", "cutmix_alpha", "model_ema",
     "model_ema_decay", "model_ema_steps", "norm_weight_decay", "bias_weight_decay",
     "lr_warmup_method", "lr_warmup_decay", "lr_min", "accum_steps", "clip_grad_norm", "nesterov",
+    "crop_min_scale", "zero_init_residual",
 )  # fmt: skip
 
 # Options a resumed run must share with the checkpoint's: they define the model, the data and

@@ -157,6 +157,7 @@ class Loop:
             batch_size=cfg.update_batch // jax.process_count(),
             augment=augment.TrainAugment(
                 crop_size=cfg.train_crop,
+                crop_min_scale=cfg.crop_min_scale,
                 interpolation=cfg.interpolation or "bilinear",
                 auto_augment=cfg.auto_augment,
                 ra_magnitude=cfg.ra_magnitude,

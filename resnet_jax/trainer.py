@@ -291,6 +291,7 @@ def _build_model(
         dtype=PRECISIONS[cfg.precision],
         axis_name=parallel.BATCH_AXIS if cfg.sync_bn else None,
         frozen_bn=transfer.frozen_bn(trainable),
+        zero_init_residual=cfg.zero_init_residual,
     )
 
 

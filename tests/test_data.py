@@ -698,6 +698,32 @@ def test_default_augment_is_the_old_pipeline(small):
     )
 
 
+def test_crop_min_scale_bounds_the_crop_area(tmp_path):
+    """The random-resized crop covers [crop_min_scale, 1] of the image (torchvision's scale);
+    at 1 it is the whole (square) image."""
+    shape = tf.constant([300, 400, 3])
+
+    def areas(min_scale: float) -> np.ndarray:
+        seeds = [tf.constant([7, i], tf.int64) for i in range(300)]
+        sizes = [augment._sample_crop(shape, seed, min_scale)[1] for seed in seeds]
+        return np.array([int(s[0]) * int(s[1]) for s in sizes]) / (300 * 400)
+
+    default, large = areas(augment.CROP_MIN_SCALE), areas(0.5)
+    assert default.min() >= 0.08 - 0.01 and default.min() < 0.2
+    assert large.min() >= 0.5 - 0.01 and large.max() <= 1.0 and np.median(large) > 0.55
+    image = gradient(40, 40)
+    for split in ("train", "val"):
+        (tmp_path / split / "a").mkdir(parents=True)
+        image.save(tmp_path / split / "a" / "0.png")
+    source = data.open_source(data_dir=tmp_path)
+    whole = augment.TrainAugment(20, crop_min_scale=1.0, hflip=0.0)
+    (batch,) = take(
+        data.train_batches(source, batch_size=1, augment=whole, seed=0, epoch=0, normalize=False), 1
+    )
+    resized = tf.image.resize(np.asarray(image), [20, 20], antialias=True)
+    np.testing.assert_array_equal(batch["image"][0], np.round(resized.numpy()).astype(np.uint8))
+
+
 def example_key(base: np.ndarray, index) -> tf.Tensor:
     """An example's augmentation key as `data.train_batches` derives it (the index as int64)."""
     return tf.random.experimental.stateless_fold_in(base, tf.constant(index, tf.int64), "philox")
@@ -891,6 +917,7 @@ def test_augment_arguments_are_checked(numbered, small):
         (dict(random_erase=1.5), "random_erase must be a probability"),
         (dict(hflip=-0.1), "hflip must be a probability"),
         (dict(ra_magnitude=31), "ra_magnitude must be in"),
+        (dict(crop_min_scale=0.0), "crop_min_scale must be in"),
         (dict(auto_augment="ta_wide", interpolation="bicubic"), "sample bilinear or nearest"),
     ]:
         with pytest.raises(ValueError, match=message):

@@ -1,6 +1,7 @@
 """`--recipe` presets (`resnet_jax.recipes`) against torchvision's published values, explicit
 flags overriding them, and the validation of every torchvision-reference option."""
 
+import jax
 import pytest
 from helpers import load_script
 
@@ -44,6 +45,8 @@ TV2 = {
     "accum_steps": 1,
     "optimizer": "sgd",  # train.py default --opt sgd: torch.optim.SGD, momentum 0.9 ...
     "nesterov": False,  # ... without Nesterov
+    "crop_min_scale": 0.08,  # presets.py: RandomResizedCrop(crop_size, interpolation=...)
+    "zero_init_residual": False,  # train.py: torchvision.models.get_model(name, weights=...)
 }
 # README defaults table (8x V100): --batch_size 32, --epochs 90, --lr 0.1, --momentum 0.9,
 # --weight-decay 1e-4 (--lr-step-size 30 --lr-gamma 0.1: our schedule is a cosine instead).
@@ -93,6 +96,8 @@ def test_explicit_flags_override_a_preset_and_defaults_do_not():
         ("ra_magnitude", 31, "--ra-magnitude must be in \\[0, 30\\]"),
         ("random_erase", 1.5, "--random-erase must be in \\[0, 1\\]"),
         ("random_erase", -0.1, "--random-erase must be in \\[0, 1\\]"),
+        ("crop_min_scale", 0.0, "--crop-min-scale must be in \\(0, 1\\]"),
+        ("crop_min_scale", 1.5, "--crop-min-scale must be in \\(0, 1\\]"),
         ("train_crop_size", 16, "--train-crop-size must be >= 32"),
         ("val_resize_size", 0, "--val-resize-size must be >= 32"),
         ("val_crop_size", 8, "--val-crop-size must be >= 32"),
@@ -135,3 +140,18 @@ def test_module_prints_a_presets_resolved_options(capsys):
     assert lines[0] == "recipe=small" and "auto_augment=ta_wide" in lines
     assert recipes.main(["tv3"]) == 2
     assert "usage: python -m resnet_jax.recipes {tv1,tv2,small}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("zero", [False, True])
+def test_zero_init_residual_reaches_the_model(zero):
+    """--zero-init-residual zeroes every block's last BatchNorm scale, and only those."""
+    from resnet_jax import models, trainer
+
+    cfg = TrainConfig(arch="resnet18", zero_init_residual=zero)
+    model = trainer._build_model(cfg, 5, ("stem", *models.STAGE_NAMES, "fc"), None)
+    params = models.init_variables(model, jax.random.key(0), 32)["params"]
+    blocks = [params[name] for name in params if name.startswith("layer")]
+    assert len(blocks) == 8
+    for block in blocks:
+        assert (block["bn2"]["scale"] == 0).all() == zero
+        assert (block["bn1"]["scale"] == 1).all()

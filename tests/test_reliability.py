@@ -510,7 +510,7 @@ EVERY_OPTION = (
     "--ra-reps", "2", "--clip-grad-norm", "1.0", "--epochs", "1", "--checkpoint-every", "1000",
     "--train-crop-size", "40", "--val-resize-size", "36", "--lr-warmup-method", "constant",
     "--lr-warmup-decay", "0.1", "--lr-min", "0.001",
-    "--norm-weight-decay", "none",
+    "--norm-weight-decay", "none", "--crop-min-scale", "0.3", "--zero-init-residual",
 )  # fmt: skip
 EVERY_OPTION_STEPS, EVERY_OPTION_STOP = 16, 7
 
