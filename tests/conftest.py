@@ -10,6 +10,7 @@ use it are deselected and the terminal summary says how many.
 import os
 import shutil
 import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +52,8 @@ _VAL_FILES = [("jpg", "RGB"), ("png", "RGB"), ("png", "P"), ("jpg", "L")]
 _TEMPORARY_XLA_CACHE: list[str] = []
 # Tests deselected for want of the flower photos.
 _FLOWER_TESTS = pytest.StashKey[int]()
+# Modules with a failed test (or fixture), whose `module_tmp` directories are kept.
+_FAILED_MODULES = pytest.StashKey[set[str]]()
 
 
 def pytest_configure(config):
@@ -112,6 +115,31 @@ def pytest_terminal_summary(terminalreporter, config):
             f"{tests} the real flower photos: set {FLOWERS_ENV}=DIR "
             "(DIR/train/<class>/*, DIR/val/<class>/*) to run them"
         )
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = (yield).get_result()
+    if report.failed and getattr(item, "module", None) is not None:
+        item.config.stash.setdefault(_FAILED_MODULES, set()).add(item.module.__name__)
+
+
+@pytest.fixture(scope="module")
+def module_tmp(request, tmp_path_factory) -> Iterator[Callable[[str], Path]]:
+    """`tmp_path_factory.mktemp` for a module's fixtures. What it made is removed after the
+    module unless a test of the module failed, as tmp_path_retention_policy "failed"
+    (pyproject.toml) treats each test's `tmp_path`: a session's training runs and checkpoints
+    would otherwise hold gigabytes of disk until the end."""
+    made: list[Path] = []
+
+    def mktemp(name: str) -> Path:
+        made.append(tmp_path_factory.mktemp(name))
+        return made[-1]
+
+    yield mktemp
+    if request.module.__name__ not in request.config.stash.get(_FAILED_MODULES, set()):
+        for path in made:
+            shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

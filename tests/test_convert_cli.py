@@ -18,14 +18,14 @@ CLASS_NAMES = ["daisy", "dandelion", "roses", "sunflowers", "tulips"]
 
 
 @pytest.fixture(scope="module")
-def weights(tmp_path_factory) -> tuple[Path, dict[str, torch.Tensor]]:
+def weights(module_tmp) -> tuple[Path, dict[str, torch.Tensor]]:
     """A 5-class resnet18 .pth whose float tensors are all random."""
     torch.manual_seed(0)
     state_dict = torchvision.models.resnet18(num_classes=5).state_dict()
     state_dict = {
         k: torch.randn_like(v) if v.is_floating_point() else v for k, v in state_dict.items()
     }
-    path = tmp_path_factory.mktemp("cli") / "resnet18_flowers.pth"
+    path = module_tmp("cli") / "resnet18_flowers.pth"
     torch.save(state_dict, path)
     return path, state_dict
 

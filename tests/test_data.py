@@ -73,9 +73,9 @@ def synthetic(synthetic_folders):
 
 
 @pytest.fixture(scope="module")
-def small(tmp_path_factory) -> Path:
+def small(module_tmp) -> Path:
     """Three classes of 8, 7 and 6 small JPEGs, no val/ folder."""
-    return make_folder(tmp_path_factory.mktemp("small"), {"cat": 8, "dog": 7, "emu": 6})
+    return make_folder(module_tmp("small"), {"cat": 8, "dog": 7, "emu": 6})
 
 
 def test_flowers_source(flowers):
@@ -730,9 +730,9 @@ def example_key(base: np.ndarray, index) -> tf.Tensor:
 
 
 @pytest.fixture(scope="module")
-def numbered(tmp_path_factory) -> data.DataSource:
+def numbered(module_tmp) -> data.DataSource:
     """300 training examples (over RASampler's 256) from 6 small JPEGs, label = example index."""
-    root = tmp_path_factory.mktemp("numbered")
+    root = module_tmp("numbered")
     files = []
     for i in range(6):
         gradient(20 + 2 * i, 24 - i, phase=i).save(root / f"{i}.jpg", quality=95)

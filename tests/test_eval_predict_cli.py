@@ -37,10 +37,10 @@ def classes(synthetic_folders) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def work(tmp_path_factory, synthetic_folders, classes):
+def work(module_tmp, synthetic_folders, classes):
     """tmp/data/val/<class>/ with the first 2 synthetic val images of each class, and a random
     checkpoint for those classes."""
-    root = tmp_path_factory.mktemp("cli")
+    root = module_tmp("cli")
     for name in classes:
         target = root / "data" / "val" / name
         target.mkdir(parents=True)
@@ -406,7 +406,7 @@ def test_evaluate_uses_the_stored_preprocessing_unless_overridden(work, capsys):
 
 
 @pytest.fixture(scope="module")
-def hub(tmp_path_factory, classes):
+def hub(module_tmp, classes):
     """The local Hub stand-in serving a random 1000-class resnet18 as the registry's
     resnet18.tv_in1k and a random one with a head for the synthetic classes (and a timm config
     stating its preprocessing) as org/four."""
@@ -419,7 +419,7 @@ def hub(tmp_path_factory, classes):
         },
     }
     with HubStandIn(repos) as server:
-        yield server.url, tmp_path_factory.mktemp("hf_home")
+        yield server.url, module_tmp("hf_home")
 
 
 HUB_CFG = {"test_input_size": [3, 40, 40], "test_crop_pct": 1.0, "interpolation": "bicubic",

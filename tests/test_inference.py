@@ -38,9 +38,9 @@ def random_variables(model: models.ResNet, seed: int = 0) -> dict:
 
 
 @pytest.fixture(scope="module")
-def saved_model(tmp_path_factory):
+def saved_model(module_tmp):
     """A save_model directory: random 3-class resnet18 trained (nominally) at 32 px."""
-    path = tmp_path_factory.mktemp("inference") / "model"
+    path = module_tmp("inference") / "model"
     variables = random_variables(models.get_model(ARCH, num_classes=len(CLASSES)))
     model_dir.save_model(
         path, arch=ARCH, variables=variables, class_names=CLASSES, metadata={"image_size": SIZE}

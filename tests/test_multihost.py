@@ -148,9 +148,9 @@ def _wait_for_train_step(metrics: Path, step: int, procs, deadline: float) -> No
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, flowers_dir) -> dict:
+def runs(module_tmp, flowers_dir) -> dict:
     """Run everything once: the interrupted and resumed 2-process run, the 1-process run."""
-    root = tmp_path_factory.mktemp("multihost")
+    root = module_tmp("multihost")
     multi, single = root / "multi", root / "single"
     launcher = _Launcher(root, flowers_dir)
     started = time.monotonic()

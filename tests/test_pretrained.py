@@ -44,10 +44,10 @@ def _config(arch: str) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def hub(tmp_path_factory):
+def hub(module_tmp):
     """The stand-in serving a random resnet18 (10 classes, BatchNorm statistics from two random
     batches) under several repos, its weights file, an input batch and torch's float64 logits."""
-    tmp = tmp_path_factory.mktemp("hub")
+    tmp = module_tmp("hub")
     torch.manual_seed(0)
     net = torchvision.models.resnet18(num_classes=10).train()
     with torch.no_grad():

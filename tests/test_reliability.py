@@ -23,6 +23,7 @@ import errno
 import hashlib
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -67,9 +68,9 @@ class Setup(NamedTuple):
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory, synthetic_folders: Path) -> Setup:
+def setup(module_tmp, synthetic_folders: Path) -> Setup:
     """A few of the `synthetic_folders` images, linked: 6 train and 1 val image per class."""
-    root = tmp_path_factory.mktemp("reliability")
+    root = module_tmp("reliability")
     data = root / "data"
     for split, count in (("train", TRAIN_PER_CLASS), ("val", VAL_PER_CLASS)):
         for class_dir in sorted((synthetic_folders / split).iterdir()):
@@ -552,3 +553,6 @@ def test_every_recipe_option_resumes_bit_identical(setup, synthetic_folders):
     assert last["step"] == EVERY_OPTION_STEPS
     meta = model_dir.load(reference).metadata
     assert meta["config"]["model_ema"] and meta["preprocessing"]["eval_size"] == 32
+    assert meta["config"]["crop_min_scale"] == 0.3 and meta["config"]["zero_init_residual"]
+    for workdir in (reference, resumed):  # passed: their checkpoints are no longer needed
+        shutil.rmtree(workdir)

@@ -55,14 +55,14 @@ class FineTuneRun(NamedTuple):
 
 
 @pytest.fixture(scope="module")
-def finetuned_run(tmp_path_factory, synthetic_folders) -> FineTuneRun:
+def finetuned_run(module_tmp, synthetic_folders) -> FineTuneRun:
     """The suite's one end-to-end training on a whole data set, `synthetic_folders` (the tests
     below check what it writes, the resume, the fine-tuning, and evaluate.py and predict.py on
     the result): scripts/train.py starts from torchvision resnet18 weights (an
     ImageNet-shaped 1000-class head, non-trivial BatchNorm statistics), replaces the head and
     trains layer4 and the head for 2 steps at 32 px; the same command then resumes to step 3
     (its compilations come from the persistent cache the first launch filled)."""
-    root = tmp_path_factory.mktemp("finetune")
+    root = module_tmp("finetune")
     torch.manual_seed(0)
     net = torchvision.models.resnet18()
     with torch.no_grad():
@@ -195,9 +195,9 @@ def test_bad_arguments_are_usage_errors_before_compiling(args, message, tmp_path
 
 
 @pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory) -> Path:
+def tiny_data(module_tmp) -> Path:
     """Two classes of 6 train and 2 val small JPEGs: 3 steps per epoch of 4 images."""
-    root = tmp_path_factory.mktemp("tiny_data")
+    root = module_tmp("tiny_data")
     rng = np.random.default_rng(0)
     for split, count in (("train", 6), ("val", 2)):
         for name in ("ant", "bee"):
@@ -528,13 +528,13 @@ def test_bench_train_measures_the_loop_and_the_bare_step(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def hub(tmp_path_factory):
+def hub(module_tmp):
     """The Hub stand-in serving a random 1000-class torchvision resnet18 as the registry's
     `timm/resnet18.tv_in1k`, and its weights."""
     weights = hub_standin.resnet18_weights()
     repos = {"timm/resnet18.tv_in1k": {"model.safetensors": weights}}
     with hub_standin.HubStandIn(repos) as server:
-        yield {"server": server, "weights": weights, "tmp": tmp_path_factory.mktemp("hub")}
+        yield {"server": server, "weights": weights, "tmp": module_tmp("hub")}
 
 
 def _train_from_hub(hub, hf_home: Path, *args: str, offline: bool = False):
